@@ -1,0 +1,173 @@
+"""The run directory: what `train` writes and every other command reads.
+
+    RUN/config.json          {"model": ModelConfig, "train": TrainConfig, "data": source, ...}
+    RUN/tokenizer.json       char or byte-level BPE
+    RUN/model.safetensors    the weights (a tied head is stored once)
+    RUN/train_state.pt       optimizer state, step, RNG state, data position, elapsed time
+    RUN/metrics.csv          one row per step: lr, train loss, val loss at evaluations, tokens/s
+    RUN/loss.png             the loss curves
+    RUN/data/                the token cache (train.bin, val.bin as numpy memmaps)
+
+Every file is written atomically (write a temporary file, fsync, rename, fsync the folder), so
+a crash leaves the previous version intact. Loading never executes code from a file:
+safetensors for weights, JSON for config, `torch.load(weights_only=True)` for the train state.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from llmlab.config import ModelConfig, TrainConfig, from_dict, to_dict
+from llmlab.errors import ConfigError, RunDirError
+from llmlab.model import GPT
+from llmlab.tokenizer import Tokenizer, load_tokenizer
+
+REQUIRED = ("config.json", "tokenizer.json", "model.safetensors")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` then fsync and rename over `path`: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_weights(path: Path, model: GPT) -> None:
+    atomic_write(path, lambda tmp: save_model(model, str(tmp)))
+
+
+def save_train_state(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _num(v: str) -> Any:
+    if v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        return float(v)
+
+
+def config_json(model_cfg: ModelConfig, train_cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
+    return {"model": to_dict(model_cfg), "train": to_dict(train_cfg), **extra}
+
+
+# --- reading a run --------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    path: Path
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    tokenizer: Tokenizer
+    model: GPT
+    meta: dict[str, Any]  # the rest of config.json: data source, preset, ...
+
+
+def check_run_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise RunDirError(f"run directory {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise RunDirError(f"{str(path)!r} is not a run directory (it is a file)")
+    missing = [name for name in REQUIRED if not (path / name).is_file()]
+    if missing:
+        raise RunDirError(f"{str(path)!r} is not a complete run directory: {', '.join(missing)} missing")
+    return path
+
+
+def read_config(path: Path) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
+    try:
+        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        model_cfg = from_dict(ModelConfig, data.pop("model"))
+        train_cfg = from_dict(TrainConfig, data.pop("train"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        reason = e.args[0] if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+        raise RunDirError(f"{path / 'config.json'} is corrupt ({reason})") from None
+    return model_cfg, train_cfg, data
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
+    """Read a run directory into a model in eval mode, with its tokenizer and configs."""
+    path = check_run_dir(path)
+    model_cfg, train_cfg, meta = read_config(path)
+    tokenizer = load_tokenizer(path / "tokenizer.json")
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise RunDirError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model_cfg.vocab_size}"
+        )
+    model = GPT(model_cfg)
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunDirError(f"{path / 'model.safetensors'} is corrupt or does not match config.json ({first})") from None
+    if missing or unexpected:
+        name = sorted(missing or unexpected)[0]
+        what = "missing from" if missing else "unexpected in"
+        raise RunDirError(f"{path / 'model.safetensors'} does not match config.json ({name!r} {what} it)")
+    return Run(path, model_cfg, train_cfg, tokenizer, model.to(device).eval(), meta)
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path / "train_state.pt", weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise RunDirError(f"{path} has no train_state.pt to resume from") from None
+    except Exception as e:  # torch raises several types for a truncated or foreign file
+        raise RunDirError(f"{path / 'train_state.pt'} is corrupt ({type(e).__name__})") from None

@@ -1,0 +1,195 @@
+"""Sampling: logits → probabilities → the next token, and autoregressive generation.
+
+The last step of the notes' model (§2.1) is a softmax over the vocabulary; "pick the most likely
+token, append it to the input, repeat" is greedy decoding. The transforms below reshape that
+distribution and are the only implementation of each, shared by plain generation and by
+speculative decoding:
+
+    temperature  p ∝ exp(logits / T); T → 0 is greedy (argmax), T = 1 the model's own distribution
+    top-k        keep the k most likely tokens
+    top-p        keep the smallest set of most likely tokens whose probability reaches p (nucleus)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llmlab.errors import UserError
+from llmlab.model import GPT, KVCache
+from llmlab.tokenizer import Tokenizer, decode_stream
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:  # also rejects NaN
+            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"top_k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """logits / T. logits [..., V] → [..., V]; T = 0 is handled by `probs_from_logits`."""
+    return logits / temperature
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Set all but the k largest logits to −∞. logits [..., V] → [..., V]."""
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # [..., 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Keep the smallest prefix of tokens, by falling probability, whose mass reaches p.
+
+    A token is dropped when the mass of the tokens strictly more likely than it already
+    reaches p; the most likely token is always kept. logits [..., V] → [..., V].
+    """
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [..., V]
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # [..., V]
+    drop_sorted = mass_before >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def probs_from_logits(logits: Tensor, cfg: SamplingConfig) -> Tensor:
+    """The distribution actually sampled from. logits [..., V] → probs [..., V], rows sum to 1.
+
+    Temperature 0 gives a one-hot at the argmax, so greedy decoding is sampling too.
+    """
+    logits = logits.float()
+    if cfg.temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = apply_temperature(logits, cfg.temperature)
+    if cfg.top_k is not None:
+        logits = top_k_filter(logits, cfg.top_k)
+    if cfg.top_p is not None:
+        logits = top_p_filter(logits, cfg.top_p)
+    return logits.softmax(dim=-1)
+
+
+def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One draw per row. probs [B, V] → ids [B]."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --- generation -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_ids(model: GPT, idx: Tensor, max_new_tokens: int, cfg: SamplingConfig = SamplingConfig(),
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[Tensor]:  # fmt: skip
+    """Yield the next token of every row, one step at a time. idx [B, S₀] → yields ids [B].
+
+    With the KV cache each step feeds only the newest token. Once the context of S tokens is
+    full, every step re-reads the last S tokens (a sliding window, as nanoGPT does), because
+    absolute positions shift and the cache no longer applies.
+    """
+    S_max = model.cfg.block_size
+    tokens = idx
+    cache = KVCache(model.cfg, idx.shape[0], idx.device, _dtype(model)) if use_cache else None
+    fed = 0  # tokens already in the cache
+    for _ in range(max_new_tokens):
+        if cache is not None and tokens.shape[1] <= S_max:
+            logits = model(tokens[:, fed:], cache=cache)[:, -1]  # [B, V]
+            fed = tokens.shape[1]
+        else:
+            logits = model(tokens[:, -S_max:])[:, -1]  # [B, V]
+        nxt = sample(probs_from_logits(logits, cfg), generator)  # [B]
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        yield nxt
+
+
+def _dtype(model: GPT) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[int]:
+    """Checked encoding: non-empty, valid UTF-8, and within the context."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError("the prompt is not valid UTF-8") from None
+    if not prompt:
+        raise UserError("the prompt is empty (give at least one character, e.g. a newline)")
+    ids = tokenizer.encode(prompt)
+    if len(ids) > block_size:
+        raise UserError(f"the prompt is {len(ids)} tokens long, but the model's context is {block_size}")
+    return ids
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str  # the continuation, without the prompt
+    token_ids: list[int]  # the continuation's ids
+
+
+def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200,
+                  cfg: SamplingConfig = SamplingConfig(), seed: int | None = None,
+                  stop: Sequence[str] = (), use_cache: bool = True,
+                  on_text: Callable[[str], None] | None = None) -> Generation:  # fmt: skip
+    """Continue `prompt`. Stops after `max_new_tokens` or at the first stop string (which is
+    not included). `on_text(piece)` receives the text as it is produced, for streaming."""
+    ids = encode_prompt(tokenizer, prompt, model.cfg.block_size)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    idx = torch.tensor([ids], device=device)
+    out: list[int] = []
+    text, emitted, shown = "", 0, 0
+    hold = max((len(s) - 1 for s in stop), default=0)  # a tail that may still grow into a stop string
+    for nxt in generate_ids(model, idx, max_new_tokens, cfg, generator, use_cache):
+        out.append(int(nxt[0]))
+        piece, emitted = decode_stream(tokenizer, out, emitted)
+        text += piece
+        hit = _first_stop(text, stop)
+        if hit is not None:
+            text = text[:hit]
+            break
+        shown = _emit(on_text, text, shown, len(text) - hold)
+    else:
+        text = tokenizer.decode(out)  # flush a trailing partial character, if any
+        hit = _first_stop(text, stop)
+        text = text if hit is None else text[:hit]
+    _emit(on_text, text, shown, len(text))
+    return Generation(prompt, text, out)
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    return min((i for s in stop if (i := text.find(s)) >= 0), default=None)
+
+
+def _emit(on_text: Callable[[str], None] | None, text: str, shown: int, upto: int) -> int:
+    if on_text is not None and upto > shown:
+        on_text(text[shown:upto])
+    return max(shown, upto)
+
+
+def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 200,
+                   cfg: SamplingConfig = SamplingConfig(), seed: int | None = None) -> list[str]:  # fmt: skip
+    """Continue many prompts. Prompts of equal token length run together as one batch [B, S₀],
+    so no padding (and no position shift) is ever needed. Returns the continuations in order."""
+    encoded = [encode_prompt(tokenizer, p, model.cfg.block_size) for p in prompts]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    results: list[str] = [""] * len(prompts)
+    for length in sorted({len(e) for e in encoded}):
+        rows = [i for i, e in enumerate(encoded) if len(e) == length]
+        idx = torch.tensor([encoded[i] for i in rows], device=device)  # [B, S₀]
+        steps = list(generate_ids(model, idx, max_new_tokens, cfg, generator))
+        new = torch.stack(steps, dim=1) if steps else idx[:, :0]  # [B, max_new_tokens]
+        for row, ids in zip(rows, new.tolist(), strict=True):
+            results[row] = tokenizer.decode(ids)
+    return results

@@ -1,0 +1,391 @@
+"""Training: minimise the cross-entropy of the next token (notes §一) with AdamW.
+
+nanoGPT's recipe, as a library function: AdamW with decay and no-decay parameter groups, linear
+warmup then cosine decay to `min_lr`, gradient clipping, gradient accumulation, optional bf16
+autocast and `torch.compile`. Evaluation every `eval_interval` steps writes an atomic checkpoint;
+`resume=True` continues so that the losses equal those of an uninterrupted run. Under torchrun
+each process trains on its slice of the global batch with DistributedDataParallel and rank 0
+alone writes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from llmlab import data as data_lib
+from llmlab.config import ModelConfig, TrainConfig
+from llmlab.entropy import cross_entropy, perplexity
+from llmlab.errors import TrainingDiverged, UserError
+from llmlab.model import GPT
+from llmlab.run_dir import (
+    check_run_dir,
+    config_json,
+    load_run,
+    load_train_state,
+    read_metrics,
+    save_train_state,
+    save_weights,
+    write_json,
+    write_metrics,
+    write_text,
+)  # fmt: skip
+from llmlab.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int
+    train_loss: float  # mean over the last evaluation interval
+    val_loss: float  # over the validation split (its first `val_tokens` tokens)
+    val_perplexity: float
+    val_tokens: int
+    tokens_per_second: float  # training throughput, evaluation excluded
+    elapsed_seconds: float
+    stopped_by: str  # "max_steps", "max_minutes" or "interrupt"
+    params: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- schedule and optimiser -----------------------------------------------------------------
+
+
+def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Linear warmup over `warmup_steps`, then cosine decay from `lr` to `min_lr` as the run's
+    progress (steps done / max_steps, or time used / max_minutes if that is further) goes to 1."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    warm = cfg.warmup_steps / cfg.max_steps
+    ratio = min(1.0, max(0.0, (progress - warm) / (1 - warm))) if warm < 1 else 1.0
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices (and embeddings) decay, biases and norm gains do not (nanoGPT). The fused
+    kernel updates every parameter in one call (PyTorch's default on CPU is a per-tensor loop)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+# --- machine --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"unknown device {name!r} (try auto, cpu, cuda, mps)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("device cuda was asked for, but no CUDA device is available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def setup_distributed(device_name: str) -> Dist:
+    """torchrun sets RANK and WORLD_SIZE; without them this is a single process."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dist(0, 1, pick_device(device_name))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+# --- data and run directory -----------------------------------------------------------------
+
+
+def prepare(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data: str,
+            tokenizer_from: str | None, d: Dist, extra: dict[str, Any]) -> tuple[ModelConfig, Tokenizer]:  # fmt: skip
+    """Rank 0 trains (or copies) the tokenizer, tokenizes the data and writes config.json."""
+    if d.main:
+        text = data_lib.load_source(data)
+        if tokenizer_from is not None:
+            tokenizer = load_tokenizer(check_run_dir(tokenizer_from) / "tokenizer.json")
+        else:
+            tokenizer = train_tokenizer(train_cfg.tokenizer, text, train_cfg.bpe_vocab)
+        ids = tokenizer.encode_array(text)
+        data_lib.write_splits(ids, out / "data", train_cfg.val_fraction, tokenizer.vocab_size,
+                              model_cfg.block_size)  # fmt: skip
+        model_cfg = replace(model_cfg, vocab_size=tokenizer.vocab_size)
+        write_text(out / "tokenizer.json", tokenizer.to_json())
+        write_json(out / "config.json", config_json(model_cfg, train_cfg, data=data, **extra))
+    _barrier(d)
+    tokenizer = load_tokenizer(out / "tokenizer.json")
+    return replace(model_cfg, vocab_size=tokenizer.vocab_size), tokenizer
+
+
+def _check_fresh(out: Path) -> None:
+    if (out / "config.json").exists() or (out / "model.safetensors").exists():
+        raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+
+
+# --- evaluation -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def estimate_val_loss(model: GPT, tokens: np.ndarray, cfg: TrainConfig, block_size: int,
+                      device: torch.device) -> float:  # fmt: skip
+    """Mean loss over `eval_iters` fixed random batches of the validation split."""
+    model.eval()
+    losses = []
+    for i in range(cfg.eval_iters):
+        starts = data_lib.batch_starts(len(tokens), block_size, cfg.batch_size, cfg.seed, data_lib.VAL_STREAM, i)
+        x, y = data_lib.get_batch(tokens, block_size, starts)
+        with _autocast(device, cfg):
+            losses.append(cross_entropy(model(x.to(device)), y.to(device)).item())
+    model.train()
+    return float(np.mean(losses))
+
+
+@torch.no_grad()
+def split_loss(model: GPT, tokens: np.ndarray, block_size: int, device: torch.device,
+               max_tokens: int | None = None, batch_size: int = 32) -> tuple[float, int]:  # fmt: skip
+    """Mean loss over non-overlapping windows that cover the split. Returns (loss, tokens scored)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in data_lib.sequential_batches(tokens, block_size, batch_size, max_tokens):
+        total += cross_entropy(model(x.to(device)), y.to(device)).item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total / count, count
+
+
+def _autocast(device: torch.device, cfg: TrainConfig) -> Any:
+    if cfg.dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | Path, *,
+          resume: bool = False, tokenizer_from: str | None = None, progress: bool = True,
+          final_eval_tokens: int | None = 1 << 18, extra: dict[str, Any] | None = None) -> TrainResult:  # fmt: skip
+    """Train a model and write its run directory `out`. With `resume`, continue the run in `out`
+    (the configs passed in are then ignored, except `max_steps`, `max_minutes` and `device`)."""
+    out = Path(out)
+    d = setup_distributed(train_cfg.device)
+    if resume:
+        run = load_run(out)
+        train_cfg = replace(run.train_cfg, max_steps=train_cfg.max_steps, max_minutes=train_cfg.max_minutes,
+                            device=train_cfg.device)  # fmt: skip
+        model, model_cfg, state = run.model, run.model_cfg, load_train_state(out)
+        splits = data_lib.read_splits(out / "data")
+    else:
+        if d.main:
+            _check_fresh(out)
+        model_cfg, _ = prepare(out, model_cfg, train_cfg, data, tokenizer_from, d, extra or {})
+        torch.manual_seed(train_cfg.seed)
+        model, state = GPT(model_cfg), None
+        splits = data_lib.read_splits(out / "data")
+    model.to(d.device).train()
+    loop = _Loop(model, model_cfg, train_cfg, splits, out, d, state)
+    stopped_by = loop.run(progress)
+    val_loss, val_tokens = split_loss(model, splits.val, model_cfg.block_size, d.device, final_eval_tokens)
+    result = TrainResult(
+        run_dir=str(out), steps=loop.step, train_loss=loop.recent_train_loss(), val_loss=val_loss,
+        val_perplexity=perplexity(val_loss), val_tokens=val_tokens, tokens_per_second=loop.tokens_per_second(),
+        elapsed_seconds=loop.elapsed(), stopped_by=stopped_by, params=model.num_params(),
+    )  # fmt: skip
+    if d.main:
+        write_json(out / "summary.json", result.to_json())
+        plot_losses(loop.rows, out / "loss.png")
+    return result
+
+
+class _Loop:
+    """The state of one training run: model, optimiser, step, clock and metrics rows."""
+
+    def __init__(self, model: GPT, model_cfg: ModelConfig, cfg: TrainConfig, splits: data_lib.TokenSplits,
+                 out: Path, d: Dist, state: dict[str, Any] | None) -> None:  # fmt: skip
+        self.model, self.model_cfg, self.cfg, self.splits, self.out, self.d = model, model_cfg, cfg, splits, out, d
+        self.optimizer = make_optimizer(model, cfg)
+        self.ddp = (
+            nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None)
+            if d.world > 1 else None
+        )  # fmt: skip
+        forward = self.ddp or model
+        self.forward = torch.compile(forward) if cfg.compile else forward
+        self.step, self.prev_elapsed, self.train_time, self.rows = 0, 0.0, 0.0, []
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world * model_cfg.block_size
+        torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank, reproducibly
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step, self.prev_elapsed, self.train_time = state["step"], state["elapsed"], state["train_time"]
+            torch.set_rng_state(state["rng_torch"])
+            self.rows = [r for r in read_metrics(out / "metrics.csv") if r["step"] <= self.step]
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.prev_elapsed + time.perf_counter() - self.start
+
+    def progress(self) -> float:
+        p = self.step / self.cfg.max_steps
+        return max(p, self.elapsed() / (60 * self.cfg.max_minutes)) if self.cfg.max_minutes else p
+
+    def tokens_per_second(self) -> float:
+        steps = len(self.rows)
+        return steps * self.tokens_per_step / self.train_time if self.train_time else 0.0
+
+    def recent_train_loss(self) -> float:
+        recent = [r["train_loss"] for r in self.rows[-self.cfg.eval_interval :]]
+        return float(np.mean(recent)) if recent else float("nan")
+
+    def run(self, progress: bool) -> str:
+        bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=None if progress and self.d.main else True,
+                   unit="step", dynamic_ncols=True)  # fmt: skip
+        stopped_by = "max_steps"
+        with bar, _interrupt_flag() as interrupted:
+            while self.step < self.cfg.max_steps:
+                if self.cfg.max_minutes and self.elapsed() >= 60 * self.cfg.max_minutes:
+                    stopped_by = "max_minutes"
+                    break
+                loss, lr, seconds = self.train_step()
+                self.step += 1
+                self.rows.append({"step": self.step, "lr": lr, "train_loss": loss, "val_loss": None,
+                                  "tokens_per_s": self.tokens_per_step / seconds,
+                                  "elapsed_s": round(self.elapsed(), 3)})  # fmt: skip
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.tokens_per_step / seconds:,.0f}")
+                if self.step % self.cfg.eval_interval == 0 or self.step == self.cfg.max_steps:
+                    self.evaluate_and_save()
+                    bar.set_postfix(loss=f"{loss:.3f}", val=f"{self.rows[-1]['val_loss']:.3f}")
+                if interrupted():
+                    stopped_by = "interrupt"
+                    break
+        if self.rows and self.rows[-1]["val_loss"] is None:
+            self.evaluate_and_save()
+        return stopped_by
+
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimiser step over grad_accum micro-batches. Returns (loss, lr, seconds)."""
+        t0 = time.perf_counter()
+        cfg, S, device = self.cfg, self.model_cfg.block_size, self.d.device
+        lr = lr_at(self.step, self.progress(), cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            x, y = data_lib.train_batch(self.splits.train, S, cfg.batch_size, cfg.seed, self.step, micro,
+                                        self.d.rank, self.d.world, cfg.grad_accum)  # fmt: skip
+            last = micro == cfg.grad_accum - 1
+            sync = nullcontext() if self.ddp is None or last else self.ddp.no_sync()  # sync grads once
+            with sync, _autocast(device, cfg):
+                loss = cross_entropy(self.forward(x.to(device)), y.to(device)) / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        if self.ddp is not None:  # log the global batch's loss, not this rank's share
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.d.world
+        loss_value = loss_sum.item()
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"the loss became {loss_value} at step {self.step + 1}; the last good checkpoint in {self.out} is kept"
+            )
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        self.train_time += seconds
+        return loss_value, lr, seconds
+
+    def evaluate_and_save(self) -> None:
+        val = estimate_val_loss(self.model, self.splits.val, self.cfg, self.model_cfg.block_size, self.d.device)
+        if not math.isfinite(val):
+            raise TrainingDiverged(
+                f"the validation loss became {val} at step {self.step}; the last good checkpoint in {self.out} is kept"
+            )
+        self.rows[-1]["val_loss"] = val
+        if self.d.main:
+            save_weights(self.out / "model.safetensors", self.model)
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng_torch": torch.get_rng_state(),
+                     "elapsed": self.elapsed(), "train_time": self.train_time}  # fmt: skip
+            save_train_state(self.out / "train_state.pt", state)
+            write_metrics(self.out / "metrics.csv", self.rows)
+        _barrier(self.d)
+
+
+@contextmanager
+def _interrupt_flag() -> Iterator[Any]:
+    """Ctrl-C finishes the current step, saves a checkpoint and stops, instead of losing work."""
+    hit = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: hit.append(True))
+    except ValueError:  # not the main thread: leave signals alone
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["train_loss"] for r in rows], lw=0.8, alpha=0.6, label="train (per step)")
+    val = [(r["step"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", lw=1.5, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

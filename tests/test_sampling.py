@@ -1,0 +1,149 @@
+"""Sampling transforms against brute-force references, and generation against a naive loop."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from llmlab.errors import UserError
+from llmlab.model import GPT
+from llmlab.sampling import (
+    SamplingConfig,
+    generate_batch,
+    generate_ids,
+    generate_text,
+    probs_from_logits,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)  # fmt: skip
+from llmlab.tokenizer import CharTokenizer
+from tests.conftest import TINY_VARIANTS
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -0.5}, "temperature must be >= 0"),
+        ({"temperature": float("nan")}, "temperature must be >= 0"),
+        ({"top_k": 0}, "top_k must be at least 1"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ],
+)
+def test_invalid_sampling_values_are_user_errors(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        SamplingConfig(**kwargs)
+
+
+def test_temperature_divides_the_logits():
+    """Reference: softmax(logits / T) computed with numpy."""
+    for t in (0.5, 1.0, 2.0):
+        z = LOGITS.numpy()[0] / t
+        ref = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        np.testing.assert_allclose(probs_from_logits(LOGITS, SamplingConfig(t))[0].numpy(), ref, rtol=1e-6)
+
+
+def test_temperature_zero_is_a_one_hot_at_the_argmax():
+    assert probs_from_logits(LOGITS, SamplingConfig(0.0)).tolist() == [[1, 0, 0, 0, 0, 0]]
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    kept = torch.isfinite(top_k_filter(LOGITS, 3))
+    assert kept.tolist() == [[True, True, True, False, False, False]]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.7, 0.9, 0.99, 1.0])
+def test_top_p_keeps_the_smallest_prefix_reaching_p(p):
+    """Reference: walk the sorted probabilities until the cumulative mass reaches p."""
+    probs = torch.softmax(LOGITS[0], -1).numpy()
+    order = np.argsort(-probs)
+    keep, mass = set(), 0.0
+    for i in order:
+        keep.add(int(i))
+        mass += probs[i]
+        if mass >= p:
+            break
+    kept = torch.isfinite(top_p_filter(LOGITS, p))[0]
+    assert {i for i in range(6) if kept[i]} == keep
+
+
+def test_samples_follow_the_distribution():
+    """Chi-square goodness of fit (scipy) of 20,000 draws against the probabilities."""
+    probs = probs_from_logits(LOGITS, SamplingConfig(1.0, top_k=4))
+    draws = sample(probs.expand(20_000, -1), torch.Generator().manual_seed(0))
+    counts = np.bincount(draws.numpy(), minlength=6)
+    assert counts[4:].sum() == 0  # filtered tokens are never drawn
+    expected = probs[0, :4].double().numpy()
+    expected = expected / expected.sum() * 20_000
+    assert stats.chisquare(counts[:4], expected).pvalue > 0.001
+
+
+def model_and_prompt(name="notes"):
+    torch.manual_seed(0)
+    model = GPT(replace(TINY_VARIANTS[name], block_size=8)).eval()
+    return model, torch.randint(0, 48, (2, 5), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", ["notes", "llama-tiny"])
+def test_greedy_generation_equals_a_naive_loop_past_the_context(name):
+    """Reference: argmax of model(last S tokens)[-1], recomputed from scratch each step (nanoGPT)."""
+    model, idx = model_and_prompt(name)
+    tokens = idx
+    for _ in range(12):  # 5 + 12 > S = 8: the window slides
+        nxt = model(tokens[:, -8:])[:, -1].argmax(-1)
+        tokens = torch.cat([tokens, nxt[:, None]], 1)
+    greedy = SamplingConfig(0.0)
+    with_cache = torch.stack(list(generate_ids(model, idx, 12, greedy)), 1)
+    without = torch.stack(list(generate_ids(model, idx, 12, greedy, use_cache=False)), 1)
+    assert torch.equal(with_cache, tokens[:, 5:])
+    assert torch.equal(without, tokens[:, 5:])
+
+
+def test_sampling_with_a_seed_is_reproducible_and_cache_independent():
+    model, idx = model_and_prompt()
+    cfg = SamplingConfig(1.0, top_p=0.9)
+    runs = [torch.stack(list(generate_ids(model, idx, 6, cfg, torch.Generator().manual_seed(3), c)), 1)
+            for c in (True, True, False)]  # fmt: skip
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def text_model():
+    tok = CharTokenizer.train("abcdefgh\n ")
+    torch.manual_seed(0)
+    model = GPT(replace(TINY_VARIANTS["notes"], vocab_size=tok.vocab_size, block_size=16)).eval()
+    return model, tok
+
+
+def test_stop_strings_cut_the_text_and_streaming_matches_the_result():
+    model, tok = text_model()
+    full = generate_text(model, tok, "ab", 40, SamplingConfig(0.0)).text
+    stop = full[10:12]
+    pieces = []
+    g = generate_text(model, tok, "ab", 40, SamplingConfig(0.0), stop=[stop], on_text=pieces.append)
+    assert g.text == full[: full.find(stop)]
+    assert "".join(pieces) == g.text
+
+
+def test_batched_prompts_equal_one_by_one_generation():
+    model, tok = text_model()
+    prompts = ["ab", "abc", "h", "de"]
+    one_by_one = [generate_text(model, tok, p, 10, SamplingConfig(0.0)).text for p in prompts]
+    assert generate_batch(model, tok, prompts, 10, SamplingConfig(0.0)) == one_by_one
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [("", "prompt is empty"), ("a" * 17, "17 tokens long, but the model's context is 16"),
+     ("bad \udcff", "not valid UTF-8"), ("xyz", "not in this character tokenizer")],
+)  # fmt: skip
+def test_bad_prompts_are_user_errors(prompt, message):
+    model, tok = text_model()
+    with pytest.raises(UserError, match=message):
+        generate_text(model, tok, prompt, 5)

@@ -1,0 +1,158 @@
+"""Training: schedule, optimiser groups, a loss bound, exact resume, DDP, divergence."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmlab import train as train_lib
+from llmlab.config import TrainConfig
+from llmlab.entropy import cross_entropy
+from llmlab.errors import TrainingDiverged, UserError
+from llmlab.model import GPT
+from llmlab.run_dir import load_run, load_train_state, read_metrics
+from llmlab.train import lr_at, make_optimizer, train
+from tests.conftest import TINY_TRAIN, TINY_VARIANTS, make_corpus
+
+CFG = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=2000)
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    """Reference: nanoGPT's get_lr (train.py), with progress = step / max_steps."""
+    assert lr_at(0, 0.0, CFG) == pytest.approx(1e-3 / 101)
+    assert lr_at(99, 99 / 2000, CFG) == pytest.approx(1e-3 * 100 / 101)
+    assert lr_at(100, 100 / 2000, CFG) == pytest.approx(1e-3)
+    mid = (100 + 2000) / 2
+    assert lr_at(int(mid), mid / 2000, CFG) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert lr_at(2000, 1.0, CFG) == pytest.approx(1e-4)
+    lrs = [lr_at(s, s / 2000, CFG) for s in range(100, 2001)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+def test_a_time_limited_run_decays_with_the_clock():
+    cfg = replace(CFG, max_minutes=1.0)
+    assert lr_at(500, 1.0, cfg) == pytest.approx(1e-4)  # time is up: the floor, whatever the step
+
+
+def test_matrices_decay_and_biases_and_gains_do_not():
+    model = GPT(TINY_VARIANTS["notes"])
+    decay, no_decay = make_optimizer(model, CFG).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def unigram_entropy(text: str) -> float:
+    counts = Counter(text)
+    n = sum(counts.values())
+    return -sum(c / n * math.log(c / n) for c in counts.values())
+
+
+def test_a_short_run_learns_more_than_character_frequencies(trained_run):
+    """Bound: the entropy of the corpus' character frequencies (what a model that ignores
+    context can reach). 80 steps of a 2-layer model must beat it by a wide margin."""
+    summary = json.loads((trained_run / "summary.json").read_text())
+    bound = unigram_entropy(make_corpus())
+    assert summary["val_loss"] < bound - 1.0, (summary["val_loss"], bound)
+    rows = read_metrics(trained_run / "metrics.csv")
+    assert len(rows) == 80 and rows[-1]["val_loss"] is not None
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 1.0
+
+
+def test_run_directory_holds_every_file_of_the_contract(trained_run):
+    for name in ("config.json", "tokenizer.json", "model.safetensors", "train_state.pt", "metrics.csv",
+                 "loss.png", "summary.json", "data/train.bin", "data/val.bin"):  # fmt: skip
+        assert (trained_run / name).is_file(), name
+    assert load_train_state(trained_run)["step"] == 80
+
+
+@contextmanager
+def interrupt_after(n_steps: int):
+    """Stand-in for Ctrl-C after `n_steps` steps (the flag is read once per step)."""
+    calls = []
+
+    @contextmanager
+    def flag():
+        yield lambda: calls.append(1) or len(calls) >= n_steps
+
+    yield flag
+
+
+def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tmp_path, corpus_file, monkeypatch):
+    model_cfg = replace(TINY_VARIANTS["notes"], dropout=0.1)  # dropout: the RNG state must resume too
+    cfg = replace(TINY_TRAIN, max_steps=16, eval_interval=4)
+    straight = train(model_cfg, cfg, str(corpus_file), tmp_path / "a", progress=False)
+    with interrupt_after(6) as flag:
+        monkeypatch.setattr(train_lib, "_interrupt_flag", flag)
+        first = train(model_cfg, cfg, str(corpus_file), tmp_path / "b", progress=False)
+    monkeypatch.undo()
+    assert (first.stopped_by, first.steps) == ("interrupt", 6)
+    resumed = train(model_cfg, cfg, str(corpus_file), tmp_path / "b", resume=True, progress=False)
+    assert resumed.steps == 16
+    a, b = read_metrics(tmp_path / "a" / "metrics.csv"), read_metrics(tmp_path / "b" / "metrics.csv")
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert resumed.val_loss == straight.val_loss
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file, monkeypatch):
+    cfg = replace(TINY_TRAIN, max_steps=30, eval_interval=10)
+    calls: list[int] = []
+    monkeypatch.setattr(train_lib, "cross_entropy", lambda lo, t: _nan_after(lo, t, calls, 15))
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 16; the last good checkpoint"):
+        train(TINY_VARIANTS["notes"], cfg, str(corpus_file), tmp_path / "r", progress=False)
+    assert load_train_state(tmp_path / "r")["step"] == 10
+    run = load_run(tmp_path / "r")
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+def _nan_after(logits, targets, calls, n_train_steps):
+    """The real loss, turned NaN from training step n_train_steps + 1 on (evaluation untouched)."""
+    loss = cross_entropy(logits, targets)
+    if logits.requires_grad:
+        calls.append(1)
+        if len(calls) > n_train_steps:
+            return loss * float("nan")
+    return loss
+
+
+def test_training_refuses_to_overwrite_an_existing_run(trained_run, corpus_file):
+    before = (trained_run / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        train(TINY_VARIANTS["notes"], TINY_TRAIN, str(corpus_file), trained_run, progress=False)
+    assert (trained_run / "model.safetensors").read_bytes() == before
+
+
+def test_ddp_with_two_processes_equals_one_process_with_twice_the_batch(tmp_path, corpus_file):
+    """Reference: the same run in one process with batch 2B. torchrun on CPU (gloo)."""
+    common = ["--data", str(corpus_file), "--tokenizer", "char", "--max-steps", "6", "--json",
+              "--set", "n_layers=2", "--set", "d_model=32", "--set", "block_size=16", "--set", "warmup_steps=2",
+              "--set", "eval_interval=3", "--set", "eval_iters=2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "llmlab"]
+    two = subprocess.run([*run, "train", "--out", str(tmp_path / "two"), *common, "--set", "batch_size=4"],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "llmlab", "train", "--out", str(tmp_path / "one"), *common,
+                          "--set", "batch_size=8"], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    l1 = [r["train_loss"] for r in read_metrics(tmp_path / "one" / "metrics.csv")]
+    l2 = [r["train_loss"] for r in read_metrics(tmp_path / "two" / "metrics.csv")]
+    assert l2 == pytest.approx(l1, abs=1e-5)
+    assert not Path(tmp_path / "two" / "model.safetensors.tmp").exists()
