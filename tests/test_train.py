@@ -156,3 +156,31 @@ def test_ddp_with_two_processes_equals_one_process_with_twice_the_batch(tmp_path
     l2 = [r["train_loss"] for r in read_metrics(tmp_path / "two" / "metrics.csv")]
     assert l2 == pytest.approx(l1, abs=1e-5)
     assert not Path(tmp_path / "two" / "model.safetensors.tmp").exists()
+
+
+def test_bfloat16_autocast_trains_to_about_the_same_loss(tmp_path, corpus_file):
+    """Reference: the same run in float32; autocast changes rounding, not what is learned."""
+    cfg = replace(TINY_TRAIN, max_steps=30, eval_interval=30)
+    fp32 = train(TINY_VARIANTS["notes"], cfg, str(corpus_file), tmp_path / "fp32", progress=False)
+    bf16 = train(TINY_VARIANTS["notes"], replace(cfg, dtype="bfloat16"), str(corpus_file), tmp_path / "bf16",
+                 progress=False)  # fmt: skip
+    assert abs(bf16.val_loss - fp32.val_loss) < 0.1
+    assert bf16.val_loss != fp32.val_loss  # autocast really ran in bfloat16
+
+
+def test_max_minutes_stops_the_run_on_the_clock(tmp_path, corpus_file):
+    cfg = replace(TINY_TRAIN, max_steps=100_000, max_minutes=0.01)  # 0.6 s
+    result = train(TINY_VARIANTS["notes"], cfg, str(corpus_file), tmp_path / "r", progress=False)
+    assert result.stopped_by == "max_minutes" and 0 < result.steps < 100_000
+    assert load_train_state(tmp_path / "r")["step"] == result.steps  # the last steps were saved too
+
+
+def test_device_selection():
+    assert train_lib.pick_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert train_lib.pick_device("auto").type == expected
+    with pytest.raises(UserError, match="unknown device 'tpu9'"):
+        train_lib.pick_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device"):
+            train_lib.pick_device("cuda")

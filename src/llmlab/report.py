@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -21,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.config import preset
+from llmlab.errors import RunDirError, UserError
 from llmlab.run_dir import check_run_dir, load_run, write_json, write_text
 from llmlab.sampling import SamplingConfig, generate_text
+from llmlab.tokenizer import Tokenizer
 from llmlab.train import train
 
 SAMPLE_PROMPTS = ("def ", "class ", "import ")
@@ -83,12 +86,11 @@ def run_tour(out: Path, quick: bool = False, data: str = "stdlib", minutes: floa
 
 
 def _trained_summary(model_dir: Path) -> dict[str, Any] | None:
-    import json
-
+    """The summary of a finished tour model in `model_dir`, or None if there is none."""
     try:
         check_run_dir(model_dir)
         return json.loads((model_dir / "summary.json").read_text())
-    except (OSError, ValueError):
+    except (RunDirError, OSError, ValueError):
         return None
 
 
@@ -119,13 +121,28 @@ def section_samples(tour: Tour) -> Section:
     n = 150 if tour.quick else 300
     cfg = SamplingConfig(temperature=0.8)
     samples = {p: generate_text(run.model, run.tokenizer, p, n, cfg, seed=i).text
-               for i, p in enumerate(SAMPLE_PROMPTS)}  # fmt: skip
+               for i, p in enumerate(_prompts(run.tokenizer))}  # fmt: skip
     for p, text in samples.items():
         tour.log(f"\n--- sample: {p!r} ---\n{p}{text}")
     body = f"<p>Temperature 0.8, KV cache, {n} new tokens per prompt.</p>" + "".join(
         f"<pre><b>{html.escape(p)}</b>{html.escape(t)}</pre>" for p, t in samples.items()
     )
     return Section("Generation: softmax and sampling (notes §2.1)", body, {"samples": samples})
+
+
+def _prompts(tokenizer: Tokenizer) -> list[str]:
+    """The sample prompts this tokenizer can encode (a character model trained on other text
+    may lack their letters); a newline, or the first character of the vocabulary, otherwise."""
+    ok = [p for p in SAMPLE_PROMPTS if _encodable(tokenizer, p)]
+    return ok or (["\n"] if _encodable(tokenizer, "\n") else [tokenizer.decode([0])])
+
+
+def _encodable(tokenizer: Tokenizer, text: str) -> bool:
+    try:
+        tokenizer.encode(text)
+    except UserError:
+        return False
+    return True
 
 
 SECTIONS: list[Callable[[Tour], Section]] = [section_training, section_samples]

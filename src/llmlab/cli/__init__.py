@@ -1,0 +1,59 @@
+"""The `llmlab` command: a table from subcommand to a thin handler over the library.
+
+Each command is a module here with `add_args(parser)` and `run(args)`: parse, call the library,
+print; with `--json`, one JSON object on stdout instead. A `UserError` from anywhere becomes
+`llmlab: error: <one line>` and exit code 2. torch is imported inside the handlers, so
+`llmlab --help` and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from types import ModuleType
+
+from llmlab.cli import generate, tour, train
+from llmlab.cli.common import Parser
+from llmlab.errors import UserError
+
+COMMANDS: dict[str, ModuleType] = {
+    "train": train,
+    "generate": generate,
+    "run": tour,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="llmlab", description="See and test how a large language model works.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, command in COMMANDS.items():
+        doc = (command.run.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc)
+        command.add_args(p)
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        p.set_defaults(handler=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        args.handler(args)
+    except UserError as e:
+        message = " ".join(str(e).split())  # always one line
+        print(f"llmlab: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmlab: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `llmlab generate ... | head`
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

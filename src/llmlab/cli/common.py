@@ -1,0 +1,73 @@
+"""What the commands share: the one-line-error parser, config options, and output helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from llmlab import config as cfg_lib
+from llmlab.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message}")
+
+
+def add_config_args(p: argparse.ArgumentParser, default_preset: str = "notes") -> None:
+    g = p.add_argument_group("model and training configuration")
+    g.add_argument(
+        "--preset", default=default_preset, help=f"one of: {', '.join(cfg_lib.PRESETS)} (default: %(default)s)"
+    )
+    g.add_argument(
+        "--config", metavar="FILE", help="a TOML file with [model] and [train] tables, applied after the preset"
+    )
+    g.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override one config field, e.g. --set n_layers=2 (repeatable, type-checked)",
+    )
+    g.add_argument("--tokenizer", choices=["char", "bpe"], help="character-level or byte-level BPE")
+    g.add_argument("--vocab-size", type=int, metavar="N", help="vocabulary size of a BPE tokenizer")
+    g.add_argument("--max-steps", type=int, metavar="N")
+    g.add_argument(
+        "--max-minutes", type=float, metavar="M", help="stop after M minutes (the LR schedule follows the clock)"
+    )
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto (default), cpu, cuda, mps")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], help="bfloat16 trains under autocast")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model for training")
+
+
+def resolve_config(args: argparse.Namespace) -> cfg_lib.Preset:
+    """Preset, then --config file, then the dedicated flags, then --set overrides."""
+    preset = cfg_lib.preset(args.preset)
+    if args.config:
+        preset = cfg_lib.load_toml(args.config, preset)
+    flags = {
+        "tokenizer": args.tokenizer, "bpe_vocab": args.vocab_size, "max_steps": args.max_steps,
+        "max_minutes": args.max_minutes, "seed": args.seed, "device": args.device, "dtype": args.dtype,
+        "compile": args.compile,
+    }  # fmt: skip
+    overrides = {k: v for k, v in flags.items() if v is not None} | cfg_lib.parse_sets(args.sets)
+    return cfg_lib.Preset(*cfg_lib.apply_overrides(preset.model, preset.train, overrides))
+
+
+def emit(args: argparse.Namespace, obj: dict[str, Any], human: Callable[[], None]) -> None:
+    if args.json:
+        print(json.dumps(obj, ensure_ascii=False))
+    else:
+        human()
+
+
+def table(rows: list[tuple[str, Any]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")

@@ -1,0 +1,27 @@
+"""`llmlab run`: the tour."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llmlab.cli.common import emit
+
+
+def run(args: argparse.Namespace) -> None:
+    """The tour: train the notes' model, then walk through the notes on it and write a report."""
+    from llmlab.report import run_tour
+
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
+    tour = run_tour(Path(args.out), quick=args.quick, data=args.data, minutes=args.minutes,
+                    retrain=args.retrain, log=log, progress=not args.json)  # fmt: skip
+    emit(args, tour.to_json(), lambda: print(f"\nreport: {tour.report}"))
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/tour", metavar="DIR", help="where the tour writes (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a shorter tour: about a minute")
+    p.add_argument("--data", default="stdlib", help="the text to train on (default: stdlib)")
+    p.add_argument("--minutes", type=float, help="training time for the notes' model (default: 4, --quick 0.6)")
+    p.add_argument("--retrain", action="store_true", help="train again even if DIR holds the tour's model")

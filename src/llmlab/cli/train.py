@@ -1,0 +1,39 @@
+"""`llmlab train`."""
+
+from __future__ import annotations
+
+import argparse
+
+from llmlab.cli.common import add_config_args, emit, resolve_config, table
+from llmlab.errors import UserError
+
+
+def run(args: argparse.Namespace) -> None:
+    """Train a model on a text source and write its run directory (--out)."""
+    from llmlab.train import train
+
+    if args.resume and (args.sets or args.config or args.tokenizer or args.tokenizer_from):
+        raise UserError("--resume continues the saved configuration; only --max-steps, --max-minutes "
+                        "and --device may change")  # fmt: skip
+    preset = resolve_config(args)
+    result = train(preset.model, preset.train, args.data, args.out, resume=args.resume,
+                   tokenizer_from=args.tokenizer_from, progress=not args.json,
+                   extra={"preset": args.preset})  # fmt: skip
+    emit(args, result.to_json(), lambda: table([
+        ("run directory", result.run_dir),
+        ("steps", f"{result.steps} (stopped by {result.stopped_by})"),
+        ("parameters", f"{result.params:,}"),
+        ("train loss", f"{result.train_loss:.4f} nats/token (mean of the last evaluation interval)"),
+        ("val loss", f"{result.val_loss:.4f} nats/token on {result.val_tokens:,} validation tokens"),
+        ("val perplexity", f"{result.val_perplexity:.3f}"),
+        ("tokens/s", f"{result.tokens_per_second:,.0f} (training steps only)"),
+        ("time", f"{result.elapsed_seconds:.1f} s"),
+    ]))  # fmt: skip
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="stdlib", help="stdlib (default), a text file, a folder or a glob")
+    p.add_argument("--out", required=True, metavar="RUN", help="the run directory to write")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--tokenizer-from", metavar="RUN", help="reuse the tokenizer of another run")
+    add_config_args(p)

@@ -1,0 +1,157 @@
+"""The command line: help, --json, and every bad input as one line with exit code 2."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmlab.cli import main
+from llmlab.run_dir import load_run
+from llmlab.sampling import SamplingConfig, generate_text
+
+TINY = ["--set", "n_layers=2", "--set", "d_model=32", "--set", "block_size=16", "--set", "eval_iters=2"]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "generate", "run"):
+        assert command in out
+
+
+def test_train_help_documents_the_shared_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--preset", "--set NAME=VALUE", "--tokenizer", "--seed", "--json", "--out", "--resume"):
+        assert option in out
+
+
+def test_train_json_reports_the_run(capsys, tmp_path, corpus_file):
+    code, out, _ = run_cli(
+        capsys, "train", "--data", str(corpus_file), "--out", str(tmp_path / "r"), "--max-steps", "6", *TINY, "--json"
+    )
+    assert code == 0
+    result = json.loads(out)
+    for key in ("run_dir", "steps", "train_loss", "val_loss", "tokens_per_second"):
+        assert key in result
+    assert result["steps"] == 6 and result["run_dir"] == str(tmp_path / "r")
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["model"]["n_layers"] == 2
+
+
+def test_generate_json_is_reproducible_and_decodes_to_its_text(capsys, trained_run):
+    argv = ["generate", str(trained_run), "--prompt", "def f", "--max-new-tokens", "20", "--seed", "7", "--json"]
+    first, second = json.loads(run_cli(capsys, *argv)[1]), json.loads(run_cli(capsys, *argv)[1])
+    assert first == second
+    assert len(first["token_ids"]) == 20
+    assert load_run(trained_run).tokenizer.decode(first["token_ids"]) == first["text"]
+
+
+def test_generate_greedy_streams_what_the_library_returns(capsys, trained_run):
+    code, out, _ = run_cli(capsys, "generate", str(trained_run), "--prompt", "def f", "--temperature", "0",
+                           "--max-new-tokens", "30")  # fmt: skip
+    run = load_run(trained_run)
+    expected = generate_text(run.model, run.tokenizer, "def f", 30, SamplingConfig(0.0)).text
+    assert code == 0 and out == "def f" + expected + "\n"
+
+
+def test_generate_stop_string(capsys, trained_run):
+    out = json.loads(run_cli(capsys, "generate", str(trained_run), "--prompt", "def f", "--temperature", "0",
+                             "--stop", "\n", "--json")[1])  # fmt: skip
+    assert "\n" not in out["text"] and len(out["text"]) < 200
+
+
+def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]]:
+    (tmp / "empty.txt").write_text("")
+    (tmp / "binary.bin").write_bytes(b"\x7fELF\x00\x00\x01")
+    (tmp / "latin1.txt").write_bytes(b"na\xefve")
+    (tmp / "incomplete").mkdir()
+    (tmp / "incomplete" / "config.json").write_text("{}")
+    corrupt = tmp / "corrupt"
+    shutil.copytree(run, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"garbage")
+    train = ["train", "--data", str(corpus), "--out", str(tmp / "new")]
+    gen = ["generate", str(run)]
+    return [
+        ([*train, "--preset", "gpt5"], "unknown preset 'gpt5'"),
+        ([*train, "--set", "colour=blue"], "unknown config key 'colour'"),
+        ([*train, "--set", "n_layers=two"], "n_layers='two'"),
+        ([*train, "--set", "n_heads=5"], "d_model=128 is not divisible by n_heads=5"),
+        ([*train, "--config", str(tmp / "none.toml")], "does not exist"),
+        (["train", "--data", str(tmp / "missing.txt"), "--out", str(tmp / "n1")], "not found"),
+        (["train", "--data", str(tmp / "empty.txt"), "--out", str(tmp / "n2")], "is empty"),
+        (["train", "--data", str(tmp / "binary.bin"), "--out", str(tmp / "n3")], "looks binary"),
+        (["train", "--data", str(tmp / "latin1.txt"), "--out", str(tmp / "n4")], "not valid UTF-8"),
+        (["train", "--data", str(corpus), "--out", str(run)], "already holds a run"),
+        (["train", "--out", str(run), "--resume", "--set", "lr=1"], "--resume continues the saved configuration"),
+        (["train", "--data", str(corpus)], "the following arguments are required: --out"),
+        (["generate", str(tmp / "nope")], "does not exist"),
+        (["generate", str(tmp / "incomplete")], "not a complete run directory"),
+        (["generate", str(corrupt)], "model.safetensors is corrupt"),
+        ([*gen, "--prompt", "d" * 40], "40 tokens long, but the model's context is 32"),
+        ([*gen, "--prompt", ""], "the prompt is empty"),
+        ([*gen, "--prompt", "ü"], "not in this character tokenizer's vocabulary"),
+        ([*gen, "--prompt-file", str(tmp / "latin1.txt")], "not valid UTF-8"),
+        ([*gen, "--temperature", "-1"], "temperature must be >= 0"),
+        ([*gen, "--top-p", "0"], "top_p must be in (0, 1]"),
+        ([*gen, "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        ([*gen, "--top-k", "0"], "top_k must be at least 1"),
+        ([*gen, "--max-new-tokens", "x"], "invalid int value"),
+        (["fly"], "invalid choice: 'fly'"),
+    ]
+
+
+def test_every_bad_input_is_one_line_exit_2_and_damages_nothing(capsys, tmp_path, corpus_file, trained_run):
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in trained_run.iterdir() if p.is_file()}
+    for argv, message in bad_inputs(tmp_path, corpus_file, trained_run):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert err.startswith("llmlab: error: ") and err.count("\n") == 1, (argv, err)
+        assert message in err, (argv, err)
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in trained_run.iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_a_real_process_exits_2_without_a_traceback_even_for_non_utf8_arguments(trained_run):
+    """Bytes that are not UTF-8 reach Python as surrogate escapes; they must not crash it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmlab", "generate", str(trained_run), "--prompt", b"caf\xe9"],
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == b"llmlab: error: the prompt is not valid UTF-8\n"
+
+
+def test_ctrl_c_during_training_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus_file):
+    out = tmp_path / "r"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmlab", "train", "--data", str(corpus_file), "--out", str(out), "--max-steps",
+         "100000", "--set", "eval_interval=5", *TINY, "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (out / "metrics.csv").exists() and time.time() < deadline:  # written at step 5: training runs
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    result = json.loads(stdout)
+    assert result["stopped_by"] == "interrupt" and result["steps"] > 0
+    assert load_run(out).model is not None
