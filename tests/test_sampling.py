@@ -100,8 +100,8 @@ def test_greedy_generation_equals_a_naive_loop_past_the_context(name):
         nxt = model(tokens[:, -8:])[:, -1].argmax(-1)
         tokens = torch.cat([tokens, nxt[:, None]], 1)
     greedy = SamplingConfig(0.0)
-    with_cache = torch.stack(list(generate_ids(model, idx, 12, greedy)), 1)
-    without = torch.stack(list(generate_ids(model, idx, 12, greedy, use_cache=False)), 1)
+    with_cache = torch.stack([t for t, _ in generate_ids(model, idx, 12, greedy)], 1)
+    without = torch.stack([t for t, _ in generate_ids(model, idx, 12, greedy, use_cache=False)], 1)
     assert torch.equal(with_cache, tokens[:, 5:])
     assert torch.equal(without, tokens[:, 5:])
 
@@ -109,7 +109,7 @@ def test_greedy_generation_equals_a_naive_loop_past_the_context(name):
 def test_sampling_with_a_seed_is_reproducible_and_cache_independent():
     model, idx = model_and_prompt()
     cfg = SamplingConfig(1.0, top_p=0.9)
-    runs = [torch.stack(list(generate_ids(model, idx, 6, cfg, torch.Generator().manual_seed(3), c)), 1)
+    runs = [torch.stack([t for t, _ in generate_ids(model, idx, 6, cfg, torch.Generator().manual_seed(3), c)], 1)
             for c in (True, True, False)]  # fmt: skip
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
@@ -147,3 +147,17 @@ def test_bad_prompts_are_user_errors(prompt, message):
     model, tok = text_model()
     with pytest.raises(UserError, match=message):
         generate_text(model, tok, prompt, 5)
+
+
+def test_generation_records_the_entropy_of_the_distribution_each_token_came_from():
+    """Reference: scipy.stats.entropy of probs_from_logits on the same prefix (temperature-aware)."""
+    from scipy.stats import entropy
+
+    model, tok = text_model()
+    cfg = SamplingConfig(0.7, top_k=5)
+    g = generate_text(model, tok, "ab", 6, cfg, seed=0)
+    ids = tok.encode("ab") + g.token_ids
+    for i, h in enumerate(g.entropies):
+        logits = model(torch.tensor([ids[: 2 + i]]))[0, -1].detach()
+        assert h == pytest.approx(entropy(probs_from_logits(logits, cfg).double().numpy()), abs=1e-5)
+    assert generate_text(model, tok, "ab", 6, SamplingConfig(0.0)).entropies == [0.0] * 6  # greedy: one-hot

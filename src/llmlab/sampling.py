@@ -90,8 +90,10 @@ def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
 
 @torch.no_grad()
 def generate_ids(model: GPT, idx: Tensor, max_new_tokens: int, cfg: SamplingConfig = SamplingConfig(),
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[Tensor]:  # fmt: skip
-    """Yield the next token of every row, one step at a time. idx [B, S₀] → yields ids [B].
+                 generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> Iterator[tuple[Tensor, Tensor]]:  # fmt: skip
+    """Yield the next token of every row and the distribution it was drawn from, one step at a
+    time. idx [B, S₀] → yields (ids [B], probs [B, V]).
 
     With the KV cache each step feeds only the newest token. Once the context of S tokens is
     full, every step re-reads the last S tokens (a sliding window, as nanoGPT does), because
@@ -107,9 +109,10 @@ def generate_ids(model: GPT, idx: Tensor, max_new_tokens: int, cfg: SamplingConf
             fed = tokens.shape[1]
         else:
             logits = model(tokens[:, -S_max:])[:, -1]  # [B, V]
-        nxt = sample(probs_from_logits(logits, cfg), generator)  # [B]
+        probs = probs_from_logits(logits, cfg)  # [B, V]
+        nxt = sample(probs, generator)  # [B]
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        yield nxt
+        yield nxt, probs
 
 
 def _dtype(model: GPT) -> torch.dtype:
@@ -135,6 +138,7 @@ class Generation:
     prompt: str
     text: str  # the continuation, without the prompt
     token_ids: list[int]  # the continuation's ids
+    entropies: list[float]  # H(p) in nats of the distribution each token was drawn from (notes §一)
 
 
 def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200,
@@ -148,10 +152,12 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens:
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     idx = torch.tensor([ids], device=device)
     out: list[int] = []
+    entropies: list[float] = []
     text, emitted, shown = "", 0, 0
     hold = max((len(s) - 1 for s in stop), default=0)  # a tail that may still grow into a stop string
-    for nxt in generate_ids(model, idx, max_new_tokens, cfg, generator, use_cache):
+    for nxt, probs in generate_ids(model, idx, max_new_tokens, cfg, generator, use_cache):
         out.append(int(nxt[0]))
+        entropies.append(float(torch.special.entr(probs[0]).sum()))  # −Σ p log p, with 0·log 0 = 0
         piece, emitted = decode_stream(tokenizer, out, emitted)
         text += piece
         hit = _first_stop(text, stop)
@@ -164,7 +170,7 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens:
         hit = _first_stop(text, stop)
         text = text if hit is None else text[:hit]
     _emit(on_text, text, shown, len(text))
-    return Generation(prompt, text, out)
+    return Generation(prompt, text, out, entropies)
 
 
 def _first_stop(text: str, stop: Sequence[str]) -> int | None:
@@ -188,7 +194,7 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str], max
     for length in sorted({len(e) for e in encoded}):
         rows = [i for i, e in enumerate(encoded) if len(e) == length]
         idx = torch.tensor([encoded[i] for i in rows], device=device)  # [B, S₀]
-        steps = list(generate_ids(model, idx, max_new_tokens, cfg, generator))
+        steps = [nxt for nxt, _ in generate_ids(model, idx, max_new_tokens, cfg, generator)]
         new = torch.stack(steps, dim=1) if steps else idx[:, :0]  # [B, max_new_tokens]
         for row, ids in zip(rows, new.tolist(), strict=True):
             results[row] = tokenizer.decode(ids)
