@@ -184,3 +184,17 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA device"):
             train_lib.pick_device("cuda")
+
+
+def test_init_from_fine_tunes_starting_from_another_runs_weights(tmp_path, trained_run, corpus_file):
+    """Reference: the base run's own weights and config; one step at a negligible LR changes nothing."""
+    cfg = replace(TINY_TRAIN, max_steps=1, eval_interval=1, lr=1e-12, min_lr=0.0, warmup_steps=0)
+    result = train(TINY_VARIANTS["llama-tiny"], cfg, str(corpus_file), tmp_path / "ft", init_from=str(trained_run),
+                   progress=False)  # fmt: skip
+    base, tuned = load_run(trained_run), load_run(tmp_path / "ft")
+    assert tuned.model_cfg == base.model_cfg  # the base's architecture, not the one passed in
+    assert tuned.tokenizer.to_json() == base.tokenizer.to_json()
+    for (name, a), b in zip(base.model.state_dict().items(), tuned.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
+    base_summary = json.loads((trained_run / "summary.json").read_text())
+    assert result.val_loss == pytest.approx(base_summary["val_loss"], abs=1e-4)

@@ -206,10 +206,17 @@ def _autocast(device: torch.device, cfg: TrainConfig) -> Any:
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | Path, *,
-          resume: bool = False, tokenizer_from: str | None = None, progress: bool = True,
-          final_eval_tokens: int | None = 1 << 18, extra: dict[str, Any] | None = None) -> TrainResult:  # fmt: skip
-    """Train a model and write its run directory `out`. With `resume`, continue the run in `out`
-    (the configs passed in are then ignored, except `max_steps`, `max_minutes` and `device`)."""
+          resume: bool = False, tokenizer_from: str | None = None, init_from: str | None = None,
+          progress: bool = True, final_eval_tokens: int | None = 1 << 18,
+          extra: dict[str, Any] | None = None) -> TrainResult:  # fmt: skip
+    """Train a model and write its run directory `out`.
+
+    resume:          continue the run in `out`; the configs passed in are then ignored, except
+                     `max_steps`, `max_minutes` and `device`
+    tokenizer_from:  reuse another run's tokenizer (a draft model must share its target's)
+    init_from:       fine-tune: start from another run's weights, model config and tokenizer
+                     (`model_cfg` is then ignored), with a fresh optimiser and `train_cfg`
+    """
     out = Path(out)
     d = setup_distributed(train_cfg.device)
     if resume:
@@ -217,14 +224,17 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | 
         train_cfg = replace(run.train_cfg, max_steps=train_cfg.max_steps, max_minutes=train_cfg.max_minutes,
                             device=train_cfg.device)  # fmt: skip
         model, model_cfg, state = run.model, run.model_cfg, load_train_state(out)
-        splits = data_lib.read_splits(out / "data")
     else:
         if d.main:
             _check_fresh(out)
+        base = load_run(init_from) if init_from else None
+        if base is not None:
+            model_cfg, tokenizer_from = base.model_cfg, init_from
+            extra = {**(extra or {}), "init_from": str(init_from)}
         model_cfg, _ = prepare(out, model_cfg, train_cfg, data, tokenizer_from, d, extra or {})
         torch.manual_seed(train_cfg.seed)
-        model, state = GPT(model_cfg), None
-        splits = data_lib.read_splits(out / "data")
+        model, state = (base.model if base is not None else GPT(model_cfg)), None
+    splits = data_lib.read_splits(out / "data")
     model.to(d.device).train()
     loop = _Loop(model, model_cfg, train_cfg, splits, out, d, state)
     stopped_by = loop.run(progress)

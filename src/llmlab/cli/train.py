@@ -12,12 +12,12 @@ def run(args: argparse.Namespace) -> None:
     """Train a model on a text source and write its run directory (--out)."""
     from llmlab.train import train
 
-    if args.resume and (args.sets or args.config or args.tokenizer or args.tokenizer_from):
+    if args.resume and (args.sets or args.config or args.tokenizer or args.tokenizer_from or args.init_from):
         raise UserError("--resume continues the saved configuration; only --max-steps, --max-minutes "
                         "and --device may change")  # fmt: skip
     preset = resolve_config(args)
     result = train(preset.model, preset.train, args.data, args.out, resume=args.resume,
-                   tokenizer_from=args.tokenizer_from, progress=not args.json,
+                   tokenizer_from=args.tokenizer_from, init_from=args.init_from, progress=not args.json,
                    extra={"preset": args.preset})  # fmt: skip
     emit(args, result.to_json(), lambda: table([
         ("run directory", result.run_dir),
@@ -36,4 +36,5 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="RUN", help="the run directory to write")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--tokenizer-from", metavar="RUN", help="reuse the tokenizer of another run")
+    p.add_argument("--init-from", metavar="RUN", help="fine-tune: start from another run's weights and tokenizer")
     add_config_args(p)
