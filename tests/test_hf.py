@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -11,7 +14,7 @@ from llmlab.errors import UserError
 from llmlab.hf import config_from_hf, from_hf_model, to_hf_model
 from llmlab.model import GPT
 
-SMALL = dict(vocab_size=96, n_positions=32, n_embd=48, n_layer=2, n_head=4)
+SMALL = dict(vocab_size=300, n_positions=32, n_embd=48, n_layer=2, n_head=4)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +26,7 @@ def hf_model() -> GPT2LMHeadModel:
 def test_imported_gpt2_gives_transformers_logits(hf_model):
     """Reference: transformers.GPT2LMHeadModel's own forward, fp32, within 1e-4."""
     ours = from_hf_model(hf_model)
-    idx = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf_model(idx).logits
     torch.testing.assert_close(ours(idx), ref, rtol=1e-4, atol=1e-4)
@@ -34,7 +37,7 @@ def test_export_round_trips_through_transformers(hf_model):
     torch.manual_seed(2)
     model = GPT(config_from_hf(hf_model.config.to_dict())).eval()
     exported = to_hf_model(model)
-    idx = torch.randint(0, 96, (1, 20))
+    idx = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(exported(idx).logits, model(idx), rtol=1e-4, atol=1e-4)
 
@@ -52,3 +55,71 @@ def test_unknown_architectures_and_missing_tensors_are_errors(hf_model):
     sd = {k: v for k, v in hf_model.state_dict().items() if "h.1.mlp" not in k}
     with pytest.raises(UserError, match="lacks tensors for 'blocks.1.mlp.w1.weight'"):
         state_dict_from_hf(sd, config_from_hf(hf_model.config.to_dict()))
+
+
+def save_hf_checkpoint(hf_model, path, weights="safetensors"):
+    """A checkpoint as `save_pretrained` writes it, plus a byte-level BPE tokenizer.json."""
+    from llmlab.tokenizer import BPETokenizer
+
+    hf_model.save_pretrained(path, safe_serialization=weights == "safetensors")
+    tok = BPETokenizer.train("def f(x):\n    return x + 1\n" * 20, vocab_size=300)
+    (path / "tokenizer.json").write_text(tok.to_json())
+    return tok
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_import_hf_directory_gives_a_run_with_transformers_logits(tmp_path, hf_model, weights):
+    from llmlab.hf import import_hf
+    from llmlab.run_dir import load_run
+
+    tok = save_hf_checkpoint(hf_model, tmp_path / "ckpt", weights)
+    import_hf(tmp_path / "ckpt", tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    idx = torch.tensor([tok.encode("def f(x):")])
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(idx), hf_model(idx).logits, rtol=1e-4, atol=1e-4)
+    assert run.tokenizer.encode("return x") == tok.encode("return x")
+
+
+def test_export_hf_loads_with_from_pretrained(tmp_path, hf_model, capsys):
+    """Reference: GPT2LMHeadModel.from_pretrained on what `llmlab export-hf` wrote."""
+    from llmlab.cli import main
+    from llmlab.hf import import_hf
+
+    save_hf_checkpoint(hf_model, tmp_path / "ckpt")
+    import_hf(tmp_path / "ckpt", tmp_path / "run")
+    capsys.readouterr()
+    assert main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["files"] == ["config.json", "model.safetensors", "tokenizer.json"]
+    again = GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    idx = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx).logits, hf_model(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_path, hf_model, capsys):
+    from llmlab.cli import main
+
+    save_hf_checkpoint(hf_model, tmp_path / "good")
+    cases = {}
+    for name in ("no_weights", "no_config", "llama", "bad_shape", "no_tokenizer"):
+        shutil.copytree(tmp_path / "good", tmp_path / name)
+        cases[name] = tmp_path / name
+    (cases["no_weights"] / "model.safetensors").unlink()
+    (cases["no_config"] / "config.json").unlink()
+    (cases["no_tokenizer"] / "tokenizer.json").unlink()
+    cfg = json.loads((tmp_path / "good" / "config.json").read_text())
+    (cases["llama"] / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    (cases["bad_shape"] / "config.json").write_text(json.dumps({**cfg, "n_embd": 64}))
+    capsys.readouterr()  # drop transformers' progress bars
+    expected = {
+        "no_weights": "has no model.safetensors or pytorch_model.bin", "no_config": "has no config.json",
+        "llama": "unsupported architecture 'llama'", "bad_shape": "has shape (300, 48) in the checkpoint but (300, 64)",
+        "no_tokenizer": "has no tokenizer.json",
+    }  # fmt: skip
+    for name, message in expected.items():
+        out = tmp_path / f"out_{name}"
+        assert main(["import-hf", str(cases[name]), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (name, err)
+        assert not out.exists() and not any(p.name.startswith(f".out_{name}") for p in tmp_path.iterdir())

@@ -13,18 +13,27 @@ transpose of `nn.Linear`'s [out, in]); everything else maps one to one:
     transformer.h.{l}.mlp.c_proj.*      [F, H]    blocks.{l}.mlp.w2.*     (transposed)
     transformer.ln_f.*                  [H]       ln_final.*
 
-`transformers` is imported only by the functions that build or read its objects.
+`import_hf` / `export_hf` move whole checkpoint directories (`llmlab import-hf`, `export-hf`).
+`transformers` is imported only by the functions that build its objects.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from llmlab.config import ModelConfig, preset
+from llmlab.config import ModelConfig, TrainConfig, preset
 from llmlab.errors import UserError
 from llmlab.model import GPT
+from llmlab.run_dir import Run, atomic_write, config_json, save_weights, write_json, write_text
+from llmlab.tokenizer import BPETokenizer, Tokenizer
 
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -135,3 +144,108 @@ def _load(model: GPT, sd: dict[str, Tensor]) -> bool:
         return False
     model.load_state_dict(sd)
     return True
+
+
+# --- checkpoint directories -------------------------------------------------------------------
+
+
+def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Tokenizer]:
+    """A local Hugging Face GPT-2 checkpoint directory → (config, llmlab tensors, tokenizer).
+
+    Weights from `model.safetensors` (or shards listed in `model.safetensors.index.json`), else
+    `pytorch_model.bin` read with `weights_only=True`; the tokenizer from `tokenizer.json`, else
+    `vocab.json` + `merges.txt`. Nothing here executes code from the directory.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory")
+    try:
+        hf_cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} has no config.json") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path / 'config.json'} is not valid JSON ({e})") from None
+    cfg = config_from_hf(hf_cfg)
+    sd = state_dict_from_hf(_read_weights(path), cfg)
+    expected = {k: v.shape for k, v in GPT(cfg).to("meta").state_dict().items()}
+    for k, shape in expected.items():
+        if sd[k].shape != shape:
+            raise UserError(f"{k} has shape {tuple(sd[k].shape)} in the checkpoint but {tuple(shape)} in its config")
+    return cfg, sd, _read_tokenizer(path)
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    try:
+        if (path / "model.safetensors").is_file():
+            return load_file(path / "model.safetensors")
+        if (path / "model.safetensors.index.json").is_file():
+            index = json.loads((path / "model.safetensors.index.json").read_text())
+            sd: dict[str, Tensor] = {}
+            for shard in sorted(set(index["weight_map"].values())):
+                sd |= load_file(path / shard)
+            return sd
+        if (path / "pytorch_model.bin").is_file():
+            return torch.load(path / "pytorch_model.bin", weights_only=True, map_location="cpu")
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"cannot read the weights in {path} ({type(e).__name__}: {str(e)[:120]})") from None
+    raise UserError(f"{path} has no model.safetensors or pytorch_model.bin")
+
+
+def _read_tokenizer(path: Path) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    try:
+        if (path / "tokenizer.json").is_file():
+            return BPETokenizer(HFTokenizer.from_file(str(path / "tokenizer.json")))
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            tok = HFTokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            return BPETokenizer(tok)
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise UserError(f"cannot read the tokenizer in {path} ({str(e)[:120]})") from None
+    raise UserError(f"{path} has no tokenizer.json (or vocab.json and merges.txt)")
+
+
+def import_hf(src: str | Path, out: str | Path) -> Path:
+    """Write a run directory for a Hugging Face GPT-2 checkpoint. `out` must not exist; it is
+    filled in a temporary folder and renamed at the end, so a failure leaves nothing behind."""
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} already exists; choose another --out")
+    cfg, sd, tokenizer = read_hf_dir(src)
+    model = GPT(cfg)
+    model.load_state_dict(sd)
+    tmp = out.with_name(f".{out.name}.importing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_weights(tmp / "model.safetensors", model)
+        write_text(tmp / "tokenizer.json", tokenizer.to_json())
+        train_cfg = TrainConfig(tokenizer="bpe", bpe_vocab=max(257, tokenizer.vocab_size))
+        write_json(tmp / "config.json", config_json(cfg, train_cfg, source=f"hf:{Path(src).resolve()}"))
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def export_hf(run: Run, out: str | Path) -> list[str]:
+    """Write `run` as a directory that `GPT2LMHeadModel.from_pretrained(out)` loads. Returns the
+    files written. A character tokenizer has no GPT-2 equivalent and is not exported."""
+    from transformers import GPT2Config
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose another --out")
+    hf_cfg = GPT2Config(**config_to_hf(run.model_cfg)).to_dict() | {"architectures": ["GPT2LMHeadModel"]}
+    sd = {k: v.contiguous() for k, v in state_dict_to_hf(run.model).items() if k != "lm_head.weight"}  # tied
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", hf_cfg)
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
+    written = ["config.json", "model.safetensors"]
+    if run.tokenizer.kind == "bpe":
+        write_text(out / "tokenizer.json", run.tokenizer.to_json())
+        written.append("tokenizer.json")
+    return written

@@ -12,7 +12,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from llmlab.cli import generate, tour, train
+from llmlab.cli import export_hf, generate, import_hf, tour, train
 from llmlab.cli.common import Parser
 from llmlab.errors import UserError
 
@@ -20,6 +20,8 @@ COMMANDS: dict[str, ModuleType] = {
     "train": train,
     "generate": generate,
     "run": tour,
+    "import-hf": import_hf,
+    "export-hf": export_hf,
 }
 
 
