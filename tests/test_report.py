@@ -1,14 +1,18 @@
-"""`llmlab run`: the tour trains the notes' model, reports measured numbers, and reuses it."""
+"""`llmlab run`: the tour trains the notes' model, reports measured numbers, and reuses models."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from llmlab.cli import main
+from llmlab.config import preset
 from llmlab.report import run_tour
+from llmlab.sections import Tour
+from tests.conftest import TINY_TRAIN, TINY_VARIANTS
 
 
-def test_tour_writes_a_report_with_the_measured_numbers_and_reuses_its_model(tmp_path, corpus_file):
+def test_tour_writes_a_report_with_the_measured_numbers(tmp_path, corpus_file, capsys):
     logs: list[str] = []
     tour = run_tour(tmp_path / "tour", quick=True, data=str(corpus_file), minutes=0.04, log=logs.append,
                     progress=False)  # fmt: skip
@@ -22,19 +26,36 @@ def test_tour_writes_a_report_with_the_measured_numbers_and_reuses_its_model(tmp
     assert set(samples) == {"def "} and len(samples["def "]) > 0  # the corpus has no 'c' for "class "
     config = json.loads((tour.notes_dir / "config.json").read_text())
     assert config["model"]["positions"] == "sinusoidal" and config["tour"]["data"] == str(corpus_file)
+    assert preset("notes").model == replace(tour_model_config(config), vocab_size=preset("notes").model.vocab_size)
 
+    # the command reuses the model it finds (same settings) and prints where the report is
     weights = (tour.notes_dir / "model.safetensors").stat().st_mtime_ns
-    logs.clear()
-    run_tour(tmp_path / "tour", quick=True, data=str(corpus_file), minutes=0.04, log=logs.append, progress=False)
-    assert any(line.startswith("reusing") for line in logs)
-    assert (tour.notes_dir / "model.safetensors").stat().st_mtime_ns == weights
-    logs.clear()  # other settings: the stale model is replaced, not reused
-    run_tour(tmp_path / "tour", quick=True, data=str(corpus_file), minutes=0.03, log=logs.append, progress=False)
-    assert not any(line.startswith("reusing") for line in logs)
-
-
-def test_run_command_prints_where_the_report_is(capsys, tmp_path, corpus_file):
-    code = main(["run", "--out", str(tmp_path / "t"), "--quick", "--data", str(corpus_file), "--minutes", "0.03",
+    code = main(["run", "--out", str(tmp_path / "tour"), "--quick", "--data", str(corpus_file), "--minutes", "0.04",
                  "--json"])  # fmt: skip
-    out = json.loads(capsys.readouterr().out)
-    assert code == 0 and out["report"] == str(tmp_path / "t" / "report.html")
+    captured = capsys.readouterr()
+    assert code == 0 and json.loads(captured.out)["report"] == str(tmp_path / "tour" / "report.html")
+    assert "reusing" in captured.err
+    assert (tour.notes_dir / "model.safetensors").stat().st_mtime_ns == weights
+
+
+def tour_model_config(config: dict):
+    from llmlab.config import ModelConfig, from_dict
+
+    return from_dict(ModelConfig, config["model"])
+
+
+def test_tour_models_are_reused_only_when_trained_with_the_same_settings(tmp_path, corpus_file):
+    logs: list[str] = []
+    tour = Tour(tmp_path, quick=True, data=str(corpus_file), log=logs.append, progress=False)
+    cfg = replace(TINY_TRAIN, max_steps=3, eval_interval=3)
+    first, _ = tour.trained("m", TINY_VARIANTS["notes"], cfg, str(corpus_file))
+    weights = (first / "model.safetensors").read_bytes()
+    tour.trained("m", TINY_VARIANTS["notes"], cfg, str(corpus_file))
+    assert logs == [f"reusing {first} (pass --retrain to train it again)"]
+    assert (first / "model.safetensors").read_bytes() == weights
+    logs.clear()
+    tour.trained("m", TINY_VARIANTS["notes"], replace(cfg, seed=7), str(corpus_file))  # other settings: retrain
+    assert logs == [] and (first / "model.safetensors").read_bytes() != weights
+    tour.retrain = True
+    tour.trained("m", TINY_VARIANTS["notes"], replace(cfg, seed=7), str(corpus_file))
+    assert logs == []

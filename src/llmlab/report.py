@@ -19,9 +19,9 @@ from pathlib import Path
 
 from llmlab.config import preset
 from llmlab.run_dir import write_json, write_text
-from llmlab.sections import Section, Tour, generation, training
+from llmlab.sections import Section, Tour, entropy, generation, training
 
-SECTIONS: list[Callable[[Tour], Section]] = [training.section, generation.section]
+SECTIONS: list[Callable[[Tour], Section]] = [training.section, generation.section, entropy.section]
 
 
 def run_tour(out: Path, quick: bool = False, data: str = "stdlib", minutes: float | None = None,

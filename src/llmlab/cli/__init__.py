@@ -12,13 +12,14 @@ import argparse
 import sys
 from types import ModuleType
 
-from llmlab.cli import export_hf, generate, import_hf, tour, train
+from llmlab.cli import export_hf, generate, import_hf, score, tour, train
 from llmlab.cli.common import Parser
 from llmlab.errors import UserError
 
 COMMANDS: dict[str, ModuleType] = {
     "train": train,
     "generate": generate,
+    "score": score,
     "run": tour,
     "import-hf": import_hf,
     "export-hf": export_hf,
