@@ -53,6 +53,14 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> 
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The matmul-peak cache lives in a temporary folder: tests never write to ~/.cache."""
+    import os
+
+    os.environ["LLMLAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(0)

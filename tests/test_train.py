@@ -198,3 +198,20 @@ def test_init_from_fine_tunes_starting_from_another_runs_weights(tmp_path, train
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
     base_summary = json.loads((trained_run / "summary.json").read_text())
     assert result.val_loss == pytest.approx(base_summary["val_loss"], abs=1e-4)
+
+
+def test_training_reports_exact_flops_per_second_and_mfu_against_the_cached_peak(tmp_path, corpus_file, monkeypatch):
+    """Reference: accounting.train_step_flops (itself checked against FlopCounterMode) × tokens/s."""
+    from llmlab.accounting import cached_peak, peak_flops, train_step_flops
+
+    monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path / "cache"))
+    cfg = replace(TINY_TRAIN, max_steps=4, eval_interval=4)
+    assert cached_peak("cpu", "float32") is None
+    unmeasured = train(TINY_VARIANTS["notes"], cfg, str(corpus_file), tmp_path / "a", progress=False)
+    assert unmeasured.mfu is None  # training never measures the peak by itself
+    peak_flops("cpu", "float32", measure=lambda device, dtype: 2e9)  # as `llmlab count --peak` would cache it
+    result = train(TINY_VARIANTS["notes"], cfg, str(corpus_file), tmp_path / "b", progress=False)
+    model_cfg = load_run(tmp_path / "b").model_cfg
+    S = model_cfg.block_size
+    assert result.flops_per_second == pytest.approx(result.tokens_per_second * train_step_flops(model_cfg, 1, S) / S)
+    assert result.mfu == pytest.approx(result.flops_per_second / 2e9)

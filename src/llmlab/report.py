@@ -19,9 +19,14 @@ from pathlib import Path
 
 from llmlab.config import preset
 from llmlab.run_dir import write_json, write_text
-from llmlab.sections import Section, Tour, entropy, generation, training
+from llmlab.sections import Section, Tour, accounting, entropy, generation, training
 
-SECTIONS: list[Callable[[Tour], Section]] = [training.section, generation.section, entropy.section]
+SECTIONS: list[Callable[[Tour], Section]] = [
+    training.section,
+    entropy.section,
+    generation.section,
+    accounting.section,
+]
 
 
 def run_tour(out: Path, quick: bool = False, data: str = "stdlib", minutes: float | None = None,

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from llmlab import data as data_lib
+from llmlab.accounting import cached_peak, mfu, train_step_flops
 from llmlab.config import ModelConfig, TrainConfig
 from llmlab.entropy import cross_entropy, perplexity
 from llmlab.errors import TrainingDiverged, UserError
@@ -55,6 +56,8 @@ class TrainResult:
     val_perplexity: float
     val_tokens: int
     tokens_per_second: float  # training throughput, evaluation excluded
+    flops_per_second: float  # exact model FLOPs of the steps (llmlab.accounting) per second of training
+    mfu: float | None  # flops_per_second over the cached matmul peak (`llmlab count --peak`); None if unmeasured
     elapsed_seconds: float
     stopped_by: str  # "max_steps", "max_minutes" or "interrupt"
     params: int
@@ -239,15 +242,27 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | 
     loop = _Loop(model, model_cfg, train_cfg, splits, out, d, state)
     stopped_by = loop.run(progress)
     val_loss, val_tokens = split_loss(model, splits.val, model_cfg.block_size, d.device, final_eval_tokens)
+    flops = loop.tokens_per_second() * flops_per_token(model_cfg)
     result = TrainResult(
         run_dir=str(out), steps=loop.step, train_loss=loop.recent_train_loss(), val_loss=val_loss,
         val_perplexity=perplexity(val_loss), val_tokens=val_tokens, tokens_per_second=loop.tokens_per_second(),
-        elapsed_seconds=loop.elapsed(), stopped_by=stopped_by, params=model.num_params(),
+        flops_per_second=flops, mfu=_mfu(flops / d.world, d.device, train_cfg), elapsed_seconds=loop.elapsed(),
+        stopped_by=stopped_by, params=model.num_params(),
     )  # fmt: skip
     if d.main:
         write_json(out / "summary.json", result.to_json())
         plot_losses(loop.rows, out / "loss.png")
     return result
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Exact training FLOPs (forward + backward) per token at full context, notes §2.3."""
+    return train_step_flops(cfg, 1, cfg.block_size) / cfg.block_size
+
+
+def _mfu(flops_per_second: float, device: torch.device, cfg: TrainConfig) -> float | None:
+    peak = cached_peak(device.type, cfg.dtype)
+    return mfu(flops_per_second, peak) if peak else None
 
 
 class _Loop:

@@ -12,7 +12,8 @@ import argparse
 import sys
 from types import ModuleType
 
-from llmlab.cli import export_hf, generate, import_hf, score, tour, train
+from llmlab.cli import count, export_hf, generate, import_hf, score, tour, train
+from llmlab.cli import trace as trace_cmd
 from llmlab.cli.common import Parser
 from llmlab.errors import UserError
 
@@ -23,6 +24,8 @@ COMMANDS: dict[str, ModuleType] = {
     "run": tour,
     "import-hf": import_hf,
     "export-hf": export_hf,
+    "count": count,
+    "trace": trace_cmd,
 }
 
 

@@ -27,6 +27,9 @@ def run(args: argparse.Namespace) -> None:
         ("val loss", f"{result.val_loss:.4f} nats/token on {result.val_tokens:,} validation tokens"),
         ("val perplexity", f"{result.val_perplexity:.3f}"),
         ("tokens/s", f"{result.tokens_per_second:,.0f} (training steps only)"),
+        ("FLOP/s", f"{result.flops_per_second / 1e9:,.1f} G (exact model FLOPs, llmlab count), " + (
+            f"MFU {result.mfu:.1%} of the measured matmul peak" if result.mfu is not None
+            else "MFU: run `llmlab count --peak` once to measure the peak")),
         ("time", f"{result.elapsed_seconds:.1f} s"),
     ]))  # fmt: skip
 
