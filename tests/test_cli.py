@@ -155,3 +155,16 @@ def test_ctrl_c_during_training_saves_a_checkpoint_and_exits_cleanly(tmp_path, c
     result = json.loads(stdout)
     assert result["stopped_by"] == "interrupt" and result["steps"] > 0
     assert load_run(out).model is not None
+
+
+def test_generate_entropy_reports_every_tokens_entropy(capsys, trained_run):
+    """Reference: generate_text's own Generation.entropies (checked against scipy in test_sampling)."""
+    argv = ["generate", str(trained_run), "--prompt", "def f", "--max-new-tokens", "12", "--seed", "3", "--entropy"]
+    out = json.loads(run_cli(capsys, *argv, "--json")[1])
+    run = load_run(trained_run)
+    g = generate_text(run.model, run.tokenizer, "def f", 12, SamplingConfig(1.0), seed=3)
+    assert out["entropies"] == g.entropies and len(out["entropies"]) == len(out["token_ids"]) == 12
+    assert "".join(out["token_texts"]) == out["text"]
+    assert out["mean_entropy"] == pytest.approx(sum(g.entropies) / 12) and out["max_entropy"] == max(g.entropies)
+    code, text, _ = run_cli(capsys, *argv, "--color", "always")
+    assert code == 0 and "\x1b[48;5;" in text and "entropy" in text.splitlines()[-1]

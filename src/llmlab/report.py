@@ -19,11 +19,12 @@ from pathlib import Path
 
 from llmlab.config import preset
 from llmlab.run_dir import write_json, write_text
-from llmlab.sections import Section, Tour, accounting, entropy, generation, training
+from llmlab.sections import Section, Tour, accounting, entropy, generation, rejection, training
 
 SECTIONS: list[Callable[[Tour], Section]] = [
     training.section,
     entropy.section,
+    rejection.section,
     generation.section,
     accounting.section,
 ]

@@ -133,6 +133,9 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[in
     return ids
 
 
+Steps = Callable[[Tensor, "torch.Generator | None"], Iterator[tuple[Tensor, Tensor]]]  # idx [B, S₀] → (ids, probs)
+
+
 @dataclass
 class Generation:
     prompt: str
@@ -144,9 +147,11 @@ class Generation:
 def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200,
                   cfg: SamplingConfig = SamplingConfig(), seed: int | None = None,
                   stop: Sequence[str] = (), use_cache: bool = True,
-                  on_text: Callable[[str], None] | None = None) -> Generation:  # fmt: skip
+                  on_text: Callable[[str], None] | None = None, steps: Steps | None = None) -> Generation:  # fmt: skip
     """Continue `prompt`. Stops after `max_new_tokens` or at the first stop string (which is
-    not included). `on_text(piece)` receives the text as it is produced, for streaming."""
+    not included). `on_text(piece)` receives the text as it is produced, for streaming.
+    `steps(idx, generator)`, if given, replaces plain decoding's `generate_ids` as the source of
+    (ids, probs) steps (speculative decoding passes its own)."""
     ids = encode_prompt(tokenizer, prompt, model.cfg.block_size)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -155,7 +160,8 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens:
     entropies: list[float] = []
     text, emitted, shown = "", 0, 0
     hold = max((len(s) - 1 for s in stop), default=0)  # a tail that may still grow into a stop string
-    for nxt, probs in generate_ids(model, idx, max_new_tokens, cfg, generator, use_cache):
+    stream = steps(idx, generator) if steps else generate_ids(model, idx, max_new_tokens, cfg, generator, use_cache)
+    for nxt, probs in stream:
         out.append(int(nxt[0]))
         entropies.append(float(torch.special.entr(probs[0]).sum()))  # −Σ p log p, with 0·log 0 = 0
         piece, emitted = decode_stream(tokenizer, out, emitted)

@@ -12,7 +12,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from llmlab.cli import count, export_hf, generate, import_hf, score, tour, train
+from llmlab.cli import count, export_hf, generate, import_hf, rft, score, tour, train
 from llmlab.cli import trace as trace_cmd
 from llmlab.cli.common import Parser
 from llmlab.errors import UserError
@@ -20,6 +20,7 @@ from llmlab.errors import UserError
 COMMANDS: dict[str, ModuleType] = {
     "train": train,
     "generate": generate,
+    "rft": rft,
     "score": score,
     "run": tour,
     "import-hf": import_hf,

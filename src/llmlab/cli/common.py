@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -71,3 +73,10 @@ def table(rows: list[tuple[str, Any]]) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+
+
+def use_color(mode: str) -> bool:
+    """auto: colour when stdout is a terminal and NO_COLOR is unset (no-color.org)."""
+    if mode == "auto":
+        return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    return mode == "always"

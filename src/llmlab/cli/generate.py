@@ -4,34 +4,146 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
+from typing import Any
 
+from llmlab.cli.common import table, use_color
 from llmlab.errors import UserError
 
 
 def run(args: argparse.Namespace) -> None:
-    """Continue a prompt with a trained model (greedy, temperature, top-k, top-p)."""
+    """Continue a prompt with a trained model (greedy, temperature, top-k, top-p; speculative with --draft)."""
     from llmlab.run_dir import load_run
     from llmlab.sampling import SamplingConfig, generate_text
     from llmlab.train import pick_device
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-    if args.max_new_tokens < 0 or args.num_samples < 1:
+    if (args.max_new_tokens is not None and args.max_new_tokens < 0) or args.num_samples < 1:
         raise UserError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    if args.draft is None and (args.compare or args.gamma is not None):
+        raise UserError("--gamma and --compare are options of speculative decoding: give --draft DRAFT_RUN")
     prompt = _read_prompt(args)
+    if args.draft is not None:
+        return _speculative(args, prompt, sampling)
+    args.max_new_tokens = 200 if args.max_new_tokens is None else args.max_new_tokens
     loaded = load_run(args.run, pick_device(args.device or "cpu"))
     samples = []
     for i in range(args.num_samples):
-        if not args.json:
-            print(("\n---\n" if i else "") + prompt, end="", flush=True)
-        stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
+        head = ("\n---\n" if i else "") + prompt
+        live = not args.json and not args.entropy  # the entropy view is printed once a sample is complete
+        if live:
+            print(head, end="", flush=True)
+        stream = (lambda piece: print(piece, end="", flush=True)) if live else None
         g = generate_text(loaded.model, loaded.tokenizer, prompt, args.max_new_tokens, sampling,
                           seed=args.seed + i, stop=args.stop, use_cache=not args.no_cache, on_text=stream)  # fmt: skip
-        samples.append({"text": g.text, "token_ids": g.token_ids})
+        samples.append(_sample(args, loaded.tokenizer, g))
+        _show_entropy(args, loaded.tokenizer, head, g)
     if args.json:
         print(json.dumps({"prompt": prompt, **samples[0], "samples": samples}, ensure_ascii=False))
-    else:
+    elif not args.entropy:  # end the streamed line
         print()
+
+
+def _sample(args: argparse.Namespace, tokenizer: Any, g: Any) -> dict[str, Any]:
+    """One sample's JSON; --entropy adds each token's text and the entropy it was drawn with."""
+    sample = {"text": g.text, "token_ids": g.token_ids}
+    if args.entropy:
+        from llmlab.score import generation_json
+
+        sample |= generation_json(tokenizer, g.token_ids, g.entropies)
+    return sample
+
+
+def _show_entropy(args: argparse.Namespace, tokenizer: Any, head: str, g: Any) -> None:
+    """--entropy in the terminal: the new tokens coloured by H(p) of the distribution each came from."""
+    if args.entropy and not args.json:
+        from llmlab.score import render_generation
+
+        print(render_generation(tokenizer, head, g.token_ids, g.entropies, color=use_color(args.color)))
+
+
+def _speculative(args: argparse.Namespace, prompt: str, sampling: Any) -> None:
+    """--draft: speculative decoding; with --compare, plain decoding of the same target timed beside it."""
+    from llmlab.run_dir import load_run
+    from llmlab.sampling import encode_prompt, generate_text
+    from llmlab.speculative import check_same_tokenizer, speculative_text
+    from llmlab.train import pick_device
+
+    if args.no_cache:
+        raise UserError("--no-cache cannot be combined with --draft: speculative decoding rolls back KV caches")
+    device = pick_device(args.device or "cpu")
+    target, draft = load_run(args.run, device), load_run(args.draft, device)
+    check_same_tokenizer(target, draft)
+    gamma = 4 if args.gamma is None else args.gamma
+    used = len(encode_prompt(target.tokenizer, prompt, target.model_cfg.block_size))
+    room = min(target.model_cfg.block_size, draft.model_cfg.block_size) - used
+    n = min(200, room) if args.max_new_tokens is None else args.max_new_tokens
+    if args.compare:  # warm up both paths so that neither timing pays for first-call set-up
+        speculative_text(target, draft, prompt, min(n, gamma + 1), gamma, sampling, seed=0)
+        generate_text(target.model, target.tokenizer, prompt, min(n, gamma + 1), sampling, seed=0)
+    samples, figures = _decode_speculatively(args, target, draft, prompt, n, gamma, sampling)
+    if args.json:
+        print(json.dumps({"prompt": prompt, **samples[0], "samples": samples, **figures}, ensure_ascii=False))
+        return
+    print("\n")
+    table(_speculative_rows(figures))
+
+
+def _decode_speculatively(args: argparse.Namespace, target: Any, draft: Any, prompt: str, n: int, gamma: int,
+                          sampling: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+    """Every sample speculatively (streamed unless --json or --compare), and plainly with --compare."""
+    from llmlab.sampling import generate_text
+    from llmlab.speculative import SpeculativeStats, speculative_text
+
+    live = not (args.json or args.compare or args.entropy)
+    stream = (lambda piece: print(piece, end="", flush=True)) if live else None
+    total, samples, spec_s, plain_s, spec_tokens, plain_tokens = SpeculativeStats(gamma), [], 0.0, 0.0, 0, 0
+    for i in range(args.num_samples):
+        head = ("\n---\n" if i else "") + prompt
+        if stream:
+            print(head, end="", flush=True)
+        t0 = time.perf_counter()
+        g, stats = speculative_text(target, draft, prompt, n, gamma, sampling, seed=args.seed + i, stop=args.stop,
+                                    on_text=stream)  # fmt: skip
+        spec_s += time.perf_counter() - t0
+        total.add(stats)
+        spec_tokens += len(g.token_ids)
+        samples.append(_sample(args, target.tokenizer, g))
+        if args.entropy:
+            _show_entropy(args, target.tokenizer, head, g)
+        elif not stream and not args.json:
+            print(head + g.text, end="", flush=True)
+        if args.compare:
+            t0 = time.perf_counter()
+            plain = generate_text(target.model, target.tokenizer, prompt, n, sampling, seed=args.seed + i,
+                                  stop=args.stop)  # fmt: skip
+            plain_s += time.perf_counter() - t0
+            plain_tokens += len(plain.token_ids)
+    figures = {**total.to_json(), "max_new_tokens": n}
+    if args.compare:
+        spec_rate, plain_rate = spec_tokens / spec_s, plain_tokens / plain_s
+        figures |= {"tokens_per_second": spec_rate, "plain_tokens_per_second": plain_rate,
+                    "speedup": spec_rate / plain_rate}  # fmt: skip
+    return samples, figures
+
+
+def _speculative_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
+    alpha, per_call, expected = (f[k] for k in ("acceptance_rate", "tokens_per_target_call",
+                                                "expected_tokens_per_target_call"))  # fmt: skip
+    rows = [
+        ("acceptance rate", f"{_num(alpha, '.3f')} ({f['accepted']:,} of {f['proposed']:,} draft tokens)"),
+        ("tokens per target call", f"{_num(per_call, '.2f')} (γ = {f['gamma']}; (1 − α^(γ+1))/(1 − α) = "
+                                   f"{_num(expected, '.2f')} at the measured α)"),
+    ]  # fmt: skip
+    if "speedup" in f:
+        rows.append(("speedup", f"{f['speedup']:.2f}× ({f['tokens_per_second']:,.0f} tokens/s speculative, "
+                                f"{f['plain_tokens_per_second']:,.0f} plain, same target, same call)"))  # fmt: skip
+    return rows
+
+
+def _num(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -47,7 +159,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file")
-    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="default: 200; with --draft, 200 or the room left in the context if less")  # fmt: skip
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 = greedy (default: 1)")
     p.add_argument("--top-k", type=int, metavar="K")
     p.add_argument("--top-p", type=float, metavar="P")
@@ -56,3 +169,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
     p.add_argument("--device", help="cpu (default), cuda, mps")
+    p.add_argument("--entropy", action="store_true",
+                   help="colour each new token by the entropy H(p) of the distribution it was drawn from (in --json: "
+                        "token_texts, entropies, mean_entropy, max_entropy)")  # fmt: skip
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                   help="colours for --entropy (auto: when stdout is a terminal)")  # fmt: skip
+    g = p.add_argument_group("speculative decoding (the output follows the target's distribution exactly)")
+    g.add_argument("--draft", metavar="DRAFT_RUN", help="a small model with the same tokenizer that proposes tokens")
+    g.add_argument("--gamma", type=int, metavar="N", help="draft tokens per target forward (default: 4)")
+    g.add_argument("--compare", action="store_true", help="also decode plainly and report the measured speedup")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
+from llmlab.cli.common import use_color
 from llmlab.errors import UserError
 
 
@@ -164,13 +163,6 @@ def _print_calibration(result: dict[str, Any]) -> None:
         print(f"prediction–rejection curve: {result['figures']['rejection']}")
     else:
         print("\n(pass --out DIR for the reliability diagram and the prediction–rejection curve as PNGs)")
-
-
-def use_color(mode: str) -> bool:
-    """auto: colour when stdout is a terminal and NO_COLOR is unset (no-color.org)."""
-    if mode == "auto":
-        return sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    return mode == "always"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
