@@ -1,0 +1,53 @@
+"""Training tokens/s of one optimiser step (forward, backward, AdamW): llmlab against transformers'
+GPT2LMHeadModel on the same shape, batch, dtype and weights. Each side builds its optimiser the way
+its own training loop does: llmlab's `make_optimizer`, and `torch.optim.AdamW` over all parameters
+as transformers' Trainer does by default (`adamw_torch`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import median_seconds, sync
+from benchmarks.shapes import TRAIN_BATCH, model_pair
+from llmlab.config import TrainConfig
+from llmlab.train import make_optimizer
+
+
+def step_fn(model, optimizer, logits_of: Callable, x, y, bf16: bool) -> Callable[[], None]:
+    def step() -> None:
+        ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        with ctx:
+            logits = logits_of(model, x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(x.device)
+
+    return step
+
+
+def bench(shape: str, bf16: bool = False, reps: int = 7, device: str = "cpu",
+          compile: bool = False) -> tuple[float, float]:  # fmt: skip
+    """Median tokens/s (llmlab, transformers) for one training step at `shape`."""
+    ours, hf = model_pair(shape)
+    ours.to(device).train()
+    hf.to(device).train()
+    B, S = TRAIN_BATCH[shape]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, ours.cfg.vocab_size, (B, S), generator=g).to(device)
+    y = torch.randint(0, ours.cfg.vocab_size, (B, S), generator=g).to(device)
+    cfg = TrainConfig()
+    forward = torch.compile(ours) if compile else ours
+    ours_step = step_fn(ours, make_optimizer(ours, cfg), lambda m, t: forward(t), x, y, bf16)
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.1)
+    hf_step = step_fn(hf, hf_opt, lambda m, t: m(t).logits, x, y, bf16)
+    tokens = B * S
+    ours_tps = tokens / median_seconds(ours_step, reps, warmup=3 if compile else 2)
+    hf_tps = tokens / median_seconds(hf_step, reps)
+    return ours_tps, hf_tps

@@ -1,0 +1,120 @@
+"""`make bench`: every side-by-side benchmark in one run, written to BENCHMARKS.md.
+
+    python -m benchmarks.run [--reps N] [--quick] [--device cpu|cuda] [--append] [--out BENCHMARKS.md]
+
+Each row is a ratio measured in this process, one side after the other on the same machine: llmlab
+against transformers (training, decoding), against the machine's measured matmul peak (MFU), and
+against its measured memory bandwidth (decoding's ceiling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import bench_decode, bench_train
+from benchmarks.common import Row, machine, markdown_table
+from benchmarks.shapes import TRAIN_BATCH, model_pair
+from llmlab.accounting import measure_matmul_peak, train_step_flops
+
+
+def memory_bandwidth(device: str = "cpu", nbytes: int = 1 << 28, reps: int = 5) -> float:
+    """Bytes/s of a large copy (each byte read once and written once), best of `reps`."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def training_rows(device: str, reps: int, shapes: list[str]) -> list[Row]:
+    rows = []
+    for shape in shapes:
+        B, S = TRAIN_BATCH[shape]
+        ours, hf = bench_train.bench(shape, reps=reps, device=device)
+        rows.append(Row(f"training step, {shape}, B={B} S={S}, fp32", ours, hf, "tokens/s",
+                        "≥ 1.3× (tiny), ≥ 1.15× (124M)"))  # fmt: skip
+        bf16, _ = bench_train.bench(shape, bf16=True, reps=reps, device=device)
+        rows.append(Row(f"training step, {shape}, bf16 autocast vs transformers fp32", bf16, hf, "tokens/s", "≥ 1.5×"))
+    return rows
+
+
+def mfu_rows(device: str, reps: int) -> list[Row]:
+    """Training MFU at 124M: exact model FLOPs per step over the measured matmul peak."""
+    ours, _ = model_pair("124M")
+    B, S = TRAIN_BATCH["124M"]
+    flops_per_token = train_step_flops(ours.cfg, B, S) / (B * S)
+    rows = []
+    for dtype, bf16 in (("float32", False), ("bfloat16", True)):
+        peak = measure_matmul_peak(device, dtype)
+        tps, _ = bench_train.bench("124M", bf16=bf16, reps=reps, device=device)
+        achieved = tps * flops_per_token
+        rows.append(Row(f"training MFU, 124M, {dtype}", 100 * achieved / peak, None, "% of matmul peak",
+                        "≥ 58% (fp32)", f"{achieved / 1e9:.1f} of {peak / 1e9:.1f} GFLOP/s"))  # fmt: skip
+    return rows
+
+
+def decoding_rows(device: str, reps: int, shapes: list[str]) -> list[Row]:
+    rows = []
+    bandwidth = memory_bandwidth(device)
+    for shape in shapes:
+        ours, hf, same = bench_decode.bench(shape, reps=reps, device=device)
+        rows.append(Row(f"greedy decoding, {shape}, B=1, fp32", ours, hf, "tokens/s", "≥ 2× (tiny), ≥ 1.2× (124M)",
+                        "same tokens as transformers" if same else "TOKENS DIFFER"))  # fmt: skip
+        if shape == "124M":
+            model, _ = model_pair(shape)
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            ceiling = bandwidth / weight_bytes
+            rows.append(Row("greedy decoding, 124M, against the bandwidth ceiling", 100 * ours / ceiling, None,
+                            "% of ceiling", "≥ 70%",
+                            f"{weight_bytes / 1e6:.0f} MB read per token at {bandwidth / 1e9:.1f} GB/s "
+                            f"= {ceiling:.1f} tokens/s"))  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=7, help="repetitions per measurement (the median is reported)")
+    p.add_argument("--quick", action="store_true", help="only the tiny shape, 3 repetitions")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--append", action="store_true", help="append a section instead of rewriting the file")
+    p.add_argument("--out", default="BENCHMARKS.md")
+    args = p.parse_args(argv)
+    reps, shapes = (3, ["tiny"]) if args.quick else (args.reps, ["tiny", "124M"])
+    t0 = time.perf_counter()
+    rows = training_rows(args.device, reps, shapes) + decoding_rows(args.device, reps, shapes)
+    if not args.quick:
+        rows += mfu_rows(args.device, reps)
+    command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = render(rows, command, reps, args.device, time.perf_counter() - t0)
+    path = Path(args.out)
+    path.write_text((path.read_text() + "\n" if args.append and path.exists() else "") + text)
+    print(text)
+    return 0
+
+
+def render(rows: list[Row], command: str, reps: int, device: str, seconds: float) -> str:
+    facts = machine() | {"device": device if device == "cpu" else torch.cuda.get_device_name()}
+    facts_md = "\n".join(f"- {k}: {v}" for k, v in facts.items())
+    return f"""## Benchmarks on {device}
+
+Produced by `{command.strip()}` in {seconds:.0f} s; each figure is the median of {reps} repetitions after
+warm-up, llmlab and its peer measured one after the other in the same process.
+
+{facts_md}
+
+{markdown_table(rows)}
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
