@@ -4,7 +4,7 @@ Sources (`--data`):
 
     stdlib        the running interpreter's standard-library .py sources (tests excluded):
                   real text present on every machine, the embedded default
-    bios          synthetic biographies (added by the knowledge-editing work)
+    bios[:OPTS]   synthetic biographies (`llmlab.bios`), e.g. bios:people=2000,augment=multi+permute
     PATH          a text file, a folder (every file under it, sorted), or a glob
 
 The last `val_fraction` of the tokens is the validation split (nanoGPT's 90/10), so losses
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from llmlab import bios
 from llmlab.errors import UserError
 
 _STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__"}
@@ -45,7 +46,14 @@ def stdlib_text() -> str:
     return "".join(parts)
 
 
-BUILTIN_SOURCES: dict[str, Callable[[], str]] = {"stdlib": stdlib_text}
+def _stdlib_source(options: str) -> str:
+    if options:
+        raise UserError(f"the stdlib source takes no options, got {options!r}")
+    return stdlib_text()
+
+
+# name → text; the function receives what follows "name:" in the spec ("" if nothing)
+BUILTIN_SOURCES: dict[str, Callable[[str], str]] = {"stdlib": _stdlib_source, "bios": bios.source_text}
 
 
 def read_text_file(path: Path) -> str:
@@ -69,9 +77,10 @@ def read_text_file(path: Path) -> str:
 
 
 def load_source(spec: str) -> str:
-    """The text of a data source: a built-in name, a file, a folder or a glob."""
-    if spec in BUILTIN_SOURCES:
-        return BUILTIN_SOURCES[spec]()
+    """The text of a data source: a built-in name (with options after a colon), a file, a folder or a glob."""
+    name, _, options = spec.partition(":")
+    if name in BUILTIN_SOURCES:
+        return BUILTIN_SOURCES[name](options)
     path = Path(spec).expanduser()
     if path.is_file():
         return read_text_file(path)

@@ -12,7 +12,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from llmlab.cli import count, export_hf, generate, import_hf, rft, score, tour, train
+from llmlab.cli import count, export_hf, generate, import_hf, knowledge, rft, score, tour, train
 from llmlab.cli import trace as trace_cmd
 from llmlab.cli.common import Parser
 from llmlab.errors import UserError
@@ -25,6 +25,7 @@ COMMANDS: dict[str, ModuleType] = {
     "run": tour,
     "import-hf": import_hf,
     "export-hf": export_hf,
+    "knowledge": knowledge,
     "count": count,
     "trace": trace_cmd,
 }

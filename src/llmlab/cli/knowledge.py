@@ -1,0 +1,190 @@
+"""`llmlab knowledge locate|neurons|edit|eval`: where a fact lives, how to change it, what changed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from llmlab.cli.common import Parser, emit, table
+from llmlab.errors import UserError
+
+
+def run(args: argparse.Namespace) -> None:
+    """Knowledge storage and editing: causal tracing, FFN memories, FT-L / ROME / MEMIT edits and their scores."""
+    if getattr(args, "action", None) is None:
+        raise UserError("knowledge: choose an action: locate, neurons, edit or eval (see llmlab knowledge --help)")
+    args.action(args)
+
+
+def locate(args: argparse.Namespace) -> None:
+    """Causal tracing: the indirect effect of every hidden state on the answer; writes heat maps."""
+    from llmlab.knowledge import Fact
+    from llmlab.knowledge.patching import causal_trace, plot_trace
+
+    run = _load(args)
+    trace = causal_trace(run.model, run.tokenizer, Fact(args.prompt, args.subject, args.target), args.noise,
+                         args.samples, args.seed)  # fmt: skip
+    paths = plot_trace(trace, Path(args.out), args.target)
+    out = {**trace.to_json(), "plots": [str(p) for p in paths]}
+
+    def human() -> None:
+        print(f"p({args.target}) clean {trace.p_clean:.4f}, subject corrupted {trace.p_corrupt:.4f} "
+              f"(noise std {trace.noise_std:.3f})")  # fmt: skip
+        table([(f"peak, {kind}", f"layer {p['layer']}, token {p['token']} {p['token_text']!r}"
+                + (" (subject's last)" if p["subject_last"] else "") + f", indirect effect {p['effect']:+.4f}")
+               for kind, p in out["peaks"].items()])  # fmt: skip
+        print("heat maps: " + ", ".join(out["plots"]))
+
+    emit(args, out, human)
+
+
+def neurons(args: argparse.Namespace) -> None:
+    """The most active FFN neurons of each layer and the tokens their value vectors promote."""
+    from llmlab.knowledge.keyvalue import top_memories
+
+    run = _load(args)
+    layers = top_memories(run.model, run.tokenizer, args.prompt, args.position, args.top, args.tokens)
+    out = {"prompt": args.prompt, "position": args.position, "layers": [[m.to_json() for m in ms] for ms in layers]}
+
+    def human() -> None:
+        for ms in layers:
+            for m in ms:
+                print(f"layer {m.layer} neuron {m.neuron:>4}  m = {m.activation:7.3f}  promotes "
+                      + " ".join(repr(t) for t in m.promotes))  # fmt: skip
+
+    emit(args, out, human)
+
+
+def edit(args: argparse.Namespace) -> None:
+    """Edit facts with FT-L, ROME or MEMIT and write the edited model to --out (never the source run)."""
+    from llmlab.knowledge.scores import edit_run
+
+    report = edit_run(args.run, Path(args.out), args.method, _facts(args), _params(args), _device(args))
+    emit(args, report, lambda: table([(k, _fmt(v)) for k, v in report.items()]))
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """Score a model: extraction accuracy, or edits (random bios edits, a file of edits, or a run's own)."""
+    from llmlab.knowledge.scores import evaluate_run
+
+    facts = _facts(args) if args.requests else None
+    report = evaluate_run(args.run, args.method, facts, args.edits, args.mode, args.seed,
+                          _params(args) if args.method else None, _device(args))  # fmt: skip
+    emit(args, report, lambda: _print_eval(report))
+
+
+def _print_eval(report: dict[str, Any]) -> None:
+    if "qa_heldout" in report:  # extraction accuracy: one row per group, one column per attribute
+        from llmlab.bios import ATTRIBUTES
+
+        print(f"{'exact match':<12} {'all':>6} " + " ".join(f"{a:>11}" for a in ATTRIBUTES))
+        for group in ("completion", "qa_train", "qa_heldout"):
+            row = report[group]
+            print(f"{group:<12} {row['all']:>6.1%} " + " ".join(f"{row[a]:>11.1%}" for a in ATTRIBUTES))
+        return
+    labels = report.pop("by_label", {})
+    table([(k, _fmt(v)) for k, v in report.items()])
+    for label, scores in labels.items():
+        print(f"  {label:<11} " + "  ".join(f"{k} {_fmt(v)}" for k, v in scores.items()))
+
+
+# --- arguments -----------------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from llmlab.run_dir import load_run
+    from llmlab.train import pick_device
+
+    return load_run(args.run, pick_device(_device(args)))
+
+
+def _device(args: argparse.Namespace) -> str:
+    return args.device or "cpu"
+
+
+def _facts(args: argparse.Namespace) -> list:
+    from llmlab.knowledge import Fact, read_requests
+
+    if args.requests:
+        if args.prompt or args.subject or args.target:
+            raise UserError("give either --requests FILE or --prompt/--subject/--target, not both")
+        return read_requests(args.requests)
+    missing = [f"--{k}" for k in ("prompt", "subject", "target") if getattr(args, k) is None]
+    if missing:
+        raise UserError(f"an edit needs {', '.join(missing)} (or --requests FILE)")
+    return [Fact(args.prompt, args.subject, args.target)]
+
+
+def _params(args: argparse.Namespace) -> Any:
+    from dataclasses import replace
+
+    from llmlab.config import coerce, parse_sets
+    from llmlab.knowledge.edit import DEFAULTS, EditParams, check_method
+
+    check_method(args.method)
+    sets = parse_sets(args.sets)
+    known = set(EditParams.__dataclass_fields__) - {"layers"}
+    unknown = sorted(set(sets) - known)
+    if unknown:
+        raise UserError(f"unknown edit parameter {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    values = {k: coerce(EditParams, k, v) for k, v in sets.items()}
+    layers = tuple(args.layer) if args.layer else None
+    return replace(DEFAULTS[args.method], **values, layers=layers)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else "–" if v is None else str(v)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="knowledge", metavar="ACTION", parser_class=Parser)
+    for name, fn in (("locate", locate), ("neurons", neurons), ("edit", edit), ("eval", evaluate)):
+        doc = (fn.__doc__ or "").strip()
+        s = sub.add_parser(name, help=doc.splitlines()[0], description=doc)
+        s.add_argument("run", metavar="RUN", help="a run directory written by `llmlab train`")
+        s.add_argument("--device", help="cpu (default), cuda, mps")
+        s.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object")
+        s.set_defaults(action=fn)
+        ARGS[name](s)
+
+
+def _fact_args(s: argparse.ArgumentParser, required: bool) -> None:
+    s.add_argument("--prompt", required=required, help='a template with {} for the subject: "{} was born in"')
+    s.add_argument("--subject", required=required, help="the subject, e.g. a person's full name")
+    s.add_argument("--target", required=required, help="the answer; it follows the prompt after one space")
+
+
+def _locate_args(s: argparse.ArgumentParser) -> None:
+    _fact_args(s, required=True)
+    s.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the subject embeddings' std")
+    s.add_argument("--samples", type=int, default=10, help="noise draws averaged (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="runs/causal-trace", metavar="DIR", help="heat maps go here (%(default)s)")
+
+
+def _neuron_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--prompt", required=True, help="the text to read the FFN memories on")
+    s.add_argument("--position", type=int, default=-1, help="the token to read (default: the last)")
+    s.add_argument("--top", type=int, default=5, help="neurons per layer (default: %(default)s)")
+    s.add_argument("--tokens", type=int, default=5, help="promoted tokens per neuron (default: %(default)s)")
+
+
+def _edit_args(s: argparse.ArgumentParser, for_eval: bool = False) -> None:
+    s.add_argument("--method", required=not for_eval, help="ft-l, rome or memit")
+    _fact_args(s, required=False)
+    s.add_argument("--requests", metavar="FILE", help='JSONL edits: {"prompt": ..., "subject": ..., "target": ...}')
+    s.add_argument("--layer", type=int, action="append", metavar="L", help="layer to edit (repeat for MEMIT)")
+    s.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
+                   help="an edit parameter: steps, lr, kl_weight, weight_decay, clamp_norm, ridge, mom2_weight, "
+                        "norm_constraint, stats_tokens, contexts")  # fmt: skip
+    if for_eval:
+        s.add_argument("--edits", type=int, default=100, help="random bios edits to make (default: %(default)s)")
+        s.add_argument("--mode", default="single", help="single (default), sequential or batch")
+        s.add_argument("--seed", type=int, default=0, help="which random edits")
+    else:
+        s.add_argument("--out", required=True, metavar="NEW_RUN", help="the edited run to write")
+
+
+ARGS = {"locate": _locate_args, "neurons": _neuron_args, "edit": _edit_args,
+        "eval": lambda s: _edit_args(s, for_eval=True)}  # fmt: skip

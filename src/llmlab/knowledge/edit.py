@@ -1,0 +1,379 @@
+"""Knowledge editing (notes §2.3; the survey arXiv 2401.01286): change one fact, leave the rest.
+
+Every method edits W₂ (`blocks[l].mlp.w2.weight`, [H, F]), the FFN's value matrix: the MLP
+output is W₂ k + b₂ with the key k = f(x W₁ + b₁) (`mlp.hook_post`, [F]). For a fact (s, r, o)
+the key k* is read at the subject's last token, where causal tracing finds GPT-2's facts, or
+(`site="last"`) at the prompt's last token, where a model that looks facts up late has them.
+
+FT-L (Zhu et al. 2020, arXiv 2012.00363; as ROME's baseline): fine-tune one layer's W₂ on the
+new answer, each step projected back into an L∞ ball around the original weights:
+
+    W ← clip(W − η · Adam(∇_W L), W₀ − ε, W₀ + ε),       L = −(1/T) Σ_j log p(o_j | prompt, o_<j)
+
+ROME (Meng et al. 2022, arXiv 2202.05262, eq. 2): a rank-one update that maps k* to v*,
+
+    W' = W + Λ (C⁻¹ k*)ᵀ,     Λ = (v* − W k* − b) / ((C⁻¹ k*)ᵀ k*)
+
+so W' k* + b = v*, and W' k = W k for every key with (C⁻¹ k*)ᵀ k = 0. C = E[k kᵀ] is the second
+moment of the layer's keys over the model's own training text (plus ρ · mean(diag C) · I, which
+makes it invertible when ReLU neurons never fire). v* = W k* + b + δ, where δ minimises
+
+    −log p(o | prompt; mlp_out + δ at s) + β · KL(p(· | s) ‖ p(· | s; + δ)) + γ ‖δ‖² / ‖W k* + b‖²
+
+by Adam, with ‖δ‖ clamped to κ ‖W k* + b‖: the answer becomes likely, what follows the bare
+subject does not move, δ stays small. Several requests are applied one after the other.
+
+MEMIT (Meng et al. 2023, arXiv 2210.07229, eq. 14–16): many facts at once, spread over layers
+R = {l₁ < … < l_m}. For each fact i, a target z_i = h_i + δ_i for the residual stream at the
+last layer of R (δ_i found as above), then for the j-th layer l_j of R (j = 1 … m) in order, with
+the current model (edited at l_1 … l_{j−1}):
+
+    r_i = (z_i − h_i^{l_m}) / (m − j + 1)         (this layer's share of the gap that is left)
+    ΔW_l = R Kᵀ (λ C_l + K Kᵀ)⁻¹                  R = [r_i] [H, n],  K = [k_i] [F, n]
+
+With one fact and one layer, ΔW = r (C⁻¹k)ᵀ / (λ + kᵀC⁻¹k): ROME's update as λ → 0.
+
+Edits change the model in place; `snapshot`/`restore` undo them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from llmlab import data as data_lib
+from llmlab.errors import UserError
+from llmlab.knowledge import Encoded, Fact, answer_logprob, encode, pad
+from llmlab.model import GPT
+from llmlab.run_dir import atomic_write
+from llmlab.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class EditParams:
+    layers: tuple[int, ...] | None = None  # None: `default_layers`
+    steps: int = 25  # optimisation steps (δ for ROME and MEMIT; the weights for FT-L)
+    lr: float = 0.5  # Adam's learning rate for those steps
+    kl_weight: float = 0.0625  # β
+    weight_decay: float = 0.5  # γ
+    clamp_norm: float = 4.0  # κ
+    ridge: float = 1e-3  # ρ, added to C
+    mom2_weight: float = 300.0  # λ, MEMIT's weight of the keys to preserve
+    norm_constraint: float = 1e-3  # ε, FT-L's L∞ radius
+    stats_tokens: int = 100_000  # training tokens over which C is estimated
+    contexts: int = 0  # extra prefixes, cut from the training text, to average k* and fit δ over
+    site: Literal["subject", "last"] = "subject"  # where k* is read and δ added: the subject's last token
+    # (ROME's choice, where GPT-2's causal traces peak) or the prompt's last token
+
+
+DEFAULTS = {
+    "ft-l": EditParams(lr=5e-3, norm_constraint=5e-3),
+    "rome": EditParams(),
+    "memit": EditParams(),
+}
+
+
+def default_layers(n_layers: int, method: str) -> tuple[int, ...]:
+    """ROME and FT-L edit the middle layer m = ⌈L/2⌉ − 1; MEMIT layers m − 2 … m + 1 (those that exist)."""
+    middle = max(0, (n_layers + 1) // 2 - 1)
+    if method != "memit":
+        return (middle,)
+    return tuple(range(max(0, middle - 2), min(n_layers, middle + 2)))
+
+
+@dataclass
+class Request:
+    """One fact to write, encoded: `rows` is the prompt itself, then the prompt after each context
+    prefix; `essence` the bare subject, whose next-token distribution is kept (the KL term)."""
+
+    fact: Fact
+    rows: list[Encoded]
+    essence: list[int]
+
+
+def prepare(tokenizer: Tokenizer, fact: Fact, contexts: Sequence[str], block_size: int) -> Request:
+    rows = [encode(tokenizer, fact, prefix, block_size) for prefix in ("", *contexts)]
+    return Request(fact, rows, rows[0].ids[: rows[0].subject_last + 1])
+
+
+def context_prefixes(tokenizer: Tokenizer, tokens: np.ndarray, n: int, length: int = 12, seed: int = 0) -> list[str]:
+    """n short pieces of the training text, each ending in a space, to put before a prompt."""
+    if n == 0 or len(tokens) <= length:
+        return []
+    starts = np.random.default_rng([seed, 11]).integers(0, len(tokens) - length, size=n)
+    return [tokenizer.decode(tokens[s : s + length].tolist()).strip() + " " for s in starts]
+
+
+# --- keys and their second moment C -------------------------------------------------------------
+
+
+def position(e: Encoded, site: str) -> int:
+    """The token an edit acts on: the subject's last, or the prompt's last."""
+    return e.subject_last if site == "subject" else len(e.ids) - 1
+
+
+@torch.no_grad()
+def keys_at(model: GPT, encoded: Sequence[Encoded], layer: int, site: str = "subject") -> Tensor:
+    """k at each fact's edit site: `mlp.hook_post` of `layer`. → [n, F]."""
+    name = f"blocks.{layer}.mlp.hook_post"
+    _, cache = model.run_with_cache(pad([e.inputs for e in encoded]).to(_device(model)), names=[name])
+    return torch.stack([cache[name][i, position(e, site)] for i, e in enumerate(encoded)]).double()
+
+
+@torch.no_grad()
+def second_moments(model: GPT, tokens: np.ndarray, layers: Sequence[int], n_tokens: int,
+                   batch_size: int = 16) -> dict[int, Tensor]:  # fmt: skip
+    """C_l = (1/n) Σ_t k_t k_tᵀ over n tokens of the training text, in random windows. [F, F] each."""
+    S = model.cfg.block_size
+    starts = data_lib.batch_starts(len(tokens), S, max(1, n_tokens // S), seed=0, stream=7, index=0)
+    names = [f"blocks.{layer}.mlp.hook_post" for layer in layers]
+    F = model.cfg.ff_width
+    sums = {layer: torch.zeros(F, F, dtype=torch.float64) for layer in layers}
+    count = 0
+    for i in range(0, len(starts), batch_size):
+        x, _ = data_lib.get_batch(tokens, S, starts[i : i + batch_size])  # [B, S]
+        _, cache = model.run_with_cache(x.to(_device(model)), names=names)
+        for layer, name in zip(layers, names, strict=True):
+            k = cache[name].reshape(-1, F).double().cpu()  # [B·S, F]
+            sums[layer] += k.T @ k
+        count += x.numel()
+    return {layer: s / count for layer, s in sums.items()}
+
+
+def keys_hash(model: GPT, layer: int) -> str:
+    """A digest of every weight that a key at `layer` depends on (not W₂ of `layer`, nor later
+    layers): an edit of W₂ leaves the layer's keys, and so their cached C, valid."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        parts = name.split(".")
+        if name.startswith(("unembed.", "ln_final.")):
+            continue
+        if parts[0] == "blocks" and (int(parts[1]) > layer or (int(parts[1]) == layer and "mlp.w2" in name)):
+            continue
+        h.update(name.encode() + p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class KeyStatistics:
+    """C_l for any layer: read from a cache file in `read_dirs` if one was computed for this model's
+    keys (same `keys_hash`), else estimated from `tokens`. `save(folder)` caches them on disk."""
+
+    model: GPT
+    tokens: np.ndarray | None
+    n_tokens: int = 100_000
+    read_dirs: Sequence[Path] = ()
+    log: Callable[[str], None] = lambda _: None
+    memo: dict[int, tuple[str, Tensor]] = field(default_factory=dict)  # layer → (keys_hash, C)
+    seconds: float = 0.0  # spent estimating
+
+    def __call__(self, layer: int) -> Tensor:
+        self.ensure([layer])
+        return self.memo[layer][1]
+
+    def ensure(self, layers: Sequence[int]) -> None:
+        missing = [layer for layer in layers if layer not in self.memo and not self._read(layer)]
+        if not missing:
+            return
+        if self.tokens is None:
+            raise UserError("no training tokens to estimate the keys' second moment C from (the run has no "
+                            "data/train.bin); ft-l needs none")  # fmt: skip
+        t0 = time.perf_counter()
+        n = min(self.n_tokens, len(self.tokens))
+        for layer, C in second_moments(self.model, self.tokens, missing, n).items():
+            self.memo[layer] = (keys_hash(self.model, layer), C)
+        self.seconds += time.perf_counter() - t0
+        self.log(f"C of layer(s) {missing} from {n:,} training tokens in {time.perf_counter() - t0:.1f} s")
+
+    def _file(self, folder: Path, layer: int) -> Path:
+        return folder / "knowledge" / f"keys_l{layer}_n{self.n_tokens}.safetensors"
+
+    def _read(self, layer: int) -> bool:
+        digest = keys_hash(self.model, layer)
+        for folder in self.read_dirs:
+            path = self._file(folder, layer)
+            if path.is_file() and (stored := load_file(path)).get("hash_" + digest) is not None:
+                self.memo[layer] = (digest, stored["C"])
+                return True
+        return False
+
+    def save(self, folder: Path) -> None:
+        for layer, (digest, C) in self.memo.items():
+            tensors = {"C": C, "hash_" + digest: torch.zeros(0)}
+            atomic_write(self._file(folder, layer), lambda tmp, t=tensors: save_file(t, str(tmp)))
+
+
+def regularised_inverse_times(C: Tensor, ridge: float, rhs: Tensor) -> Tensor:
+    """(C + ρ · mean(diag C) · I)⁻¹ · rhs, in float64."""
+    F = C.shape[0]
+    reg = C + ridge * C.diagonal().mean().clamp_min(1e-12) * torch.eye(F, dtype=C.dtype)
+    return torch.linalg.solve(reg, rhs.to(C.dtype))
+
+
+# --- δ: the change of a hidden state that makes the model say the new answer -------------------
+
+
+def optimise_delta(model: GPT, req: Request, hook_name: str, p: EditParams) -> tuple[Tensor, Tensor]:
+    """δ [H] added to `hook_name` at the subject's last token (module docstring). Returns (δ, h),
+    h the hidden state there in the first row before the change."""
+    device = _device(model)
+    rows = [*(e.inputs for e in req.rows), req.essence]
+    idx = pad(rows).to(device)  # [n + 1, S]
+    at = torch.tensor([position(e, p.site) for e in req.rows] + [len(req.essence) - 1], device=device)
+    ess = len(rows) - 1
+    logits, cache = model.run_with_cache(idx, names=[hook_name])
+    h = cache[hook_name][0, at[0]].detach()  # [H]
+    keep = torch.log_softmax(logits[ess, at[ess]].detach().float(), -1)  # [V]
+    delta = torch.zeros_like(h, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=p.lr)
+    arange = torch.arange(len(rows), device=device)
+
+    def add(x: Tensor, hook: object) -> Tensor:
+        return x.index_put((arange, at), x[arange, at] + delta)
+
+    for _ in range(p.steps):
+        with model.hooks([(hook_name, add)]):
+            logits = model(idx)  # [n + 1, S, V]
+        nll = torch.stack([-answer_logprob(logits[i, list(e.answer_positions)], e.target) / len(e.target)
+                           for i, e in enumerate(req.rows)]).mean()  # fmt: skip
+        new = torch.log_softmax(logits[ess, at[ess]].float(), -1)
+        kl = torch.sum(keep.exp() * (keep - new))
+        loss = nll + p.kl_weight * kl + p.weight_decay * delta.pow(2).sum() / h.pow(2).sum().clamp_min(1e-12)
+        if nll.item() < 0.05:
+            break
+        (grad,) = torch.autograd.grad(loss, [delta])
+        delta.grad = grad
+        opt.step()
+        with torch.no_grad():
+            limit = p.clamp_norm * h.norm()
+            if delta.norm() > limit:
+                delta.mul_(limit / delta.norm())
+    return delta.detach(), h
+
+
+# --- the three methods ---------------------------------------------------------------------------
+
+
+def rome_update(W: Tensor, b: Tensor | None, k: Tensor, v: Tensor, C: Tensor, ridge: float) -> Tensor:
+    """ΔW = Λ (C⁻¹k)ᵀ with Λ = (v − W k − b) / ((C⁻¹k)ᵀ k). W [H, F], k [F], v [H] → [H, F]."""
+    W64, k, v = W.double(), k.double(), v.double()
+    u = regularised_inverse_times(C, ridge, k)  # [F]
+    residual = v - W64 @ k - (b.double() if b is not None else 0)  # [H]
+    return (torch.outer(residual, u) / (u @ k)).to(W.dtype)
+
+
+def memit_update(R: Tensor, K: Tensor, C: Tensor, mom2_weight: float, ridge: float) -> Tensor:
+    """ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹. R [H, n], K [F, n] → [H, F]."""
+    A = mom2_weight * C.double() + K.double() @ K.double().T  # [F, F]
+    return regularised_inverse_times(A, ridge, (R.double() @ K.double().T).T).T  # [H, F]
+
+
+@dataclass
+class EditResult:
+    method: str
+    layers: tuple[int, ...]
+    seconds: float
+    requests: int
+
+
+def rome(model: GPT, requests: Sequence[Request], stats: Callable[[int], Tensor], p: EditParams) -> None:
+    (layer,) = p.layers or (0,)
+    mlp = model.blocks[layer].mlp
+    for req in requests:
+        k = keys_at(model, req.rows, layer, p.site).mean(0)  # [F]: k*
+        delta, _ = optimise_delta(model, req, f"blocks.{layer}.hook_mlp_out", p)
+        with torch.no_grad():
+            v = mlp.w2.weight.double() @ k + (mlp.w2.bias.double() if mlp.w2.bias is not None else 0) + delta
+            mlp.w2.weight += rome_update(mlp.w2.weight, mlp.w2.bias, k, v, stats(layer), p.ridge)
+
+
+def memit(model: GPT, requests: Sequence[Request], stats: Callable[[int], Tensor], p: EditParams) -> None:
+    layers = sorted(p.layers or ())
+    z_name = f"blocks.{layers[-1]}.hook_resid_post"
+    found = [optimise_delta(model, req, z_name, p) for req in requests]
+    z = torch.stack([h + d for d, h in found]).double()  # [n, H]: targets for the last layer's stream
+    mains = [req.rows[0] for req in requests]
+    for i, layer in enumerate(layers):
+        K = torch.stack([keys_at(model, req.rows, layer, p.site).mean(0) for req in requests])  # [n, F]
+        _, cache = model.run_with_cache(pad([e.inputs for e in mains]).to(_device(model)), names=[z_name])
+        now = torch.stack([cache[z_name][j, position(e, p.site)] for j, e in enumerate(mains)]).double()  # [n, H]
+        R = (z - now) / (len(layers) - i)  # [n, H]
+        with torch.no_grad():
+            w = model.blocks[layer].mlp.w2.weight
+            w += memit_update(R.T, K.T, stats(layer), p.mom2_weight, p.ridge).to(w.dtype)
+
+
+def ft_l(model: GPT, requests: Sequence[Request], stats: Callable[[int], Tensor], p: EditParams) -> None:
+    (layer,) = p.layers or (0,)
+    w = model.blocks[layer].mlp.w2.weight
+    w0 = w.detach().clone()
+    opt = torch.optim.Adam([w], lr=p.lr)
+    mains = [req.rows[0] for req in requests]
+    idx = pad([e.inputs for e in mains]).to(_device(model))
+    for _ in range(p.steps):
+        logits = model(idx)  # [n, S, V]
+        nll = torch.stack([-answer_logprob(logits[i, list(e.answer_positions)], e.target) / len(e.target)
+                           for i, e in enumerate(mains)]).mean()  # fmt: skip
+        (w.grad,) = torch.autograd.grad(nll, [w])
+        opt.step()
+        with torch.no_grad():
+            w.copy_(w0 + (w - w0).clamp(-p.norm_constraint, p.norm_constraint))
+    w.grad = None
+
+
+EDITORS: dict[str, Callable[[GPT, Sequence[Request], Callable[[int], Tensor], EditParams], None]] = {
+    "ft-l": ft_l,
+    "rome": rome,
+    "memit": memit,
+}
+
+
+def check_method(method: str) -> None:
+    if method not in EDITORS:
+        raise UserError(f"unknown editing method {method!r} (choose from: {', '.join(EDITORS)})")
+
+
+def resolve_params(model: GPT, method: str, params: EditParams | None) -> EditParams:
+    check_method(method)
+    p = params or DEFAULTS[method]
+    layers = p.layers or default_layers(model.cfg.n_layers, method)
+    bad = [layer for layer in layers if not 0 <= layer < model.cfg.n_layers]
+    if bad:
+        raise UserError(f"layer {bad[0]} does not exist (the model has layers 0 to {model.cfg.n_layers - 1})")
+    if method != "memit" and len(layers) != 1:
+        raise UserError(f"{method} edits one layer, got layers {list(layers)}")
+    return replace(p, layers=tuple(layers))
+
+
+def apply_edits(model: GPT, method: str, requests: Sequence[Request], stats: Callable[[int], Tensor],
+                params: EditParams) -> EditResult:  # fmt: skip
+    """Edit `model` in place with EDITORS[method]; params must come from `resolve_params`."""
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    EDITORS[method](model, requests, stats, params)
+    model.train(was_training)
+    return EditResult(method, params.layers or (), time.perf_counter() - t0, len(requests))
+
+
+def snapshot(model: GPT, layers: Sequence[int]) -> dict[int, Tensor]:
+    return {layer: model.blocks[layer].mlp.w2.weight.detach().clone() for layer in layers}
+
+
+def restore(model: GPT, saved: dict[int, Tensor]) -> None:
+    with torch.no_grad():
+        for layer, w in saved.items():
+            model.blocks[layer].mlp.w2.weight.copy_(w)
+
+
+def _device(model: GPT) -> torch.device:
+    return next(model.parameters()).device

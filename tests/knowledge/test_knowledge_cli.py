@@ -1,0 +1,161 @@
+"""`llmlab knowledge locate|neurons|edit|eval` on a tiny bios model: --json, files written, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmlab import bios
+from llmlab.cli import main
+from llmlab.run_dir import load_run
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def a_fact(run: Path, attribute: str = "birth_city", new: str = "Denver") -> tuple[str, str, str]:
+    person = bios.world_of(load_run(run).meta["data"]).people[0]
+    target = new if person.facts[attribute] != new else "Boston"
+    return bios.prompt(person, attribute), person.name, target
+
+
+def test_locate_prints_the_peaks_and_writes_heat_maps(capsys, bios_run, tmp_path):
+    prompt, subject, _ = a_fact(bios_run)
+    person = bios.world_of(load_run(bios_run).meta["data"]).person(subject)
+    argv = ["knowledge", "locate", str(bios_run), "--prompt", prompt, "--subject", subject, "--target",
+            person.facts["birth_city"], "--samples", "2", "--out", str(tmp_path / "maps")]  # fmt: skip
+    code, out, _ = run_cli(capsys, *argv, "--json")
+    result = json.loads(out)
+    assert code == 0 and set(result["peaks"]) == {"resid", "mlp", "attn"}
+    assert 0 <= result["p_corrupt"] <= 1 and 0 <= result["p_clean"] <= 1
+    assert len(result["restored"]["mlp"]) == len(result["tokens"])
+    assert all(Path(p).read_bytes().startswith(b"\x89PNG") for p in result["plots"])
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0 and "peak, mlp" in out and "heat maps:" in out
+
+
+def test_neurons_lists_the_most_active_memories_of_every_layer(capsys, bios_run):
+    code, out, _ = run_cli(capsys, "knowledge", "neurons", str(bios_run), "--prompt", "Anya was born in", "--top", "2",
+                           "--json")  # fmt: skip
+    layers = json.loads(out)["layers"]
+    assert code == 0 and len(layers) == 2 and all(len(ms) == 2 for ms in layers)
+    assert layers[0][0]["activation"] >= layers[0][1]["activation"]
+
+
+def test_edit_writes_a_new_run_and_leaves_the_source_untouched(capsys, bios_run, tmp_path):
+    before = digest(bios_run)
+    prompt, subject, target = a_fact(bios_run)
+    out = tmp_path / "edited"
+    code, stdout, _ = run_cli(capsys, "knowledge", "edit", str(bios_run), "--method", "rome", "--prompt", prompt,
+                              "--subject", subject, "--target", target, "--out", str(out), "--json")  # fmt: skip
+    report = json.loads(stdout)
+    assert code == 0 and report["run"] == str(out) and report["layers"] == [0]
+    assert {"reliability", "generalisation", "locality", "seconds", "p_target_after"} <= set(report)
+    assert digest(bios_run) == before
+    old, new = load_file(bios_run / "model.safetensors"), load_file(out / "model.safetensors")
+    assert [k for k in old if not torch.equal(old[k], new[k])] == ["blocks.0.mlp.w2.weight"]
+    edits = [json.loads(line) for line in (out / "knowledge" / "edits.jsonl").read_text().splitlines()]
+    assert edits == [{"method": "rome", "layers": [0], "prompt": prompt, "subject": subject, "target": target}]
+    config = json.loads((out / "config.json").read_text())
+    assert config["edited_from"] == str(bios_run) and config["data"].startswith("bios:")
+    assert list((out / "knowledge").glob("keys_l0_*.safetensors"))  # C, cached with the edited run
+    code, stdout, _ = run_cli(capsys, "knowledge", "eval", str(out), "--json")
+    scored = json.loads(stdout)
+    assert code == 0 and scored["edits"] == 1
+    assert scored["reliability"] == pytest.approx(report["reliability"])
+    assert scored["locality"] == pytest.approx(report["locality"])
+
+
+def test_batch_edits_from_a_file_with_memit(capsys, bios_run, tmp_path):
+    world = bios.world_of(load_run(bios_run).meta["data"])
+    lines = [
+        json.dumps({"prompt": bios.prompt(p, "major"), "subject": p.name, "target": "Art"}) for p in world.people[:3]
+    ]
+    (tmp_path / "edits.jsonl").write_text("\n".join(lines) + "\n\n")
+    code, stdout, _ = run_cli(capsys, "knowledge", "edit", str(bios_run), "--method", "memit", "--requests",
+                              str(tmp_path / "edits.jsonl"), "--layer", "0", "--layer", "1", "--out",
+                              str(tmp_path / "m"), "--json")  # fmt: skip
+    report = json.loads(stdout)
+    assert code == 0 and report["edits"] == 3 and report["layers"] == [0, 1]
+    assert len((tmp_path / "m" / "knowledge" / "edits.jsonl").read_text().splitlines()) == 3
+
+
+def test_eval_reports_extraction_accuracy_and_edit_scores(capsys, bios_run):
+    code, stdout, _ = run_cli(capsys, "knowledge", "eval", str(bios_run), "--json")
+    acc = json.loads(stdout)
+    assert code == 0 and set(acc["qa_heldout"]) == {"all", *bios.ATTRIBUTES}
+    assert 0 <= acc["completion"]["all"] <= 1
+    code, stdout, _ = run_cli(capsys, "knowledge", "eval", str(bios_run), "--method", "ft-l", "--edits", "3",
+                              "--mode", "sequential", "--set", "steps=2", "--json")  # fmt: skip
+    report = json.loads(stdout)
+    assert code == 0 and report["edits"] == 3 and report["mode"] == "sequential"
+    for key in ("reliability", "generalisation", "locality", "fluency", "seconds_per_edit"):
+        assert report[key] is not None
+
+
+def bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
+    prompt, subject, target = a_fact(run)
+    (tmp / "notjson.jsonl").write_text('{"prompt": "{} was born in", "subject": "A", "target": "B"}\nnot json\n')
+    (tmp / "fields.jsonl").write_text('{"prompt": "{} was born in", "subject": "A"}\n')
+    (tmp / "empty.jsonl").write_text("\n")
+    (tmp / "exists").mkdir()
+    edit = ["knowledge", "edit", str(run), "--method", "rome", "--out", str(tmp / "new")]
+    fact = ["--prompt", prompt, "--subject", subject, "--target", target]
+    loc = ["knowledge", "locate", str(run), "--out", str(tmp / "maps")]
+    return [
+        (
+            [*loc, "--prompt", prompt.format(subject), "--subject", "Nobody Here", "--target", target],
+            "the subject 'Nobody Here' does not occur in the prompt",
+        ),
+        ([*loc, "--prompt", "was born in", "--subject", subject, "--target", target], "is not a template"),
+        ([*loc, "--prompt", prompt, "--subject", subject, "--target", " "], "tokenizes to nothing"),
+        ([*loc, "--prompt", prompt, "--subject", subject], "the following arguments are required: --target"),
+        ([*edit, "--prompt", prompt, "--subject", subject, "--target", ""], "the target '' tokenizes to nothing"),
+        ([*edit, "--requests", str(tmp / "notjson.jsonl")], "notjson.jsonl line 2 is not JSON"),
+        ([*edit, "--requests", str(tmp / "fields.jsonl")], "line 1 must be an object with exactly the string fields"),
+        ([*edit, "--requests", str(tmp / "empty.jsonl")], "empty.jsonl is empty"),
+        ([*edit, "--requests", str(tmp / "missing.jsonl")], "does not exist"),
+        ([*edit, "--requests", str(tmp / "empty.jsonl"), *fact], "not both"),
+        ([*edit, "--prompt", prompt], "an edit needs --subject, --target"),
+        (
+            ["knowledge", "edit", str(run), "--method", "roam", *fact, "--out", str(tmp / "n")],
+            "unknown editing method 'roam'",
+        ),
+        ([*edit, *fact, "--layer", "7"], "layer 7 does not exist"),
+        ([*edit, *fact, "--set", "colour=red"], "unknown edit parameter 'colour'"),
+        ([*edit, *fact, "--set", "steps=many"], "steps='many'"),
+        (["knowledge", "edit", str(run), "--method", "rome", *fact, "--out", str(tmp / "exists")], "already exists"),
+        (["knowledge", "edit", str(run), "--method", "rome", *fact, "--out", str(run)], "already exists"),
+        (["knowledge", "edit", str(run), "--method", "rome", *fact, "--out", str(tmp / "no" / "x")], "does not exist"),
+        (["knowledge", "eval", str(run), "--method", "rome", "--mode", "parallel"], "unknown mode 'parallel'"),
+        (["knowledge", "eval", str(run), "--method", "memit", "--edits", "0"], "--edits must be at least 1"),
+        (["knowledge", "eval", str(run), "--requests", str(tmp / "fields.jsonl")], "line 1 must be an object"),
+        (["knowledge", "eval", str(tmp / "nope")], "does not exist"),
+        (["knowledge", "neurons", str(run), "--prompt", ""], "the prompt is empty"),
+        (["knowledge"], "choose an action"),
+    ]
+
+
+def test_every_bad_input_is_one_line_exit_2_and_the_source_run_is_untouched(capsys, bios_run, tmp_path):
+    before = digest(bios_run)
+    for argv, message in bad_inputs(bios_run, tmp_path):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert err.startswith("llmlab: error: ") and err.count("\n") == 1, (argv, err)
+        assert message in err, (argv, err)
+    assert digest(bios_run) == before
+    assert not (tmp_path / "new").exists() and not (tmp_path / "maps").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary run left behind
