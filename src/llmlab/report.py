@@ -19,7 +19,7 @@ from pathlib import Path
 
 from llmlab.config import preset
 from llmlab.run_dir import write_json, write_text
-from llmlab.sections import Section, Tour, accounting, entropy, generation, rejection, training
+from llmlab.sections import Section, Tour, accounting, entropy, generation, knowledge, rejection, training
 
 SECTIONS: list[Callable[[Tour], Section]] = [
     training.section,
@@ -27,6 +27,7 @@ SECTIONS: list[Callable[[Tour], Section]] = [
     rejection.section,
     generation.section,
     accounting.section,
+    knowledge.section,
 ]
 
 

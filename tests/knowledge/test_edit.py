@@ -39,6 +39,33 @@ def test_rome_update_is_rank_one_writes_v_at_k_and_spares_keys_orthogonal_under_
     np.testing.assert_allclose((Wn + dW.numpy()) @ other, Wn @ other, atol=1e-10)
 
 
+def test_rome_with_several_keys_writes_every_value_and_spares_keys_orthogonal_under_c_inverse():
+    """The `answer` site's rank-P update ΔW = (V − WK − b)(KᵀC⁻¹K)⁻¹(C⁻¹K)ᵀ: W'K + b = V exactly,
+    keys with (C⁻¹K)ᵀk = 0 untouched, rank P; reference: numpy's least squares of the same problem."""
+    g = torch.Generator().manual_seed(8)
+    H, F, P = 6, 12, 3
+    W, b = torch.randn(H, F, generator=g, dtype=torch.float64), torch.randn(H, generator=g, dtype=torch.float64)
+    K, V = torch.rand(F, P, generator=g, dtype=torch.float64), torch.randn(H, P, generator=g, dtype=torch.float64)
+    C = spd(F, 9)
+    dW = ed.rome_update(W, b, K, V, C, ridge=0.0).numpy()
+    Wn, Kn, Cn = W.numpy(), K.numpy(), C.numpy()
+    np.testing.assert_allclose((Wn + dW) @ Kn + b.numpy()[:, None], V.numpy(), atol=1e-9)
+    assert np.linalg.matrix_rank(dW) == P
+    U = np.linalg.solve(Cn, Kn)  # [F, P]
+    other = np.random.default_rng(3).normal(size=F)
+    other -= U @ np.linalg.lstsq(U, other, rcond=None)[0]  # drop its part in span(C⁻¹K): (C⁻¹K)ᵀk = 0
+    np.testing.assert_allclose(U.T @ other, 0, atol=1e-9)
+    np.testing.assert_allclose((Wn + dW) @ other, Wn @ other, atol=1e-9)
+    # among all ΔW with (W + ΔW)K + b = V it has the least ‖ΔW L‖_F, C = L Lᵀ (ROME's appendix A):
+    # in the whitened basis X = ΔW L that is the minimum-norm solution, numpy's pinv
+    L = np.linalg.cholesky(Cn)  # C = L Lᵀ; with X = ΔW L, the constraint is X (L⁻¹K) = R
+    R = V.numpy() - Wn @ Kn - b.numpy()[:, None]
+    X = R @ np.linalg.pinv(np.linalg.solve(L, Kn))
+    np.testing.assert_allclose(dW, X @ np.linalg.inv(L), atol=1e-9)
+    one = ed.rome_update(W, b, K[:, 0], V[:, 0], C, ridge=0.0)  # P = 1 is eq. 2
+    np.testing.assert_allclose(one.numpy(), ed.rome_update(W, b, K[:, :1], V[:, :1], C, ridge=0.0).numpy(), atol=1e-12)
+
+
 def test_the_ridge_is_added_to_c_as_written():
     """(C + ρ·mean(diag C)·I)⁻¹ k, against numpy, with a singular C (a neuron that never fires)."""
     C = spd(8, 3)
@@ -155,12 +182,35 @@ def test_rome_in_a_model_sets_the_mlp_output_at_the_subject_to_v_star():
     ed.apply_edits(model, "rome", [req], ed.KeyStatistics(model, tokens, 960), params)
     after = model.run_with_cache(idx, names=["blocks.0.hook_mlp_out"])[1]["blocks.0.hook_mlp_out"]
     at = req.rows[0].subject_last
-    torch.testing.assert_close(after[0, at], before[0, at] + delta, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(after[0, at], before[0, at] + delta[0], atol=1e-4, rtol=1e-4)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, weights[n])]
     assert changed == ["blocks.0.mlp.w2.weight"]
     singular = torch.linalg.svdvals((model.blocks[0].mlp.w2.weight - weights[changed[0]]).detach().double())
     assert singular[1] < 1e-4 * singular[0]  # rank one, up to float32 rounding
     assert _p(model, tok) > 0.9
+
+
+def test_rome_at_the_answer_site_writes_every_token_of_a_long_answer():
+    """site=answer: one key and one δ per answer-predicting position; after the edit the MLP output at
+    each of them is W k_j + b + δ_j (δ recomputed independently) and greedy reading gives every token."""
+    model, tok = random_model()
+    fact = Fact("the answer is {}", "qz ", "QRS")
+    params = ed.resolve_params(model, "rome", replace(ed.DEFAULTS["rome"], layers=(0,), site="answer", **FREE))
+    req = ed.prepare(tok, fact, [], model.cfg.block_size)
+    sites = ed.positions(req.rows[0], "answer")
+    assert sites == [len(req.rows[0].ids) - 1 + j for j in range(3)]
+    delta, _ = ed.optimise_delta(model, req, "blocks.0.hook_mlp_out", params)
+    assert delta.shape == (3, model.cfg.d_model)
+    idx = torch.tensor([req.rows[0].inputs])
+    before = model.run_with_cache(idx, names=["blocks.0.hook_mlp_out"])[1]["blocks.0.hook_mlp_out"]
+    tokens = np.random.default_rng(0).integers(0, model.cfg.vocab_size, size=3000)
+    ed.apply_edits(model, "rome", [req], ed.KeyStatistics(model, tokens, 960), params)
+    after = model.run_with_cache(idx, names=["blocks.0.hook_mlp_out"])[1]["blocks.0.hook_mlp_out"]
+    torch.testing.assert_close(after[0, sites], before[0, sites] + delta, atol=1e-3, rtol=1e-3)
+    logits = teacher_forced(model, [req.rows[0]])[0]
+    assert logits.argmax(-1).tolist() == req.rows[0].target
+    with pytest.raises(UserError, match="unknown site 'middle'"):
+        ed.resolve_params(model, "rome", replace(ed.DEFAULTS["rome"], site="middle"))
 
 
 def test_memit_spreads_one_fact_over_two_layers_and_makes_it_likely():

@@ -1,9 +1,15 @@
 """Knowledge editing (notes §2.3; the survey arXiv 2401.01286): change one fact, leave the rest.
 
 Every method edits W₂ (`blocks[l].mlp.w2.weight`, [H, F]), the FFN's value matrix: the MLP
-output is W₂ k + b₂ with the key k = f(x W₁ + b₁) (`mlp.hook_post`, [F]). For a fact (s, r, o)
-the key k* is read at the subject's last token, where causal tracing finds GPT-2's facts, or
-(`site="last"`) at the prompt's last token, where a model that looks facts up late has them.
+output is W₂ k + b₂ with the key k = f(x W₁ + b₁) (`mlp.hook_post`, [F]). Where an edit acts
+(`site`) is a choice that causal tracing informs:
+
+    subject   the subject's last token, where causal tracing finds GPT-2's facts (ROME's choice):
+              one key k*, and every later position reads the edited state through attention
+    answer    every position whose next-token logits predict an answer token: the prompt's last
+              token, then each answer token but the last (for a one-token answer, the prompt's
+              last token alone). For a model that looks facts up late, where each token of a
+              multi-token answer (" October", " 2", ",", " 1996") is looked up where it is predicted
 
 FT-L (Zhu et al. 2020, arXiv 2012.00363; as ROME's baseline): fine-tune one layer's W₂ on the
 new answer, each step projected back into an L∞ ball around the original weights:
@@ -16,16 +22,23 @@ ROME (Meng et al. 2022, arXiv 2202.05262, eq. 2): a rank-one update that maps k*
 
 so W' k* + b = v*, and W' k = W k for every key with (C⁻¹ k*)ᵀ k = 0. C = E[k kᵀ] is the second
 moment of the layer's keys over the model's own training text (plus ρ · mean(diag C) · I, which
-makes it invertible when ReLU neurons never fire). v* = W k* + b + δ, where δ minimises
+makes it invertible when ReLU neurons never fire). With P keys K* = [k*_1 … k*_P] ([F, P], the
+`answer` site), the same constrained least squares (ROME's appendix A: keep W K ≈ V over the
+training keys, subject to W' K* + b = V*) has the rank-P solution
+
+    W' = W + (V* − W K* − b) (K*ᵀ C⁻¹ K*)⁻¹ (C⁻¹ K*)ᵀ
+
+which is eq. 2 when P = 1. v* = W k* + b + δ, where δ minimises
 
     −log p(o | prompt; mlp_out + δ at s) + β · KL(p(· | s) ‖ p(· | s; + δ)) + γ ‖δ‖² / ‖W k* + b‖²
 
-by Adam, with ‖δ‖ clamped to κ ‖W k* + b‖: the answer becomes likely, what follows the bare
-subject does not move, δ stays small. Several requests are applied one after the other.
+by Adam, with ‖δ‖ clamped to κ ‖W k* + b‖ (one δ per key): the answer becomes likely, what
+follows the bare subject does not move, δ stays small. Several requests are applied one after
+the other.
 
 MEMIT (Meng et al. 2023, arXiv 2210.07229, eq. 14–16): many facts at once, spread over layers
-R = {l₁ < … < l_m}. For each fact i, a target z_i = h_i + δ_i for the residual stream at the
-last layer of R (δ_i found as above), then for the j-th layer l_j of R (j = 1 … m) in order, with
+R = {l₁ < … < l_m}. For each fact i (and each of its sites), a target z_i = h_i + δ_i for the
+residual stream at the last layer of R (δ_i found as above), then for the j-th layer l_j of R (j = 1 … m) in order, with
 the current model (edited at l_1 … l_{j−1}):
 
     r_i = (z_i − h_i^{l_m}) / (m − j + 1)         (this layer's share of the gap that is left)
@@ -71,8 +84,7 @@ class EditParams:
     norm_constraint: float = 1e-3  # ε, FT-L's L∞ radius
     stats_tokens: int = 100_000  # training tokens over which C is estimated
     contexts: int = 0  # extra prefixes, cut from the training text, to average k* and fit δ over
-    site: Literal["subject", "last"] = "subject"  # where k* is read and δ added: the subject's last token
-    # (ROME's choice, where GPT-2's causal traces peak) or the prompt's last token
+    site: Literal["subject", "answer"] = "subject"  # where keys are read and δ added (module docstring)
 
 
 DEFAULTS = {
@@ -116,17 +128,22 @@ def context_prefixes(tokenizer: Tokenizer, tokens: np.ndarray, n: int, length: i
 # --- keys and their second moment C -------------------------------------------------------------
 
 
-def position(e: Encoded, site: str) -> int:
-    """The token an edit acts on: the subject's last, or the prompt's last."""
-    return e.subject_last if site == "subject" else len(e.ids) - 1
+SITES = ("subject", "answer")
+
+
+def positions(e: Encoded, site: str) -> list[int]:
+    """The positions of `e.inputs` an edit acts on (module docstring): [subject's last] or the
+    answer-predicting positions."""
+    return [e.subject_last] if site == "subject" else list(e.answer_positions)
 
 
 @torch.no_grad()
-def keys_at(model: GPT, encoded: Sequence[Encoded], layer: int, site: str = "subject") -> Tensor:
-    """k at each fact's edit site: `mlp.hook_post` of `layer`. → [n, F]."""
+def keys_at(model: GPT, rows: Sequence[Encoded], layer: int, site: str = "subject") -> Tensor:
+    """The keys (`mlp.hook_post` of `layer`) at the edit's sites, averaged over `rows` (one fact's
+    prompt and its context-prefixed copies, which share their target). → [P, F]."""
     name = f"blocks.{layer}.mlp.hook_post"
-    _, cache = model.run_with_cache(pad([e.inputs for e in encoded]).to(_device(model)), names=[name])
-    return torch.stack([cache[name][i, position(e, site)] for i, e in enumerate(encoded)]).double()
+    _, cache = model.run_with_cache(pad([e.inputs for e in rows]).to(_device(model)), names=[name])
+    return torch.stack([cache[name][i, positions(e, site)] for i, e in enumerate(rows)]).double().mean(0)
 
 
 @torch.no_grad()
@@ -223,29 +240,33 @@ def regularised_inverse_times(C: Tensor, ridge: float, rhs: Tensor) -> Tensor:
 
 
 def optimise_delta(model: GPT, req: Request, hook_name: str, p: EditParams) -> tuple[Tensor, Tensor]:
-    """δ [H] added to `hook_name` at the subject's last token (module docstring). Returns (δ, h),
-    h the hidden state there in the first row before the change."""
+    """δ [P, H] added to `hook_name` at the P edit sites (module docstring), the same δ in every
+    row; the bare subject gets δ₁ at its last token (the KL term). Returns (δ, h), h [P, H] the
+    hidden states there in the first row before the change."""
     device = _device(model)
     rows = [*(e.inputs for e in req.rows), req.essence]
     idx = pad(rows).to(device)  # [n + 1, S]
-    at = torch.tensor([position(e, p.site) for e in req.rows] + [len(req.essence) - 1], device=device)
+    sites = [positions(e, p.site) for e in req.rows]
     ess = len(rows) - 1
+    # (row, position, which δ) for every site of every row, then the bare subject's last token
+    row = torch.tensor([i for i, s in enumerate(sites) for _ in s] + [ess], device=device)
+    col = torch.tensor([j for s in sites for j in s] + [len(req.essence) - 1], device=device)
+    which = torch.tensor([j for s in sites for j in range(len(s))] + [0], device=device)
     logits, cache = model.run_with_cache(idx, names=[hook_name])
-    h = cache[hook_name][0, at[0]].detach()  # [H]
-    keep = torch.log_softmax(logits[ess, at[ess]].detach().float(), -1)  # [V]
+    h = cache[hook_name][0, sites[0]].detach()  # [P, H]
+    keep = torch.log_softmax(logits[ess, col[-1]].detach().float(), -1)  # [V]
     delta = torch.zeros_like(h, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=p.lr)
-    arange = torch.arange(len(rows), device=device)
 
     def add(x: Tensor, hook: object) -> Tensor:
-        return x.index_put((arange, at), x[arange, at] + delta)
+        return x.index_put((row, col), x[row, col] + delta[which])
 
     for _ in range(p.steps):
         with model.hooks([(hook_name, add)]):
             logits = model(idx)  # [n + 1, S, V]
         nll = torch.stack([-answer_logprob(logits[i, list(e.answer_positions)], e.target) / len(e.target)
                            for i, e in enumerate(req.rows)]).mean()  # fmt: skip
-        new = torch.log_softmax(logits[ess, at[ess]].float(), -1)
+        new = torch.log_softmax(logits[ess, col[-1]].float(), -1)
         kl = torch.sum(keep.exp() * (keep - new))
         loss = nll + p.kl_weight * kl + p.weight_decay * delta.pow(2).sum() / h.pow(2).sum().clamp_min(1e-12)
         if nll.item() < 0.05:
@@ -253,10 +274,9 @@ def optimise_delta(model: GPT, req: Request, hook_name: str, p: EditParams) -> t
         (grad,) = torch.autograd.grad(loss, [delta])
         delta.grad = grad
         opt.step()
-        with torch.no_grad():
-            limit = p.clamp_norm * h.norm()
-            if delta.norm() > limit:
-                delta.mul_(limit / delta.norm())
+        with torch.no_grad():  # ‖δ_j‖ ≤ κ ‖h_j‖
+            scale = (p.clamp_norm * h.norm(dim=-1) / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)  # [P]
+            delta.mul_(scale.unsqueeze(-1))
     return delta.detach(), h
 
 
@@ -264,11 +284,12 @@ def optimise_delta(model: GPT, req: Request, hook_name: str, p: EditParams) -> t
 
 
 def rome_update(W: Tensor, b: Tensor | None, k: Tensor, v: Tensor, C: Tensor, ridge: float) -> Tensor:
-    """ΔW = Λ (C⁻¹k)ᵀ with Λ = (v − W k − b) / ((C⁻¹k)ᵀ k). W [H, F], k [F], v [H] → [H, F]."""
-    W64, k, v = W.double(), k.double(), v.double()
-    u = regularised_inverse_times(C, ridge, k)  # [F]
-    residual = v - W64 @ k - (b.double() if b is not None else 0)  # [H]
-    return (torch.outer(residual, u) / (u @ k)).to(W.dtype)
+    """ΔW = (V − W K − b) (Kᵀ C⁻¹ K)⁻¹ (C⁻¹ K)ᵀ, for one key the rank-one Λ (C⁻¹k)ᵀ with
+    Λ = (v − W k − b) / ((C⁻¹k)ᵀ k). W [H, F]; k [F] and v [H], or K [F, P] and V [H, P] → [H, F]."""
+    K, V = (k.double(), v.double()) if k.dim() == 2 else (k.double()[:, None], v.double()[:, None])
+    U = regularised_inverse_times(C, ridge, K)  # [F, P]: C⁻¹ K
+    residual = V - W.double() @ K - (b.double()[:, None] if b is not None else 0)  # [H, P]
+    return (residual @ torch.linalg.solve(K.T @ U, U.T)).to(W.dtype)  # [H, P] [P, F]
 
 
 def memit_update(R: Tensor, K: Tensor, C: Tensor, mom2_weight: float, ridge: float) -> Tensor:
@@ -289,23 +310,24 @@ def rome(model: GPT, requests: Sequence[Request], stats: Callable[[int], Tensor]
     (layer,) = p.layers or (0,)
     mlp = model.blocks[layer].mlp
     for req in requests:
-        k = keys_at(model, req.rows, layer, p.site).mean(0)  # [F]: k*
-        delta, _ = optimise_delta(model, req, f"blocks.{layer}.hook_mlp_out", p)
+        K = keys_at(model, req.rows, layer, p.site).T  # [F, P]: k* (P = 1 at the subject)
+        delta, _ = optimise_delta(model, req, f"blocks.{layer}.hook_mlp_out", p)  # [P, H]
         with torch.no_grad():
-            v = mlp.w2.weight.double() @ k + (mlp.w2.bias.double() if mlp.w2.bias is not None else 0) + delta
-            mlp.w2.weight += rome_update(mlp.w2.weight, mlp.w2.bias, k, v, stats(layer), p.ridge)
+            b = mlp.w2.bias.double()[:, None] if mlp.w2.bias is not None else 0
+            V = mlp.w2.weight.double() @ K + b + delta.double().T  # [H, P]: v*
+            mlp.w2.weight += rome_update(mlp.w2.weight, mlp.w2.bias, K, V, stats(layer), p.ridge)
 
 
 def memit(model: GPT, requests: Sequence[Request], stats: Callable[[int], Tensor], p: EditParams) -> None:
     layers = sorted(p.layers or ())
     z_name = f"blocks.{layers[-1]}.hook_resid_post"
     found = [optimise_delta(model, req, z_name, p) for req in requests]
-    z = torch.stack([h + d for d, h in found]).double()  # [n, H]: targets for the last layer's stream
+    z = torch.cat([h + d for d, h in found]).double()  # [n, H]: targets for the last layer's stream, n sites
     mains = [req.rows[0] for req in requests]
     for i, layer in enumerate(layers):
-        K = torch.stack([keys_at(model, req.rows, layer, p.site).mean(0) for req in requests])  # [n, F]
+        K = torch.cat([keys_at(model, req.rows, layer, p.site) for req in requests])  # [n, F]
         _, cache = model.run_with_cache(pad([e.inputs for e in mains]).to(_device(model)), names=[z_name])
-        now = torch.stack([cache[z_name][j, position(e, p.site)] for j, e in enumerate(mains)]).double()  # [n, H]
+        now = torch.cat([cache[z_name][j, positions(e, p.site)] for j, e in enumerate(mains)]).double()  # [n, H]
         R = (z - now) / (len(layers) - i)  # [n, H]
         with torch.no_grad():
             w = model.blocks[layer].mlp.w2.weight
@@ -349,6 +371,8 @@ def resolve_params(model: GPT, method: str, params: EditParams | None) -> EditPa
     bad = [layer for layer in layers if not 0 <= layer < model.cfg.n_layers]
     if bad:
         raise UserError(f"layer {bad[0]} does not exist (the model has layers 0 to {model.cfg.n_layers - 1})")
+    if p.site not in SITES:
+        raise UserError(f"unknown site {p.site!r} (choose from: {', '.join(SITES)})")
     if method != "memit" and len(layers) != 1:
         raise UserError(f"{method} edits one layer, got layers {list(layers)}")
     return replace(p, layers=tuple(layers))

@@ -56,8 +56,9 @@ def section(tour: Tour) -> Section:
     maps = plot_trace(trace, tour.out / "knowledge", fact.target)
     memories = top_memories(run.model, run.tokenizer, fact.text().split(person.name)[0] + person.name, k=1)
     peaks = trace.to_json()["peaks"]
-    # locate, then edit: ROME's key is read where the trace finds the MLPs that matter
-    site = "subject" if peaks["mlp"]["token"] in trace.subject else "last"
+    # locate, then edit: ROME's site (the subject's last token) if the MLPs matter most there, as in
+    # GPT-2; else the positions that predict the answer, where a small model looks facts up
+    site = "subject" if peaks["mlp"]["subject_last"] else "answer"
     params, stats, prompts = sc.prepare_edits(run, "rome", replace(ed.DEFAULTS["rome"], site=site,
                                                                   stats_tokens=20_000))  # fmt: skip
     new = next(c for c in bios.CITIES if c != person.facts["birth_city"])
@@ -103,9 +104,12 @@ def _greedy(run: Run, fact: Fact) -> str:
 
 def _where(trace: Trace) -> str:
     token = trace.peak("mlp")[0]
+    if token == trace.subject[-1]:
+        return ("The MLPs matter most at the subject's last token: the fact is recalled there and moved to the "
+                "last token by attention, as ROME found in GPT-2.")  # fmt: skip
     if token in trace.subject:
-        return ("The MLPs matter most at the subject's tokens: the fact is recalled there and moved to the last "
-                "token by attention, as ROME found in GPT-2.")  # fmt: skip
+        return (f"The MLPs matter most at the subject's token {trace.tokens[token]!r}, not its last: this model "
+                "has not learnt to gather the name before looking the fact up.")  # fmt: skip
     if token == len(trace.tokens) - 1:
         return (
             "The MLPs matter most at the prompt's last token, not at the subject's last token as in GPT-2 "
@@ -147,8 +151,9 @@ def _html(summary: dict, data: str, acc: dict, answers: list, trace: Trace, maps
         + (
             "subject's last token, as in ROME"
             if demo["site"] == "subject"
-            else "prompt's last token, where the "
-            "trace finds the MLPs that matter (ROME reads it at the subject's last token, where GPT-2's traces peak)"
+            else "positions that predict the answer (the prompt's last token, then each answer token but the "
+            "last), where this model looks facts up; ROME reads it at the subject's last token, where GPT-2's traces "
+            "peak"
         )
         + f"; layer {demo['layer']}, {demo['seconds']:.2f} s.</p>"
         + html_table(demo["rows"], ("prompt", "before (greedy)", "after"))
