@@ -42,6 +42,25 @@ def test_export_round_trips_through_transformers(hf_model):
         torch.testing.assert_close(exported(idx).logits, model(idx), rtol=1e-4, atol=1e-4)
 
 
+def test_a_bias_free_model_exports_as_gpt2_with_zero_biases():
+    """nanoGPT's bias=False layout (the nanogpt-shakespeare-char preset): transformers' logits on the
+    exported weights equal ours within 1e-4, and every exported bias is zero."""
+    from dataclasses import replace
+
+    from llmlab.config import preset
+
+    torch.manual_seed(3)
+    cfg = replace(preset("nanogpt-shakespeare-char").model, vocab_size=65, n_layers=2, d_model=48, block_size=32)
+    assert cfg.bias is False
+    model = GPT(cfg).eval()
+    exported = to_hf_model(model)
+    idx = torch.randint(0, 65, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(idx).logits, model(idx), rtol=1e-4, atol=1e-4)
+    biases = [t for k, t in exported.state_dict().items() if k.endswith(".bias") and ".attn.bias" not in k]
+    assert biases and all(not t.any() for t in biases)
+
+
 def test_only_gpt2_layout_models_export():
     with pytest.raises(UserError, match="only GPT-2-layout models export"):
         to_hf_model(GPT(ModelConfig(vocab_size=32, n_layers=1, d_model=32)))

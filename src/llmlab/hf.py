@@ -58,7 +58,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """The `GPT2Config` fields of a GPT-2-layout llmlab config; other layouts are an error."""
+    """The `GPT2Config` fields of a GPT-2-layout llmlab config; other layouts are an error. A
+    bias-free model (nanoGPT's `bias=False`) is GPT-2 with zero biases: it exports as such."""
     gpt2 = preset("gpt2").model
     layout = (
         "positions",
@@ -66,7 +67,6 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "norm_placement",
         "final_norm",
         "tie_embeddings",
-        "bias",
         "embed_scale",
         "n_kv_heads",
     )
@@ -79,6 +79,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.d_model, n_layer=cfg.n_layers,
         n_head=cfg.n_heads, n_inner=cfg.d_ff, activation_function=act, layer_norm_epsilon=cfg.norm_eps,
         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, tie_word_embeddings=True,
+        # GPT-2's <|endoftext|> is id 50256; a vocabulary of our own has no such token
+        bos_token_id=50256 if cfg.vocab_size > 50256 else None, eos_token_id=50256 if cfg.vocab_size > 50256 else None,
     )  # fmt: skip
 
 
@@ -105,15 +107,23 @@ def state_dict_to_hf(model: GPT) -> dict[str, Tensor]:
     config_to_hf(model.cfg)  # raises for other layouts
     sd = model.state_dict()
     out = {"transformer.wte.weight": sd["embed.weight"], "transformer.wpe.weight": sd["pos_embed.weight"]}
-    out |= {f"transformer.ln_f.{p}": sd[f"ln_final.{p}"] for p in ("weight", "bias")}
+    out |= {f"transformer.ln_f.{p}": _bias_or_zeros(sd, f"ln_final.{p}") for p in ("weight", "bias")}
     for layer in range(model.cfg.n_layers):
         for hf_name, ours in _BLOCK_KEYS.items():
             for p in ("weight", "bias"):
-                t = sd[f"blocks.{layer}.{ours}.{p}"]
+                t = _bias_or_zeros(sd, f"blocks.{layer}.{ours}.{p}")
                 conv = f"{hf_name}.{p}" in _CONV1D
                 out[f"transformer.h.{layer}.{hf_name}.{p}"] = t.t().contiguous() if conv else t
     out["lm_head.weight"] = sd["embed.weight"]
     return out
+
+
+def _bias_or_zeros(sd: dict[str, Tensor], name: str) -> Tensor:
+    """sd[name], or for the missing bias of a bias-free model zeros [out] (the same function)."""
+    if name in sd or not name.endswith(".bias"):
+        return sd[name]
+    weight = sd[name.removesuffix(".bias") + ".weight"]  # [out, in] (Linear) or [H] (LayerNorm)
+    return torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
 
 
 def from_hf_model(hf_model: Any) -> GPT:

@@ -17,7 +17,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line on stderr and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        raise UserError(f"{self.prog}: {message}")
+        raise UserError(message if self.prog == "llmlab" else f"{self.prog}: {message}")
 
 
 def add_config_args(p: argparse.ArgumentParser, default_preset: str = "notes") -> None:
