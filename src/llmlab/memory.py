@@ -33,8 +33,11 @@ mixed-precision Adam; Korthikanti et al. 2022 (arXiv 2205.05198) §4 for activat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -338,7 +341,7 @@ def _allocator_peak(fn: Any) -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
@@ -347,6 +350,21 @@ def _allocator_peak(fn: Any) -> int:
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
             peak = max(peak, node.extra_fields.total_allocated)
     return peak
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Kineto writes "profiler_start"/"profiler_stop" lines to file descriptor 2 from C++ and no
+    setting turns them off: point fd 2 at /dev/null while the profiler starts and stops."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _state_tensors(optimizer: Any) -> list[Any]:
