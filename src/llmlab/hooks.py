@@ -34,6 +34,11 @@ class HookPoint(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x
 
+    def __call__(self, x: Tensor) -> Tensor:
+        # Unhooked, it is the identity without nn.Module's call machinery: about 5 µs a call on
+        # this project's CPU, and a decoded token passes ~13 hook points per layer.
+        return super().__call__(x) if self._forward_hooks or self._forward_pre_hooks else x
+
     def is_hooked(self) -> bool:
         return bool(self._forward_hooks)
 

@@ -28,6 +28,15 @@ from torch import Tensor, nn
 
 from llmlab.config import ModelConfig
 from llmlab.hooks import HookedModule, HookPoint
+from llmlab.matvec import Linear
+
+
+class Dropout(nn.Dropout):
+    """`nn.Dropout`, returning its input directly when it is the identity (eval mode or p = 0)."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return super().__call__(x) if self.training and self.p > 0 else x
+
 
 # --- positions ------------------------------------------------------------------------------
 
@@ -162,9 +171,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         h, h_kv, D = cfg.n_heads, cfg.kv_heads, cfg.d_head
-        self.qkv = nn.Linear(cfg.d_model, (h + 2 * h_kv) * D, bias=cfg.bias)  # [W^Q W^K W^V]
-        self.out = nn.Linear(h * D, cfg.d_model, bias=cfg.bias)  # W^O
-        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.qkv = Linear(cfg.d_model, (h + 2 * h_kv) * D, bias=cfg.bias)  # [W^Q W^K W^V]
+        self.out = Linear(h * D, cfg.d_model, bias=cfg.bias)  # W^O
+        self.attn_dropout = Dropout(cfg.dropout)
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()  # [B, S, h, D]
         self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()  # [B, h, S, T]
         self.hook_z = HookPoint()  # [B, S, h, D]: each head's output, before W^O
@@ -229,9 +238,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.w1 = nn.Linear(cfg.d_model, cfg.ff_width, bias=cfg.bias)  # [H → F]
-        self.w3 = nn.Linear(cfg.d_model, cfg.ff_width, bias=cfg.bias) if cfg.activation == "swiglu" else None
-        self.w2 = nn.Linear(cfg.ff_width, cfg.d_model, bias=cfg.bias)  # [F → H]
+        self.w1 = Linear(cfg.d_model, cfg.ff_width, bias=cfg.bias)  # [H → F]
+        self.w3 = Linear(cfg.d_model, cfg.ff_width, bias=cfg.bias) if cfg.activation == "swiglu" else None
+        self.w2 = Linear(cfg.ff_width, cfg.d_model, bias=cfg.bias)  # [F → H]
         self.hook_pre, self.hook_post = HookPoint(), HookPoint()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -274,7 +283,7 @@ class Block(nn.Module):
         self.ln1, self.ln2 = NORMS[cfg.norm](cfg), NORMS[cfg.norm](cfg)
         self.attn = CausalSelfAttention(cfg, layer)
         self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
         self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
 
@@ -311,10 +320,10 @@ class GPT(HookedModule):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.hook_embed = HookPoint()  # [B, S, H]
         self.hook_pos_embed = HookPoint() if self.pos_embed is not None else None  # [B, S, H]
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_final = NORMS[cfg.norm](cfg) if cfg.final_norm else nn.Identity()
-        self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # [H → V]
+        self.unembed = Linear(cfg.d_model, cfg.vocab_size, bias=False)  # [H → V]
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight  # one Parameter, counted once
         self.apply(self._init_weights)

@@ -71,7 +71,7 @@ def probs_from_logits(logits: Tensor, cfg: SamplingConfig) -> Tensor:
     """
     logits = logits.float()
     if cfg.temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = apply_temperature(logits, cfg.temperature)
     if cfg.top_k is not None:
         logits = top_k_filter(logits, cfg.top_k)
@@ -110,7 +110,7 @@ def generate_ids(model: GPT, idx: Tensor, max_new_tokens: int, cfg: SamplingConf
         else:
             logits = model(tokens[:, -S_max:])[:, -1]  # [B, V]
         probs = probs_from_logits(logits, cfg)  # [B, V]
-        nxt = sample(probs, generator)  # [B]
+        nxt = probs.argmax(-1) if cfg.temperature == 0 else sample(probs, generator)  # [B]: greedy needs no draw
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         yield nxt, probs
 

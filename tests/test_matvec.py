@@ -1,0 +1,81 @@
+"""The decoding fast paths equal the plain ones: split matrix-vector products against
+`torch.nn.functional.linear`, and greedy decoding with and without them token for token."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmlab import matvec
+from llmlab.config import preset
+from llmlab.model import GPT, Dropout
+from llmlab.sampling import SamplingConfig, generate_ids
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("parts", [2, 3, 4])
+@pytest.mark.parametrize(("N", "bias"), [(1000, True), (1001, False), (7, True)])
+def test_split_matvec_equals_f_linear(parts, N, bias):
+    """Reference: F.linear on the same x, W, b (one input row, any leading shape), N not divisible by parts too."""
+    g = torch.Generator().manual_seed(N + parts)
+    W = torch.randn(N, 96, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    for shape in [(96,), (1, 96), (1, 1, 96)]:
+        x = torch.randn(*shape, generator=g)
+        got = matvec.split_matvec(x, W, b, parts)
+        torch.testing.assert_close(got, F.linear(x, W, b), rtol=1e-5, atol=1e-5)
+        assert got.shape == (*shape[:-1], N)
+
+
+def test_linear_takes_the_split_only_for_one_row_of_a_large_weight(monkeypatch, two_threads):
+    calls = []
+    real = matvec.split_matvec
+    monkeypatch.setattr(matvec, "split_matvec", lambda *a: calls.append(a[1].shape) or real(*a))
+    monkeypatch.setattr(matvec, "MIN_ELEMENTS", 64 * 64)
+    big, small = matvec.Linear(64, 64), matvec.Linear(64, 63)  # 4096 and 4032 elements
+    x = torch.randn(1, 1, 64)
+    torch.testing.assert_close(big(x), F.linear(x, big.weight, big.bias), rtol=1e-5, atol=1e-5)
+    small(x), big(torch.randn(2, 1, 64)), big(torch.randn(1, 3, 64))  # too small; two rows; three rows
+    assert calls == [(64, 64)]
+    torch.set_num_threads(1)
+    big(x)
+    assert calls == [(64, 64)]  # one thread: nothing to split over
+
+
+def test_greedy_decoding_is_the_same_with_and_without_the_split(monkeypatch, two_threads):
+    """GPT-2 layout, every Linear split (MIN_ELEMENTS lowered): the same tokens as plain F.linear."""
+    cfg = replace(preset("gpt2").model, vocab_size=301, n_layers=2, d_model=64, n_heads=4, block_size=64)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 301, (1, 5), generator=torch.Generator().manual_seed(1))
+
+    def decode() -> list[int]:
+        return [int(t) for t, _ in generate_ids(model, idx, 40, SamplingConfig(0.0))]
+
+    monkeypatch.setattr(matvec, "MIN_ELEMENTS", 1)
+    calls = []
+    real = matvec.split_matvec
+    monkeypatch.setattr(matvec, "split_matvec", lambda *a: calls.append(1) or real(*a))
+    fast = decode()
+    assert len(calls) == 39 * (4 * cfg.n_layers + 1)  # qkv, out, w1, w2, head at each step after the prompt
+    monkeypatch.setattr(matvec, "MIN_ELEMENTS", 1 << 62)
+    assert decode() == fast
+
+
+def test_dropout_is_the_identity_only_when_it_should_be():
+    d = Dropout(0.5)
+    x = torch.ones(1000)
+    assert d.eval()(x) is x
+    assert Dropout(0.0).train()(x) is x
+    y = d.train()(x)
+    assert 0.3 < (y == 0).float().mean().item() < 0.7 and torch.allclose(y[y != 0], torch.tensor(2.0))
