@@ -33,8 +33,9 @@ def step_fn(model, optimizer, logits_of: Callable, x, y, bf16: bool) -> Callable
 
 
 def bench(shape: str, bf16: bool = False, reps: int = 7, device: str = "cpu",
-          compile: bool = False) -> tuple[float, float]:  # fmt: skip
-    """Median tokens/s (llmlab, transformers) for one training step at `shape`."""
+          compile: bool = False, peer: bool = True) -> tuple[float, float | None]:  # fmt: skip
+    """Median tokens/s (llmlab, transformers) for one training step at `shape`; transformers'
+    figure is None with `peer=False` (when only llmlab's is needed)."""
     ours, hf = model_pair(shape)
     ours.to(device).train()
     hf.to(device).train()
@@ -49,5 +50,4 @@ def bench(shape: str, bf16: bool = False, reps: int = 7, device: str = "cpu",
     hf_step = step_fn(hf, hf_opt, lambda m, t: m(t).logits, x, y, bf16)
     tokens = B * S
     ours_tps = tokens / median_seconds(ours_step, reps, warmup=3 if compile else 2)
-    hf_tps = tokens / median_seconds(hf_step, reps)
-    return ours_tps, hf_tps
+    return ours_tps, tokens / median_seconds(hf_step, reps) if peer else None

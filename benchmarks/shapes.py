@@ -26,7 +26,7 @@ def model_pair(shape: str, seed: int = 0, min_positions: int = 0) -> tuple[Any, 
 
     torch.manual_seed(seed)
     dims = SHAPES[shape] | {"n_positions": max(SHAPES[shape]["n_positions"], min_positions)}
-    cfg = GPT2Config(**dims, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(**dims, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
     hf = GPT2LMHeadModel(cfg)
     ours = from_hf_model(hf)
     return ours, hf

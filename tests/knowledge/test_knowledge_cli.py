@@ -47,6 +47,23 @@ def test_locate_prints_the_peaks_and_writes_heat_maps(capsys, bios_run, tmp_path
     assert code == 0 and "peak, mlp" in out and "heat maps:" in out
 
 
+def test_locate_facts_averages_the_traces_by_token_role(capsys, bios_run, tmp_path):
+    """--facts N: the mean indirect effect per role and layer, each role's value within the range of
+    effects a probability difference can have, heat maps written; a non-bios run is refused."""
+    argv = ["knowledge", "locate", str(bios_run), "--facts", "4", "--samples", "2", "--out", str(tmp_path / "avg")]
+    code, out, _ = run_cli(capsys, *argv, "--json")
+    result = json.loads(out)
+    assert code == 0 and result["facts"] == 4 and result["roles"][2] == "last subject token"
+    for kind in ("resid", "mlp", "attn"):
+        grid = result["effects"][kind]
+        assert len(grid) == 6 and all(len(row) == 2 for row in grid)
+        assert all(-1 <= x <= 1 for row in grid for x in row if x is not None)
+        assert result["peaks"][kind]["role"] in result["roles"]
+    assert all(Path(p).read_bytes().startswith(b"\x89PNG") for p in result["plots"])
+    code, out, _ = run_cli(capsys, *argv[:-1], str(tmp_path / "avg2"))
+    assert code == 0 and "last subject token" in out and "peak, mlp" in out
+
+
 def test_neurons_lists_the_most_active_memories_of_every_layer(capsys, bios_run):
     code, out, _ = run_cli(capsys, "knowledge", "neurons", str(bios_run), "--prompt", "Anya was born in", "--top", "2",
                            "--json")  # fmt: skip
@@ -122,7 +139,9 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
         ),
         ([*loc, "--prompt", "was born in", "--subject", subject, "--target", target], "is not a template"),
         ([*loc, "--prompt", prompt, "--subject", subject, "--target", " "], "tokenizes to nothing"),
-        ([*loc, "--prompt", prompt, "--subject", subject], "the following arguments are required: --target"),
+        ([*loc, "--prompt", prompt, "--subject", subject], "locate needs --target (or --facts N on a bios run)"),
+        ([*loc, "--facts", "0"], "--facts must be at least 1"),
+        ([*loc, "--facts", "3", "--prompt", prompt], "give either --facts N or --prompt/--subject/--target"),
         ([*edit, "--prompt", prompt, "--subject", subject, "--target", ""], "the target '' tokenizes to nothing"),
         ([*edit, "--requests", str(tmp / "notjson.jsonl")], "notjson.jsonl line 2 is not JSON"),
         ([*edit, "--requests", str(tmp / "fields.jsonl")], "line 1 must be an object with exactly the string fields"),

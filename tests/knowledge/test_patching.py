@@ -7,7 +7,7 @@ import torch
 
 from llmlab.errors import UserError
 from llmlab.knowledge import Fact, encode, pad
-from llmlab.knowledge.patching import KINDS, causal_trace, patch, plot_trace
+from llmlab.knowledge.patching import KINDS, ROLES, Trace, average_by_role, causal_trace, patch, plot_trace, role_of
 from tests.knowledge.conftest import random_model
 
 # the prompt ends in a space, so the answer "x" is one token, read at the prompt's last token
@@ -100,3 +100,28 @@ def test_padding_on_the_right_changes_no_logit_that_is_read():
         batch = model(pad([a.inputs, b.inputs]))
         alone = model(torch.tensor([a.inputs]))
     torch.testing.assert_close(batch[0, : len(a.inputs)], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_token_roles_follow_romes_figure_2():
+    """ "Anya Briar Forger was born in": three subject tokens, then 'was' (first subsequent), 'born'
+    (further), 'in' (last); a one-token subject is its last subject token; tokens before are None."""
+    roles = [role_of(i, range(0, 3), 6) for i in range(6)]
+    assert [ROLES[r] for r in roles] == ["first subject token", "middle subject tokens", "last subject token",
+                                         "first subsequent token", "further tokens", "last token"]  # fmt: skip
+    assert [role_of(i, range(1, 2), 3) for i in range(3)] == [None, 2, 5]
+
+
+def test_average_by_role_is_the_mean_over_the_facts_that_have_the_role():
+    """Hand-computed: two traces of 1 layer; the middle role exists in one of them only."""
+
+    def trace(effects: list[float], subject: range) -> Trace:
+        grid = torch.tensor(effects)[:, None] + 0.5  # p_{i,l} = p₀ + IE with p₀ = 0.5
+        return Trace([str(i) for i in range(len(effects))], subject, 0.9, 0.5, {"mlp": grid}, 1.0)
+
+    a = trace([0.1, 0.2, 0.3, 0.4, 0.5], range(0, 3))  # first, middle, last subject, first subsequent, last
+    b = trace([0.2, 0.6, 0.0, 0.1, 0.3], range(0, 2))  # first, last subject, first subsequent, further, last
+    avg = average_by_role([a, b])
+    want = [(0.1 + 0.2) / 2, 0.2, (0.3 + 0.6) / 2, (0.4 + 0.0) / 2, 0.1, (0.5 + 0.3) / 2]
+    torch.testing.assert_close(avg.effects["mlp"][:, 0], torch.tensor(want))
+    assert avg.peak("mlp") == ("last subject token", 0, pytest.approx(0.45))
+    assert avg.p_clean == pytest.approx(0.9) and avg.facts == 2

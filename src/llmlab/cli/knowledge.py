@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,13 @@ def locate(args: argparse.Namespace) -> None:
     from llmlab.knowledge import Fact
     from llmlab.knowledge.patching import causal_trace, plot_trace
 
+    if args.facts is not None:
+        if args.prompt or args.subject or args.target:
+            raise UserError("give either --facts N or --prompt/--subject/--target, not both")
+        return locate_average(args)
+    missing = [f"--{k}" for k in ("prompt", "subject", "target") if getattr(args, k) is None]
+    if missing:
+        raise UserError(f"locate needs {', '.join(missing)} (or --facts N on a bios run)")
     run = _load(args)
     trace = causal_trace(run.model, run.tokenizer, Fact(args.prompt, args.subject, args.target), args.noise,
                          args.samples, args.seed)  # fmt: skip
@@ -33,6 +41,42 @@ def locate(args: argparse.Namespace) -> None:
               f"(noise std {trace.noise_std:.3f})")  # fmt: skip
         table([(f"peak, {kind}", f"layer {p['layer']}, token {p['token']} {p['token_text']!r}"
                 + (" (subject's last)" if p["subject_last"] else "") + f", indirect effect {p['effect']:+.4f}")
+               for kind, p in out["peaks"].items()])  # fmt: skip
+        print("heat maps: " + ", ".join(out["plots"]))
+
+    emit(args, out, human)
+
+
+def locate_average(args: argparse.Namespace) -> None:
+    """Causal tracing of --facts random facts of a bios run, averaged by token role (ROME's Figure 2)."""
+    import random
+
+    from llmlab import bios
+    from llmlab.knowledge import Fact
+    from llmlab.knowledge.patching import ROLES, average_by_role, causal_trace, plot_average
+
+    if args.facts < 1:
+        raise UserError(f"--facts must be at least 1, got {args.facts}")
+    run = _load(args)
+    world = bios.world_of(run.meta.get("data", ""))
+    if world is None:
+        raise UserError(f"{run.path} was not trained on bios data; trace one fact with --prompt/--subject/--target")
+    rng = random.Random(f"locate-{args.seed}")
+    pairs = [(rng.choice(world.people), rng.choice(bios.BASE_ATTRIBUTES)) for _ in range(args.facts)]
+    facts = [Fact(bios.prompt(p, a), p.name, p.facts[a]) for p, a in pairs]
+    avg = average_by_role([causal_trace(run.model, run.tokenizer, f, args.noise, args.samples, args.seed)
+                           for f in facts])  # fmt: skip
+    out = {**avg.to_json(), "plots": [str(p) for p in plot_average(avg, Path(args.out))]}
+
+    def human() -> None:
+        print(f"{avg.facts} facts: mean p(answer) clean {avg.p_clean:.4f}, subject corrupted {avg.p_corrupt:.4f}")
+        for kind, grid in avg.effects.items():
+            print(f"\nmean indirect effect, restoring the {kind} (rows: token role, columns: layer)")
+            print(f"{'':<24}" + "".join(f"{layer:>8}" for layer in range(grid.shape[1])))
+            for role, row in zip(ROLES, grid.tolist(), strict=True):
+                print(f"{role:<24}" + "".join(f"{'–' if math.isnan(x) else f'{x:+.3f}':>8}" for x in row))
+        print()
+        table([(f"peak, {kind}", f"{p['role']}, layer {p['layer']}, mean indirect effect {p['effect']:+.4f}")
                for kind, p in out["peaks"].items()])  # fmt: skip
         print("heat maps: " + ", ".join(out["plots"]))
 
@@ -156,7 +200,8 @@ def _fact_args(s: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _locate_args(s: argparse.ArgumentParser) -> None:
-    _fact_args(s, required=True)
+    _fact_args(s, required=False)
+    s.add_argument("--facts", type=int, metavar="N", help="instead: average N random facts of a bios run by token role")
     s.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the subject embeddings' std")
     s.add_argument("--samples", type=int, default=10, help="noise draws averaged (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0)

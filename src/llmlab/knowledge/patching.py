@@ -16,12 +16,17 @@ token, averaged over `samples` draws of the noise. For an answer of several toke
 probability of all of them, Π_j p(t_j | prompt, t_<j).
 
 Activation patching is the general operation: replace an activation of one run by that of
-another (`patch`); causal tracing is patching clean states into a corrupted run.
+another (`patch`); causal tracing is patching clean states into a corrupted run. Over many
+facts, `average_by_role` averages the effects by the token's role in the prompt (first, middle
+and last subject token, the first token after it, further tokens, the last token), as ROME's
+Figure 2 does for GPT-2 XL, where the MLPs' effect peaks at the last subject token in the middle
+layers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +140,66 @@ def causal_trace(model: GPT, tokenizer: Tokenizer, fact: Fact, noise: float = 3.
     return Trace(tokens, fact.subject, p_clean, p_corrupt, restored, noise * sigma)
 
 
+# --- many facts: the indirect effect by token role (ROME's Figure 2) -----------------------------
+
+ROLES = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",
+         "further tokens", "last token")  # fmt: skip
+
+
+def role_of(token: int, subject: range, n_tokens: int) -> int | None:
+    """The index in ROLES of a prompt token; None for tokens before the subject. The prompt's last
+    token is "last token" even when it is also the first after the subject; a one-token subject is
+    its "last subject token"."""
+    if token == n_tokens - 1:
+        return 5
+    if token in subject:
+        return 2 if token == subject[-1] else 0 if token == subject[0] else 1
+    if token < subject.start:
+        return None
+    return 3 if token == subject.stop else 4
+
+
+@dataclass
+class AverageTrace:
+    facts: int
+    p_clean: float  # mean p* over the facts
+    p_corrupt: float  # mean p₀
+    effects: dict[str, Tensor]  # kind → mean indirect effect [len(ROLES), L]; NaN where no fact has the role
+
+    def peak(self, kind: str) -> tuple[str, int, float]:
+        """(role, layer, mean IE) where the mean indirect effect of `kind` is largest."""
+        ie = self.effects[kind].nan_to_num(float("-inf"))
+        r, layer = divmod(int(ie.argmax()), ie.shape[1])
+        return ROLES[r], layer, float(ie[r, layer])
+
+    def to_json(self) -> dict:
+        return {
+            "facts": self.facts, "p_clean": self.p_clean, "p_corrupt": self.p_corrupt, "roles": list(ROLES),
+            "peaks": {k: dict(zip(("role", "layer", "effect"), self.peak(k), strict=True)) for k in self.effects},
+            "effects": {k: [[None if math.isnan(x) else x for x in row] for row in v.tolist()]
+                        for k, v in self.effects.items()},
+        }  # fmt: skip
+
+
+def average_by_role(traces: Sequence[Trace]) -> AverageTrace:
+    """Each trace's indirect effects averaged within each token role, then over the traces that
+    have the role (a prompt with a two-token subject has no middle subject tokens)."""
+    kinds = list(traces[0].restored)
+    L = traces[0].restored[kinds[0]].shape[1]
+    sums = {k: torch.zeros(len(ROLES), L) for k in kinds}
+    counts = torch.zeros(len(ROLES), 1)
+    for t in traces:
+        roles = [role_of(i, t.subject, len(t.tokens)) for i in range(len(t.tokens))]
+        for r in set(roles) - {None}:
+            rows = [i for i, x in enumerate(roles) if x == r]
+            counts[r] += 1
+            for k in kinds:
+                sums[k][r] += t.effect(k)[rows].mean(0)
+    n = len(traces)
+    return AverageTrace(n, sum(t.p_clean for t in traces) / n, sum(t.p_corrupt for t in traces) / n,
+                        {k: v / counts for k, v in sums.items()})  # fmt: skip
+
+
 def _answer_prob(logits: Tensor, fact: Encoded) -> Tensor:
     """p(answer) per row. logits [B, T, V] → [B]."""
     return answer_logprob(logits[:, list(fact.answer_positions)], fact.target).exp()
@@ -147,26 +212,33 @@ TITLES = {"resid": "residual stream", "mlp": "MLP output", "attn": "attention ou
 
 def plot_trace(trace: Trace, out: Path, target: str = "") -> list[Path]:
     """One heat map per kind: p(answer) with h_i^(l) restored, tokens × layers, subject marked *."""
+    labels = [f"{t!r}*" if i in trace.subject else repr(t) for i, t in enumerate(trace.tokens)]
+    return [_heat_map(grid, labels, kind, f"p({target.strip() or 'answer'})", min(trace.p_corrupt, float(grid.min())),
+                      out / f"trace_{kind}.png") for kind, grid in trace.restored.items()]  # fmt: skip
+
+
+def plot_average(avg: AverageTrace, out: Path) -> list[Path]:
+    """One heat map per kind: the mean indirect effect, token roles × layers."""
+    return [_heat_map(grid, list(ROLES), kind, f"mean indirect effect ({avg.facts} facts)", None,
+                      out / f"trace_average_{kind}.png") for kind, grid in avg.effects.items()]  # fmt: skip
+
+
+def _heat_map(grid: Tensor, labels: list[str], kind: str, label: str, vmin: float | None, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    labels = [f"{t!r}*" if i in trace.subject else repr(t) for i, t in enumerate(trace.tokens)]
-    paths = []
-    for kind, grid in trace.restored.items():
-        fig, ax = plt.subplots(figsize=(1.2 + 0.45 * grid.shape[1], 0.9 + 0.32 * grid.shape[0]), dpi=120)
-        im = ax.imshow(grid.numpy(), cmap={"resid": "Purples", "mlp": "Greens", "attn": "Reds"}[kind],
-                       vmin=min(trace.p_corrupt, float(grid.min())), aspect="auto")  # fmt: skip
-        ax.set_yticks(range(len(labels)), labels, fontsize=8)
-        ax.set_xticks(range(grid.shape[1]))
-        ax.set_xlabel("layer")
-        ax.set_title(f"restoring the {TITLES[kind]}", fontsize=10)
-        fig.colorbar(im, ax=ax, label=f"p({target.strip() or 'answer'})")
-        fig.tight_layout()
-        path = out / f"trace_{kind}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(2.2 + 0.45 * grid.shape[1], 0.9 + 0.32 * grid.shape[0]), dpi=120)
+    im = ax.imshow(grid.numpy(), cmap={"resid": "Purples", "mlp": "Greens", "attn": "Reds"}[kind], vmin=vmin,
+                   aspect="auto")  # fmt: skip
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_xlabel("layer")
+    ax.set_title(f"restoring the {TITLES[kind]}", fontsize=10)
+    fig.colorbar(im, ax=ax, label=label)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
