@@ -52,20 +52,31 @@ def machine() -> dict[str, str]:
 @dataclass
 class Row:
     benchmark: str
-    ours: float
+    ours: float | None  # None: not run (the note says why)
     peer: float | None  # None when the row is against a ceiling, not a library
     unit: str
     target: str
     note: str = ""
+    goal: float | None = None  # what the ratio (or, without a peer, the value) must reach
+
+    @property
+    def shortfall(self) -> float | None:
+        """How far below its goal the row is, as a fraction of the goal; None if it meets it or has none."""
+        got = self.ratio if self.peer is not None else self.ours
+        if self.goal is None or got is None or got >= self.goal:
+            return None
+        return 1 - got / self.goal
 
     @property
     def ratio(self) -> float | None:
-        return self.ours / self.peer if self.peer else None
+        return self.ours / self.peer if self.peer and self.ours is not None else None
 
     def cells(self) -> list[str]:
         ratio = f"**{self.ratio:.2f}×**" if self.ratio is not None else "-"
         peer = f"{self.peer:,.1f}" if self.peer is not None else "-"
-        return [self.benchmark, f"{self.ours:,.1f}", peer, self.unit, ratio, self.target, self.note]
+        ours = f"{self.ours:,.1f}" if self.ours is not None else "not run"
+        missed = f"missed by {self.shortfall:.0%} of the target" if self.shortfall is not None else ""
+        return [self.benchmark, ours, peer, self.unit, ratio, self.target, "; ".join(filter(None, (missed, self.note)))]
 
 
 def markdown_table(rows: list[Row]) -> str:

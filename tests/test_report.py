@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
+
 from llmlab.cli import main
 from llmlab.config import preset
 from llmlab.report import run_tour
@@ -59,3 +61,28 @@ def test_tour_models_are_reused_only_when_trained_with_the_same_settings(tmp_pat
     tour.retrain = True
     tour.trained("m", TINY_VARIANTS["notes"], replace(cfg, seed=7), str(corpus_file))
     assert logs == []
+
+
+def test_generation_section_shows_each_sampling_setting_as_a_transform_of_softmax(trained_run):
+    """Reference: torch.softmax of the model's last logits, and scipy's entropy for H(p)."""
+    import numpy as np
+    import torch
+    from scipy.stats import entropy
+
+    from llmlab.run_dir import load_run
+    from llmlab.sections.generation import SETTINGS, distributions, prompts
+
+    run = load_run(trained_run)
+    prompt = prompts(run.tokenizer)[0]
+    header, rows = distributions(run, prompt, shown=3)
+    by_name = {r[0]: r for r in rows}
+    assert len(rows) == len(SETTINGS) and header[-2:] == ("tokens with p > 0", "H(p), nats")
+    greedy = by_name["greedy (T = 0)"]
+    assert greedy[1:5] == ("1.000", "0.000", "0.000", "1") and greedy[-1] == "0.000"
+    with torch.no_grad():
+        p = torch.softmax(run.model(torch.tensor([run.tokenizer.encode(prompt)]))[0, -1].double(), -1).numpy()
+    softmax_row = by_name["T = 1: softmax(logits)"]
+    np.testing.assert_allclose([float(x) for x in softmax_row[1:4]], np.sort(p)[::-1][:3], atol=6e-4)
+    assert float(softmax_row[-1]) == pytest.approx(entropy(p), abs=6e-4)
+    assert by_name["top-k 3"][4] == "3"
+    assert float(by_name["T = 0.5"][-1]) < float(softmax_row[-1]) < float(by_name["T = 1.5"][-1])

@@ -168,6 +168,30 @@ def test_bfloat16_autocast_trains_to_about_the_same_loss(tmp_path, corpus_file):
     assert bf16.val_loss != fp32.val_loss  # autocast really ran in bfloat16
 
 
+def test_bf16_autocast_on_a_cpu_that_emulates_it_is_warned_about(monkeypatch, tmp_path):
+    """Reference: /proc/cpuinfo's flags, written here for three CPUs."""
+    from llmlab import accounting
+    from llmlab.train import warn_if_bf16_is_emulated
+
+    cpuinfo = tmp_path / "cpuinfo"
+    real_open = open
+
+    def fake_open(path, *a, **k):
+        return real_open(cpuinfo, *a, **k) if path == "/proc/cpuinfo" else real_open(path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    bf16, fp32 = replace(TINY_TRAIN, dtype="bfloat16"), TINY_TRAIN
+    cpu = torch.device("cpu")
+    for flags, native in (("fpu sse avx2 fma", False), ("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16", True)):
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert accounting.cpu_has_native_bf16() is native
+        warning = warn_if_bf16_is_emulated(cpu, bf16)
+        assert (warning is not None) == (not native) and warn_if_bf16_is_emulated(cpu, fp32) is None
+        assert native or "no bf16 instructions" in warning
+    cpuinfo.write_text("processor\t: 0\n")  # no flags line: unknown, no warning
+    assert accounting.cpu_has_native_bf16() is None and warn_if_bf16_is_emulated(cpu, bf16) is None
+
+
 def test_max_minutes_stops_the_run_on_the_clock(tmp_path, corpus_file):
     cfg = replace(TINY_TRAIN, max_steps=100_000, max_minutes=0.01)  # 0.6 s
     result = train(TINY_VARIANTS["notes"], cfg, str(corpus_file), tmp_path / "r", progress=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -199,6 +200,16 @@ def split_loss(model: GPT, tokens: np.ndarray, block_size: int, device: torch.de
     return total / count, count
 
 
+def warn_if_bf16_is_emulated(device: torch.device, cfg: TrainConfig) -> str | None:
+    """The warning for bf16 autocast on a CPU without bf16 instructions, where it is ~10x slower."""
+    from llmlab.accounting import cpu_has_native_bf16
+
+    if cfg.dtype == "bfloat16" and device.type == "cpu" and cpu_has_native_bf16() is False:
+        return ("llmlab: warning: this CPU has no bf16 instructions (no AVX512-BF16 or AMX), so bf16 autocast is "
+                "emulated and much slower than float32; drop --dtype bfloat16 here")  # fmt: skip
+    return None
+
+
 def _autocast(device: torch.device, cfg: TrainConfig) -> Any:
     if cfg.dtype == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -238,6 +249,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | 
         torch.manual_seed(train_cfg.seed)
         model, state = (base.model if base is not None else GPT(model_cfg)), None
     splits = data_lib.read_splits(out / "data")
+    if d.main and (warning := warn_if_bf16_is_emulated(d.device, train_cfg)):
+        print(warning, file=sys.stderr)
     model.to(d.device).train()
     loop = _Loop(model, model_cfg, train_cfg, splits, out, d, state)
     stopped_by = loop.run(progress)
