@@ -27,34 +27,22 @@ import os
 import shlex
 import statistics
 import sys
-import time
 
 import torch
 
 from llmlab.model import GPT
 from llmlab.run_dir import Run, load_run
-from llmlab.sampling import SamplingConfig, encode_prompt, generate_ids
-from llmlab.speculative import SpeculativeStats, check_same_tokenizer, expected_tokens_per_call, speculative_ids
+from llmlab.sampling import SamplingConfig, encode_prompt
+from llmlab.speculative import SpeculativeStats, check_same_tokenizer, expected_tokens_per_call, side_by_side
 
 PROMPTS = ("def ", "class ", "import ", "    return ", "if __name__")
 
 
-@torch.inference_mode()
 def one_repetition(target: GPT, draft: GPT, prompts: list[list[int]], n: int, gamma: int, seed: int,
                    stats: SpeculativeStats) -> tuple[float, float]:  # fmt: skip
     """(plain tokens/s, speculative tokens/s) over all prompts."""
-    cfg, g = SamplingConfig(temperature=1.0), torch.Generator().manual_seed(seed)
-    t_plain = t_spec = 0.0
-    for ids in prompts:
-        idx = torch.tensor([ids])
-        t0 = time.perf_counter()
-        for _ in generate_ids(target, idx, n, cfg, g):
-            pass
-        t1 = time.perf_counter()
-        for _ in speculative_ids(target, draft, idx, n, gamma, cfg, g, stats):
-            pass
-        t_plain, t_spec = t_plain + t1 - t0, t_spec + time.perf_counter() - t1
-    return n * len(prompts) / t_plain, n * len(prompts) / t_spec
+    g = torch.Generator().manual_seed(seed)
+    return side_by_side(target, draft, prompts, n, gamma, SamplingConfig(1.0), g, stats)
 
 
 def main(argv: list[str] | None = None) -> None:

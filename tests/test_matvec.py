@@ -13,14 +13,13 @@ from llmlab import matvec
 from llmlab.config import preset
 from llmlab.model import GPT, Dropout
 from llmlab.sampling import SamplingConfig, generate_ids
+from tests.conftest import torch_threads
 
 
 @pytest.fixture
 def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 @pytest.mark.parametrize("parts", [2, 3, 4])

@@ -21,14 +21,7 @@ from llmlab.rejection import (
     rejection_sample_discrete,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensor ops: a second thread only adds synchronisation on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def within_3_se(rate: float, expected: float, proposed: int) -> bool:

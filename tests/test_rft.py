@@ -31,14 +31,7 @@ from llmlab.rft import (
 from llmlab.run_dir import load_run
 from llmlab.tasks import Example, Task, addition_correct, addition_task, exact_match, load_task, load_verifier
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- statistics and tasks -----------------------------------------------------------------------

@@ -32,14 +32,7 @@ from llmlab.sampling import SamplingConfig, generate_ids, generate_text, probs_f
 from llmlab.speculative import SpeculativeStats, check_pair, speculative_ids, speculative_text
 from tests.conftest import TINY_TRAIN, TINY_VARIANTS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- stubs ----------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ decoding token for token.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -24,7 +23,7 @@ from llmlab.run_dir import load_run
 from llmlab.sampling import SamplingConfig, encode_prompt, generate_ids
 from llmlab.sections import Section, Tour, html_table
 from llmlab.sections.generation import prompts
-from llmlab.speculative import SpeculativeStats, speculative_ids
+from llmlab.speculative import SpeculativeStats, side_by_side, speculative_ids
 
 GAMMA = 4
 
@@ -91,19 +90,9 @@ def measure(target: GPT, draft: GPT, prompt_ids: list[list[int]], n: int, repeat
     cfg, stats = SamplingConfig(), SpeculativeStats(GAMMA)
     plain_rates, spec_rates = [], []
     for rep in range(repeats):
-        g = torch.Generator().manual_seed(rep)
-        t_plain = t_spec = 0.0
-        for ids in prompt_ids:
-            idx = torch.tensor([ids])
-            t0 = time.perf_counter()
-            for _ in generate_ids(target, idx, n, cfg, g):
-                pass
-            t1 = time.perf_counter()
-            for _ in speculative_ids(target, draft, idx, n, GAMMA, cfg, g, stats):
-                pass
-            t_plain, t_spec = t_plain + t1 - t0, t_spec + time.perf_counter() - t1
-        plain_rates.append(n * len(prompt_ids) / t_plain)
-        spec_rates.append(n * len(prompt_ids) / t_spec)
+        plain, spec = side_by_side(target, draft, prompt_ids, n, GAMMA, cfg, torch.Generator().manual_seed(rep), stats)
+        plain_rates.append(plain)
+        spec_rates.append(spec)
     greedy = SamplingConfig(0.0)
     equal = all(
         [int(t) for t, _ in generate_ids(target, torch.tensor([ids]), n, greedy)]
