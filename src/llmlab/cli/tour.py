@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> None:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/tour", metavar="DIR", help="where the tour writes (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="a shorter tour: about a minute")
+    p.add_argument("--quick", action="store_true", help="a shorter tour: about a minute and a half")
     p.add_argument("--data", default="stdlib", help="the text to train on (default: stdlib)")
     p.add_argument("--minutes", type=float, help="training time for the notes' model (default: 4, --quick 0.6)")
     p.add_argument("--retrain", action="store_true", help="train again even if DIR holds the tour's model")
