@@ -24,7 +24,7 @@ from llmlab.accounting import cpu_has_native_bf16, measure_matmul_peak, train_st
 
 def memory_bandwidth(device: str = "cpu", nbytes: int = 1 << 28, reps: int = 5) -> float:
     """Bytes/s of reading a large tensor once (a sum over it), best of `reps`: what decoding does
-    with the weights. (A copy, which also writes, measures 20 GB/s here against 24 GB/s read.)"""
+    with the weights. (A copy also writes, and measures less.)"""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     best = float("inf")
     for _ in range(reps):

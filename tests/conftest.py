@@ -84,3 +84,12 @@ def one_thread() -> Iterator[None]:
     """For modules of tiny models: a second thread only adds synchronisation on a shared 2-core machine."""
     with torch_threads(1):
         yield
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`llmlab ARGV...` in-process: (exit code, stdout, stderr)."""
+    from llmlab.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -17,7 +17,7 @@ from llmlab.cli import main
 from llmlab.config import PRESETS, preset
 from llmlab.errors import UserError
 from llmlab.model import GPT
-from tests.conftest import TINY_VARIANTS
+from tests.conftest import TINY_VARIANTS, run_cli
 
 PATHS = ["sdpa", "explicit"]
 
@@ -49,12 +49,6 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     write_text(out / "tokenizer.json", tokenizer.to_json())
     write_json(out / "config.json", config_json(cfg, TrainConfig(batch_size=4)))
     return out
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # --- parameters -------------------------------------------------------------------------------

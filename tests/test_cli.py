@@ -16,14 +16,9 @@ import pytest
 from llmlab.cli import main
 from llmlab.run_dir import load_run
 from llmlab.sampling import SamplingConfig, generate_text
+from tests.conftest import run_cli
 
 TINY = ["--set", "n_layers=2", "--set", "d_model=32", "--set", "block_size=16", "--set", "eval_iters=2"]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_help_lists_every_command(capsys):

@@ -13,7 +13,6 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from llmlab.cli import main
 from llmlab.errors import UserError
 from llmlab.rft import (
     GREEDY,
@@ -30,6 +29,7 @@ from llmlab.rft import (
 )
 from llmlab.run_dir import load_run
 from llmlab.tasks import Example, Task, addition_correct, addition_task, exact_match, load_task, load_verifier
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,12 +186,6 @@ def test_rft_round_fine_tunes_on_the_kept_samples_and_reports(trained_run, tmp_p
     assert json.loads((out / "config.json").read_text())["init_from"] == str(trained_run)
     assert not torch.equal(tuned.model.embed.weight, load_run(trained_run).model.embed.weight)
     assert json.loads((out / "rft.json").read_text())["rounds"][0]["kept"] == r.kept
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_rft_json_write_corpus_and_best_of(capsys, trained_run, tmp_path, verifiers):

@@ -19,7 +19,6 @@ from scipy import stats
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from llmlab import score as score_lib
-from llmlab.cli import main
 from llmlab.config import ModelConfig
 from llmlab.data import sequential_batches
 from llmlab.errors import UserError
@@ -40,14 +39,9 @@ from llmlab.score import (
     token_pieces,
 )
 from llmlab.tokenizer import CharTokenizer, train_tokenizer
+from tests.conftest import run_cli
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,13 @@ from scipy import stats as scipy_stats
 from torch import Tensor, nn
 
 from llmlab import speculative
-from llmlab.cli import main
 from llmlab.config import ModelConfig
 from llmlab.errors import UserError
 from llmlab.model import GPT, KVCache
 from llmlab.run_dir import load_run
 from llmlab.sampling import SamplingConfig, generate_ids, generate_text, probs_from_logits
 from llmlab.speculative import SpeculativeStats, check_pair, speculative_ids, speculative_text
-from tests.conftest import TINY_TRAIN, TINY_VARIANTS
+from tests.conftest import TINY_TRAIN, TINY_VARIANTS, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -287,12 +286,6 @@ def test_library_rejects_gamma_below_1_another_vocabulary_and_too_long_a_generat
         check_pair(target, other, 4, 4)
     with pytest.raises(UserError, match="= 9 exceed the context of 8"):
         list(speculative_ids(target, draft, torch.tensor([[0, 1]]), 7, 2))
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_greedy_speculative_equals_plain_and_reports_its_figures(capsys, trained_run, draft_run):

@@ -9,11 +9,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from llmlab.cli import main
 from llmlab.config import PRESETS, TrainConfig, preset
 from llmlab.model import GPT
 from llmlab.trace import HOOKS, TraceRow, _row, letter_values, trace, weight_rows
-from tests.conftest import TINY_VARIANTS
+from tests.conftest import TINY_VARIANTS, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +29,6 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     write_text(out / "tokenizer.json", tokenizer.to_json())
     write_json(out / "config.json", config_json(cfg, TrainConfig()))
     return out
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("name", list(TINY_VARIANTS))

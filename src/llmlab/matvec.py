@@ -3,11 +3,11 @@
 Generating with a KV cache feeds one token per step, so each linear layer computes y = x·Wᵀ + b
 with x a single row [1, H_in]: every weight is read once per token and the speed is the memory
 bandwidth. PyTorch's CPU kernel for that product (MKL's gemv) runs on one thread. Measured on
-this project's 2-core machine with GPT-2's output layer (W [50257, 768], 154 MB, fp32): 13.5 GB/s
-through `F.linear` on 1 or 2 threads, 23.8 GB/s when the rows of W are split into a batch of two
-and multiplied by `torch.bmm` as x·Wᵢᵀ, which runs the batch on both threads — the machine's
-read bandwidth (23.7 GB/s for `tensor.sum()`). The layout matters: the same bmm written as Wᵢ·x
-with x a column [n, K, 1] runs at 6 GB/s.
+this project's 2-core machine with GPT-2 124M's weights (`python -m benchmarks.bench_matvec`):
+11-17 GB/s through `F.linear`, 16-26 GB/s when the rows of W are split into a batch of two and
+multiplied by `torch.bmm` as x·Wᵢᵀ, which runs the batch on both threads (a plain `sum()` reads
+28 GB/s there). The layout matters: the same bmm written as Wᵢ·x with x a column [n, K, 1]
+was a quarter as fast.
 
     W [N, K] ─ first n·⌊N/n⌋ rows as a view [n, N/n, K] ─ bmm: x [n, 1, K] · [n, K, N/n] ─► y [n · N/n]
              └ the N mod n rows left over ─ F.linear ─────────────────────────► y [N mod n]

@@ -11,14 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from llmlab import bios
-from llmlab.cli import main
 from llmlab.run_dir import load_run
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.conftest import run_cli
 
 
 def digest(folder: Path) -> dict[str, str]:
