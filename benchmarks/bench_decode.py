@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import median_seconds, sync
+from benchmarks.common import interleaved_medians, sync
 from benchmarks.shapes import model_pair
 from llmlab.sampling import SamplingConfig, generate_ids
 
@@ -37,4 +37,5 @@ def bench(
         return out[:, PROMPT:]
 
     same = torch.equal(ours_run(), hf_run())
-    return NEW / median_seconds(ours_run, reps), NEW / median_seconds(hf_run, reps), same
+    ours_s, hf_s = interleaved_medians([ours_run, hf_run], reps)
+    return NEW / ours_s, NEW / hf_s, same

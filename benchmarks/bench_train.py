@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import median_seconds, sync
+from benchmarks.common import interleaved_medians, sync
 from benchmarks.shapes import TRAIN_BATCH, model_pair
 from llmlab.config import TrainConfig
 from llmlab.train import make_optimizer
@@ -49,5 +49,5 @@ def bench(shape: str, bf16: bool = False, reps: int = 7, device: str = "cpu",
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.1)
     hf_step = step_fn(hf, hf_opt, lambda m, t: m(t).logits, x, y, bf16)
     tokens = B * S
-    ours_tps = tokens / median_seconds(ours_step, reps, warmup=3 if compile else 2)
-    return ours_tps, tokens / median_seconds(hf_step, reps) if peer else None
+    seconds = interleaved_medians([ours_step, hf_step] if peer else [ours_step], reps, warmup=3 if compile else 2)
+    return tokens / seconds[0], tokens / seconds[1] if peer else None

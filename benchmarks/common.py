@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,14 +14,24 @@ import torch
 
 def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
     """Median wall time of `fn()` over `reps` runs after `warmup` unmeasured ones."""
+    return interleaved_medians([fn], reps, warmup)[0]
+
+
+def interleaved_medians(fns: Sequence[Callable[[], object]], reps: int, warmup: int = 2) -> list[float]:
+    """Median wall time of each fn over `reps` runs, taken in turn (A B A B …) after `warmup`
+    unmeasured rounds. On a shared machine whose speed drifts by tens of percent over minutes
+    (this project's does), taking turns puts a slow spell on every side alike, so the ratio of
+    the medians holds still where back-to-back blocks of repetitions would not."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, spent in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - t0)
+    return [statistics.median(spent) for spent in times]
 
 
 def sync(device: torch.device) -> None:

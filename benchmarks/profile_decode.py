@@ -1,0 +1,72 @@
+"""Where one decoded token's time goes: the profile behind the decoding rows of BENCHMARKS.md.
+
+    python -m benchmarks.profile_decode [--shape tiny|124M] [--peer] [--top 12]
+
+Decodes as `bench_decode` does (batch 1, greedy, KV cache, 16-token prompt, 128 new tokens), once
+plainly for the wall time and once under PyTorch's profiler. Per token it prints the wall time,
+the time spent inside ATen operators (the profiler's self CPU time, summed), and the rest: Python,
+nn.Module calls and dispatch, which no kernel does. Then the operators that take the most time,
+with their calls per token. `--peer` profiles transformers' `generate` on the same weights too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.bench_decode import NEW, PROMPT
+from benchmarks.shapes import model_pair
+from llmlab.memory import _native_stderr_silenced
+from llmlab.sampling import SamplingConfig, generate_ids
+
+
+def decoders(shape: str) -> dict[str, Callable[[], object]]:
+    ours, hf = model_pair(shape, min_positions=PROMPT + NEW)
+    hf.generation_config.pad_token_id = hf.generation_config.eos_token_id = None
+    idx = torch.randint(0, ours.cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    greedy = SamplingConfig(0.0)
+    return {
+        "llmlab": lambda: [t for t, _ in generate_ids(ours, idx, NEW, greedy)],
+        "transformers": lambda: hf.generate(idx, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False),
+    }
+
+
+@torch.inference_mode()
+def profile_one(run: Callable[[], object], reps: int = 5) -> tuple[float, float, list[tuple[str, float, float]]]:
+    """(wall ms per token, operator ms per token, [(operator, ms per token, calls per token)])."""
+    run()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    wall = statistics.median(times) / NEW * 1e3
+    with _native_stderr_silenced(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+        run()
+    events = p.key_averages()
+    ops = sorted(((e.key, e.self_cpu_time_total / 1e3 / NEW, e.count / NEW) for e in events), key=lambda r: -r[1])
+    return wall, sum(ms for _, ms, _ in ops), ops
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="tiny", choices=["tiny", "124M"])
+    p.add_argument("--peer", action="store_true", help="profile transformers' generate as well")
+    p.add_argument("--top", type=int, default=12, help="operators to list")
+    args = p.parse_args(argv)
+    runs = decoders(args.shape)
+    for name in ["llmlab", "transformers"] if args.peer else ["llmlab"]:
+        wall, in_ops, ops = profile_one(runs[name])
+        print(f"\n{name}, {args.shape}: {wall:.3f} ms per token wall; {in_ops:.3f} ms inside ATen operators "
+              f"(profiled run); the rest, {max(wall - in_ops, 0):.3f} ms, is Python and dispatch")  # fmt: skip
+        print("| operator | ms per token | calls per token |\n|---|---|---|")
+        for key, ms, calls in ops[: args.top]:
+            print(f"| {key} | {ms:.3f} | {calls:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
