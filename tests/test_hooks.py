@@ -107,3 +107,30 @@ def test_hooks_are_removed_even_when_the_block_raises():
 def test_unknown_hook_name_is_a_key_error():
     with pytest.raises(KeyError, match="no hook point named"):
         build().run_with_cache(IDX, names="blocks.9.hook_resid_pre")
+
+
+def test_direct_attributes_are_the_same_objects_and_leave_no_trace():
+    """Reference: nn.Module's own lookup (`_modules`, `_parameters`) outside the block."""
+    model = build("gpt2")
+    attn = model.blocks[0].attn
+    assert "qkv" not in vars(attn)
+    with model.direct_attributes():
+        assert vars(attn)["qkv"] is attn._modules["qkv"] and vars(attn.qkv)["weight"] is attn.qkv._parameters["weight"]
+        assert vars(model)["unembed"] is model.unembed
+        inside = model(IDX)
+        replacement = torch.nn.Parameter(torch.zeros_like(attn.out.weight))
+        attn.out.weight = replacement  # nn.Module's __setattr__ drops the copy: the new one is used
+        assert attn.out.weight is replacement
+    assert all(n not in vars(m) for m in model.modules() for n in [*m._modules, *m._parameters])
+    torch.testing.assert_close(inside, build("gpt2")(IDX), rtol=0, atol=0)
+
+
+def test_hooks_fire_inside_direct_attributes_during_generation():
+    """Generation runs inside `direct_attributes`; a hook attached around it still sees every step."""
+    from llmlab.sampling import SamplingConfig, generate_ids
+
+    model = build("gpt2")
+    seen = []
+    with model.hooks([("blocks.1.hook_resid_post", lambda x, hook: seen.append(x.shape[1]))]):
+        steps = list(generate_ids(model, IDX[:1, :4], 5, SamplingConfig(0.0)))
+    assert len(steps) == 5 and seen == [4, 1, 1, 1, 1]  # the prompt, then one token at a time

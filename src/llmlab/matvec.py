@@ -31,22 +31,25 @@ def split_matvec(x: Tensor, weight: Tensor, bias: Tensor | None, parts: int) -> 
     """x·Wᵀ + b for one row x [..., K] (all leading sizes 1), W [N, K], with W's rows in `parts`
     blocks multiplied as one batch. → [..., N]."""
     N, K = weight.shape
-    rows = N // parts * parts
-    blocks = weight[:rows].view(parts, N // parts, K)  # [n, N/n, K], a view
-    xs = x.reshape(1, 1, K).expand(parts, 1, K)  # [n, 1, K]
-    y = torch.bmm(xs, blocks.transpose(1, 2)).reshape(rows)  # [n, 1, K]·[n, K, N/n] → [n·N/n]
+    n = N // parts  # rows per block
+    rows = n * parts
+    blocks = weight[:rows].view(parts, n, K).transpose(1, 2)  # [parts, K, n], a view
+    xs = x.reshape(1, 1, K).expand(parts, 1, K)  # [parts, 1, K]
+    if bias is None:
+        y = torch.bmm(xs, blocks).reshape(rows)  # [parts, 1, n] → [rows]
+    else:
+        y = torch.baddbmm(bias[:rows].view(parts, 1, n), xs, blocks).reshape(rows)  # b + x·Wᵢᵀ in one pass
     if rows < N:
-        y = torch.cat([y, weight[rows:] @ x.reshape(K)])  # [N]
-    if bias is not None:
-        y = y + bias
+        tail = weight[rows:] @ x.reshape(K) if bias is None else torch.addmv(bias[rows:], weight[rows:], x.reshape(K))
+        y = torch.cat([y, tail])  # [N]
     return y.reshape(*x.shape[:-1], N)
 
 
 def use_split(x: Tensor, weight: Tensor) -> bool:
     return (
-        x.device.type == "cpu"
-        and x.numel() == x.shape[-1]
+        x.numel() == x.shape[-1]  # one row; fails first, for every multi-row call
         and weight.numel() >= MIN_ELEMENTS
+        and x.device.type == "cpu"
         and torch.get_num_threads() > 1
         and weight.dtype == x.dtype
     )

@@ -99,20 +99,29 @@ def generate_ids(model: GPT, idx: Tensor, max_new_tokens: int, cfg: SamplingConf
     full, every step re-reads the last S tokens (a sliding window, as nanoGPT does), because
     absolute positions shift and the cache no longer applies.
     """
+    B, S0 = idx.shape
     S_max = model.cfg.block_size
-    tokens = idx
-    cache = KVCache(model.cfg, idx.shape[0], idx.device, _dtype(model)) if use_cache else None
-    fed = 0  # tokens already in the cache
-    for _ in range(max_new_tokens):
-        if cache is not None and tokens.shape[1] <= S_max:
-            logits = model(tokens[:, fed:], cache=cache)[:, -1]  # [B, V]
-            fed = tokens.shape[1]
-        else:
-            logits = model(tokens[:, -S_max:])[:, -1]  # [B, V]
-        probs = probs_from_logits(logits, cfg)  # [B, V]
-        nxt = probs.argmax(-1) if cfg.temperature == 0 else sample(probs, generator)  # [B]: greedy needs no draw
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        yield nxt, probs
+    tokens = torch.empty(B, S0 + max_new_tokens, dtype=idx.dtype, device=idx.device)  # [B, S₀ + new], filled as we go
+    tokens[:, :S0] = idx
+    length = S0
+    cache = None
+    if use_cache:  # sized to what this call can fill, not the whole context
+        cache = KVCache(model.cfg, B, idx.device, _dtype(model), max_len=min(S_max, S0 + max_new_tokens))
+    with model.direct_attributes():  # a fifth of a small model's time per token; see there
+        for _ in range(max_new_tokens):
+            if cache is not None and length <= S_max:
+                logits = model(tokens[:, cache.pos : length], cache=cache)[:, -1]  # [B, V]
+            else:
+                logits = model(tokens[:, max(0, length - S_max) : length])[:, -1]  # [B, V]
+            if cfg.temperature == 0:  # greedy needs no draw; its distribution is the one-hot at the argmax
+                nxt = logits.argmax(-1)  # [B]
+                probs = torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, nxt[:, None], 1.0)
+            else:
+                probs = probs_from_logits(logits, cfg)  # [B, V]
+                nxt = sample(probs, generator)  # [B]
+            tokens[:, length] = nxt
+            length += 1
+            yield nxt, probs
 
 
 def _dtype(model: GPT) -> torch.dtype:
