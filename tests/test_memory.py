@@ -64,6 +64,7 @@ MEASURED = {  # (config, B, S): the peak falls at a different moment of the step
     "llama-tiny, large vocabulary": (replace(TINY_VARIANTS["llama-tiny"], vocab_size=2048), 4, 16),
     "gpt2 style, explicit attention": (replace(TINY_VARIANTS["gpt2"], attention="explicit"), 4, 16),
     "tied head, one token": (replace(TINY_VARIANTS["notes"], vocab_size=1024, n_layers=4), 1, 2),
+    "large tied head, one gradient": (replace(TINY_VARIANTS["gpt2"], vocab_size=1 << 15), 1, 2),  # V·H = 1 M
     "untied, many layers": (replace(TINY_VARIANTS["llama-tiny"], n_layers=6), 1, 4),
 }  # fmt: skip
 
@@ -81,11 +82,12 @@ def test_predicted_training_peak_is_within_10_percent_of_the_measured_peak(name)
     assert abs(predicted.predicted_peak - measured.peak) <= 0.01 * measured.peak  # in fact within 1%
 
 
-def test_the_measured_configs_peak_at_three_different_moments():
+def test_the_measured_configs_peak_at_four_different_moments():
     """The log-softmax backward (large V), the last block's FFN backward (large B·S), the end of
-    backward (large model, small B·S): the measurements above check each."""
+    backward (large model, small B·S), the output layer's backward (a large tied W written once,
+    tiny B·S): the measurements above check each."""
     moments = {memory.train_memory(cfg, B, S).peak_moment for cfg, B, S in MEASURED.values()}
-    assert len(moments) == 3
+    assert len(moments) == 4
 
 
 def test_allocator_peak_sees_a_known_allocation_pattern():

@@ -13,10 +13,13 @@ with the batch B and the sequence S. Here both are exact for this implementation
                                            (with B = 1 or h = 1, Q is saved as a view of QKV)
                  ffn:        ReLU uF  |  GELU 2uF  |  SwiGLU 4uF
                  head:       the final norm's tensors (or the unembedding's input) + log-probs B·S·V·4
-    peak         static + the largest of four moments of the step: the log-softmax backward
-                 (activations + 2·B·S·V·4), the first and the last block's FFN backward, and the
-                 end of backward (all gradients, 4 bytes/param, + with a tied head the
-                 embedding's own gradient and its sum with the head's, 2·V·H·4)
+    peak         static + the largest of five moments of the step: the log-softmax backward
+                 (activations + 2·B·S·V·4), the output layer's backward (activations, less the
+                 log-probs, + the logits' gradient B·S·V·4 + W's gradient V·H·4 + h's gradient
+                 B·S·H·4), the first and the last block's FFN backward, and the
+                 end of backward (all gradients, 4 bytes/param, + with a small tied head the
+                 embedding's own gradient and its sum with the head's, 2·V·H·4; a large one,
+                 V·H ≥ `tying.MIN_ELEMENTS`, gets its one gradient written once: llmlab.tying)
 
 The CPU measurement (`measure_train_peak`) is what `torch.cuda.max_memory_allocated` would be on
 a GPU: the bytes of the tensors alive at the start of a steady-state step (parameters, buffers,
@@ -175,16 +178,25 @@ def train_memory(cfg: ModelConfig, batch: int, seq: int) -> TrainMemory:
     enter = ffn_backward - (u + _norm_saved(cfg, batch, seq) if cfg.norm_placement == "post" else 0)
     moments = {
         "log-softmax backward": acts.total + 2 * acts.log_probs,
+        # the log-probs are freed; the logits' gradient, W's gradient [V, H] and h's gradient are alive
+        "output layer's backward": acts.total + V * H * FP32 + u,
         "last block's FFN backward": acts.total - acts.head + head_grad + enter,
         "first block's FFN backward": acts.positions + acts.layer + head_grad
         + (cfg.n_layers - 1) * layer_params * FP32 + enter,
         # tied: the embedding's own gradient [V, H], then its sum with the head's, made out of place
-        "end of backward, optimizer step": P * FP32 + (2 * V * H * FP32 if cfg.tie_embeddings else 0),
+        "end of backward, optimizer step": P * FP32 + (2 * V * H * FP32 if _two_tied_gradients(cfg) else 0),
     }  # fmt: skip
     return TrainMemory(
         weights=P * FP32, buffers=buffer_bytes(cfg), optimizer=2 * P * FP32 + len(shapes) * FP32,
         gradients=P * FP32, batch=2 * batch * seq * INT64, activations=acts, moments=moments,
     )  # fmt: skip
+
+
+def _two_tied_gradients(cfg: ModelConfig) -> bool:
+    """Whether autograd makes the tied matrix two [V, H] gradients and sums them (see llmlab.tying)."""
+    from llmlab import tying
+
+    return cfg.tie_embeddings and cfg.vocab_size * cfg.d_model < tying.MIN_ELEMENTS
 
 
 def buffer_bytes(cfg: ModelConfig) -> int:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmlab import tying
 from llmlab.config import ModelConfig
 from llmlab.hooks import HookedModule, HookPoint
 from llmlab.matvec import Linear
@@ -305,6 +306,13 @@ class Block(nn.Module):
 # --- the model ------------------------------------------------------------------------------
 
 
+class OutputLayer(Linear):
+    """logits = h·Wᵀ, W [V, H]; while training a tied model, through `tying.TiedGradient`."""
+
+    def forward(self, x: Tensor, tie: tying.TiedGradient | None = None) -> Tensor:
+        return super().forward(x) if tie is None else tie.head(x, self.weight)
+
+
 class GPT(HookedModule):
     """Decoder-only language model: `forward(idx [B, S]) → logits [B, S, V]`, always.
 
@@ -327,7 +335,7 @@ class GPT(HookedModule):
         self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_final = NORMS[cfg.norm](cfg) if cfg.final_norm else nn.Identity()
-        self.unembed = Linear(cfg.d_model, cfg.vocab_size, bias=False)  # [H → V]
+        self.unembed = OutputLayer(cfg.d_model, cfg.vocab_size, bias=False)  # [H → V]
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight  # one Parameter, counted once
         self.apply(self._init_weights)
@@ -350,7 +358,8 @@ class GPT(HookedModule):
         limit = cache.max_len if cache is not None else self.cfg.block_size
         if limit < P + S:
             raise ValueError(f"{P + S} positions exceed the context of {limit}")
-        x = self.embed(idx)  # [B, S, H]
+        tie = tying.TiedGradient() if self._tied_training() else None  # one gradient for W_E; see tying.py
+        x = self.embed(idx) if tie is None else tie.lookup(idx, self.embed.weight)  # [B, S, H]
         x = self.hook_embed(x * self.embed_scale if self.embed_scale != 1.0 else x)
         pos = torch.arange(P, P + S, device=idx.device)  # [S]
         if self.pos_embed is not None:
@@ -361,7 +370,15 @@ class GPT(HookedModule):
             x = block(x, rope, cache)  # [B, S, H]
         if cache is not None:
             cache.pos += S
-        return self.unembed(self.ln_final(x))  # [B, S, V]
+        x = self.ln_final(x)
+        return self.unembed(x, tie)  # [B, S, V]
+
+    def _tied_training(self) -> bool:
+        return (
+            self.cfg.tie_embeddings and self.training and torch.is_grad_enabled()
+            and self.embed.weight.requires_grad and self.embed.weight.numel() >= tying.MIN_ELEMENTS
+            and not torch.compiler.is_compiling()
+        )  # fmt: skip
 
     def num_params(self) -> int:
         """Parameters, each counted once: a tied head shares the embedding's, and the
