@@ -4,6 +4,8 @@ is widened from 64 to 144 positions so that neither side slides a window."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from benchmarks.common import interleaved_medians, sync
@@ -14,9 +16,14 @@ PROMPT, NEW = 16, 128
 
 
 def bench(
-    shape: str, reps: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[float, float, bool]:
-    """Median tokens/s (llmlab, transformers) and whether both produced the same tokens."""
+    shape: str,
+    reps: int = 5,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    probe: Callable[[], object] | None = None,
+) -> tuple[float, float, bool, float | None]:
+    """Median tokens/s (llmlab, transformers), whether both produced the same tokens, and the
+    median seconds of `probe()` (a ceiling's measurement) timed in the same turns, if given."""
     ours, hf = model_pair(shape, min_positions=PROMPT + NEW)
     ours.to(device, dtype)
     hf.to(device, dtype)
@@ -37,5 +44,5 @@ def bench(
         return out[:, PROMPT:]
 
     same = torch.equal(ours_run(), hf_run())
-    ours_s, hf_s = interleaved_medians([ours_run, hf_run], reps)
-    return NEW / ours_s, NEW / hf_s, same
+    ours_s, hf_s, *probe_s = interleaved_medians([ours_run, hf_run] + ([probe] if probe else []), reps)
+    return NEW / ours_s, NEW / hf_s, same, probe_s[0] if probe_s else None

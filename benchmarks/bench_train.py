@@ -32,9 +32,11 @@ def step_fn(model, optimizer, logits_of: Callable, x, y, bf16: bool) -> Callable
     return step
 
 
-def bench(shape: str, bf16: bool = False, reps: int = 7, device: str = "cpu",
-          compile: bool = False, peer: bool = True) -> tuple[float, float | None]:  # fmt: skip
-    """Median tokens/s (llmlab, transformers) for one training step at `shape`; transformers'
+def bench(shape: str, bf16: bool = False, reps: int = 7, device: str = "cpu", compile: bool = False,
+          peer: bool = True, probe: Callable[[], object] | None = None,
+          ) -> tuple[float, float | None, float | None]:  # fmt: skip
+    """Median tokens/s (llmlab, transformers) for one training step at `shape`, and the median
+    seconds of `probe()` (a ceiling's measurement) timed in the same turns, if given; transformers'
     figure is None with `peer=False` (when only llmlab's is needed)."""
     ours, hf = model_pair(shape)
     ours.to(device).train()
@@ -49,5 +51,6 @@ def bench(shape: str, bf16: bool = False, reps: int = 7, device: str = "cpu",
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.1)
     hf_step = step_fn(hf, hf_opt, lambda m, t: m(t).logits, x, y, bf16)
     tokens = B * S
-    seconds = interleaved_medians([ours_step, hf_step] if peer else [ours_step], reps, warmup=3 if compile else 2)
-    return tokens / seconds[0], tokens / seconds[1] if peer else None
+    fns = [ours_step] + ([hf_step] if peer else []) + ([probe] if probe else [])
+    seconds = interleaved_medians(fns, reps, warmup=3 if compile else 2)
+    return tokens / seconds[0], tokens / seconds[1] if peer else None, seconds[-1] if probe else None
