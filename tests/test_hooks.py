@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from llmlab.hooks import direct_attributes
 from llmlab.model import GPT
 from tests.conftest import TINY_VARIANTS
 
@@ -114,7 +115,7 @@ def test_direct_attributes_are_the_same_objects_and_leave_no_trace():
     model = build("gpt2")
     attn = model.blocks[0].attn
     assert "qkv" not in vars(attn)
-    with model.direct_attributes():
+    with direct_attributes(model):
         assert vars(attn)["qkv"] is attn._modules["qkv"] and vars(attn.qkv)["weight"] is attn.qkv._parameters["weight"]
         assert vars(model)["unembed"] is model.unembed
         inside = model(IDX)

@@ -82,32 +82,6 @@ class HookedModule(nn.Module):
             for handle in handles:
                 handle.remove()
 
-    @contextmanager
-    def direct_attributes(self) -> Iterator[HookedModule]:
-        """Inside the block, every submodule and parameter is also a plain instance attribute of
-        its owner, so `self.qkv`, `self.weight`, `self.hook_q` ... are found without
-        nn.Module.__getattr__.
-
-        nn.Module keeps submodules and parameters in dicts of its own; Python consults
-        `__getattr__` only after the ordinary lookup has failed, which costs about a microsecond,
-        and one decoded token of a small model makes ~45 such lookups per layer: a fifth of its
-        time (`python -m benchmarks.profile_decode`). The copies are the same objects, so hooks,
-        in-place edits and `.data` swaps act on them; they are removed on exit. Reassigning a
-        submodule or parameter inside the block is safe too (nn.Module's `__setattr__` drops the
-        copy).
-        """
-        bound = []
-        for module in self.modules():
-            for name, value in [*module._modules.items(), *module._parameters.items()]:
-                if value is not None and name not in module.__dict__:
-                    module.__dict__[name] = value
-                    bound.append((module, name))
-        try:
-            yield self
-        finally:
-            for module, name in bound:
-                module.__dict__.pop(name, None)
-
     def run_with_cache(
         self, *args: Any, names: NameFilter | Sequence[str] | None = None, **kwargs: Any
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -120,6 +94,32 @@ class HookedModule(nn.Module):
         with self.hooks([(name, save) for name in self.hook_names(names)]):
             logits = self(*args, **kwargs)
         return logits, cache
+
+
+@contextmanager
+def direct_attributes(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, every submodule and parameter of `model` is also a plain instance
+    attribute of its owner, so `self.qkv`, `self.weight`, `self.hook_q` ... are found without
+    nn.Module.__getattr__.
+
+    nn.Module keeps submodules and parameters in dicts of its own; Python consults `__getattr__`
+    only after the ordinary lookup has failed, which costs about a microsecond, and one decoded
+    token of a small model makes ~45 such lookups per layer: a fifth of its time
+    (`python -m benchmarks.profile_decode`). The copies are the same objects, so hooks, in-place
+    edits and `.data` swaps act on them; they are removed on exit. Reassigning a submodule or
+    parameter inside the block is safe too (nn.Module's `__setattr__` drops the copy).
+    """
+    bound = []
+    for module in model.modules():
+        for name, value in [*module._modules.items(), *module._parameters.items()]:
+            if value is not None and name not in module.__dict__:
+                module.__dict__[name] = value
+                bound.append((module, name))
+    try:
+        yield model
+    finally:
+        for module, name in bound:
+            module.__dict__.pop(name, None)
 
 
 def _adapt(fn: HookFn) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor | None]:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from llmlab.errors import UserError
+from llmlab.hooks import direct_attributes
 from llmlab.model import GPT, KVCache
 from llmlab.tokenizer import Tokenizer, decode_stream
 
@@ -107,7 +108,7 @@ def generate_ids(model: GPT, idx: Tensor, max_new_tokens: int, cfg: SamplingConf
     cache = None
     if use_cache:  # sized to what this call can fill, not the whole context
         cache = KVCache(model.cfg, B, idx.device, _dtype(model), max_len=min(S_max, S0 + max_new_tokens))
-    with model.direct_attributes():  # a fifth of a small model's time per token; see there
+    with direct_attributes(model):  # a fifth of a small model's time per token; see there
         for _ in range(max_new_tokens):
             if cache is not None and length <= S_max:
                 logits = model(tokens[:, cache.pos : length], cache=cache)[:, -1]  # [B, V]

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from llmlab.errors import UserError
+from llmlab.hooks import direct_attributes
 from llmlab.model import GPT, KVCache
 from llmlab.run_dir import Run
 from llmlab.sampling import Generation, SamplingConfig, generate_ids, generate_text, probs_from_logits, sample
@@ -187,25 +188,27 @@ def speculative_ids(target: GPT, draft: GPT, idx: Tensor, max_new_tokens: int, g
     """
     check_pair(target, draft, gamma, idx.shape[1] + max_new_tokens)
     stats = stats if stats is not None else SpeculativeStats(gamma)
-    caches = [KVCache(m.cfg, idx.shape[0], idx.device, next(m.parameters()).dtype) for m in (target, draft)]
-    cache_p, cache_q = caches
+    length = idx.shape[1] + max_new_tokens  # what the caches can come to hold
+    cache_p, cache_q = (KVCache(m.cfg, idx.shape[0], idx.device, next(m.parameters()).dtype, length)
+                        for m in (target, draft))  # fmt: skip
     tokens, done = idx, 0  # [B, T]
-    while done < max_new_tokens:
-        g = min(gamma, max_new_tokens - done - 1)  # the last round may need fewer drafts
-        T = tokens.shape[1]
-        x, q = propose(draft, cache_q, tokens, g, cfg, generator)  # [B, g], [B, g, V]
-        p = score(target, cache_p, tokens, x, cfg)  # [B, g+1, V]
-        ok, n = accept(p, q, x, generator) if g else (None, torch.zeros_like(idx[:, 0]))
-        m = int(n.min())  # every row keeps m drafts (see the module docstring)
-        t = correct(p, q, x, ok, m, generator)  # [B]
-        emitted = torch.cat([x[:, :m], t[:, None]], dim=1)  # [B, m+1]
-        cache_p.truncate(T + m)  # step 5: the target's cache keeps prefix + x_1 … x_m
-        cache_q.truncate(min(cache_q.pos, T + m))
-        tokens = torch.cat([tokens, emitted], dim=1)
-        _count(stats, g, n, m)
-        for i in range(m + 1):
-            yield emitted[:, i], p[:, i]
-        done += m + 1
+    with direct_attributes(target), direct_attributes(draft):  # as plain decoding does; see hooks.py
+        while done < max_new_tokens:
+            g = min(gamma, max_new_tokens - done - 1)  # the last round may need fewer drafts
+            T = tokens.shape[1]
+            x, q = propose(draft, cache_q, tokens, g, cfg, generator)  # [B, g], [B, g, V]
+            p = score(target, cache_p, tokens, x, cfg)  # [B, g+1, V]
+            ok, n = accept(p, q, x, generator) if g else (None, torch.zeros_like(idx[:, 0]))
+            m = int(n.min())  # every row keeps m drafts (see the module docstring)
+            t = correct(p, q, x, ok, m, generator)  # [B]
+            emitted = torch.cat([x[:, :m], t[:, None]], dim=1)  # [B, m+1]
+            cache_p.truncate(T + m)  # step 5: the target's cache keeps prefix + x_1 … x_m
+            cache_q.truncate(min(cache_q.pos, T + m))
+            tokens = torch.cat([tokens, emitted], dim=1)
+            _count(stats, g, n, m)
+            for i in range(m + 1):
+                yield emitted[:, i], p[:, i]
+            done += m + 1
 
 
 def _count(stats: SpeculativeStats, g: int, n: Tensor, m: int) -> None:
