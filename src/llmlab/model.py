@@ -370,8 +370,7 @@ class GPT(HookedModule):
             x = block(x, rope, cache)  # [B, S, H]
         if cache is not None:
             cache.pos += S
-        x = self.ln_final(x)
-        return self.unembed(x, tie)  # [B, S, V]
+        return self.unembed(self.ln_final(x), tie)  # [B, S, V]
 
     def _tied_training(self) -> bool:
         return (

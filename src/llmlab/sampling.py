@@ -114,12 +114,8 @@ def generate_ids(model: GPT, idx: Tensor, max_new_tokens: int, cfg: SamplingConf
                 logits = model(tokens[:, cache.pos : length], cache=cache)[:, -1]  # [B, V]
             else:
                 logits = model(tokens[:, max(0, length - S_max) : length])[:, -1]  # [B, V]
-            if cfg.temperature == 0:  # greedy needs no draw; its distribution is the one-hot at the argmax
-                nxt = logits.argmax(-1)  # [B]
-                probs = torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, nxt[:, None], 1.0)
-            else:
-                probs = probs_from_logits(logits, cfg)  # [B, V]
-                nxt = sample(probs, generator)  # [B]
+            probs = probs_from_logits(logits, cfg)  # [B, V]
+            nxt = probs.argmax(-1) if cfg.temperature == 0 else sample(probs, generator)  # [B]: greedy needs no draw
             tokens[:, length] = nxt
             length += 1
             yield nxt, probs
