@@ -191,7 +191,7 @@ def render(rows: list[Row], command: str, reps: int, device: str, seconds: float
     return f"""## Benchmarks on {device}
 
 Produced by `{command.strip()}` in {seconds:.0f} s; each figure is the median of {reps} repetitions after
-warm-up, llmlab and its peer measured one after the other in the same process.
+warm-up, llmlab and its peer taking turns in every repetition (A B A B …) in the same process.
 
 {facts_md}
 
