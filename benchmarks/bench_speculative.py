@@ -3,7 +3,7 @@
 The documented pair, both trained on `stdlib`, the draft with the target's tokenizer. The target
 is 101 MB of fp32 weights, more than this machine's 32 MB L3 cache, so that a plain step is bound
 by memory, which is where speculative decoding can pay. On the shared 2-core machine of
-2026-12-01 the target got 752 steps in 25 minutes (val loss 1.494), the draft 3,800 steps in
+2026-12-01 the target got 752 steps in 25 minutes (val loss 1.494), the draft 3,343 steps in
 3 minutes (val loss 1.595):
 
     llmlab train --data stdlib --out runs/bench/target-l8 --preset notes --set n_layers=8 \
@@ -27,10 +27,12 @@ import os
 import shlex
 import statistics
 import sys
+from collections.abc import Callable
 
 import torch
 
-from llmlab.model import GPT
+from benchmarks.common import interleaved_medians
+from llmlab.model import GPT, KVCache
 from llmlab.run_dir import Run, load_run
 from llmlab.sampling import SamplingConfig, encode_prompt
 from llmlab.speculative import SpeculativeStats, check_same_tokenizer, expected_tokens_per_call, side_by_side
@@ -79,7 +81,29 @@ def main(argv: list[str] | None = None) -> None:
         f"| {torch.get_num_threads()} | {os.getloadavg()[0]:.1f} |"
     )
     print(f"\n{n} new tokens × {len(prompts)} prompts per repetition, temperature 1, batch 1, KV cache.")
+    one, many = call_seconds(target.model, [1, args.gamma + 1], context=64)
+    (draft_one,) = call_seconds(draft.model, [1], context=64)
+    print(f"one cached target call: {one * 1e3:.2f} ms for 1 token, {many * 1e3:.2f} ms for "
+          f"γ + 1 = {args.gamma + 1} ({many / one:.2f}×); a draft call {draft_one * 1e3:.2f} ms "
+          f"({draft_one / one:.2f}× the target's)")  # fmt: skip
     print("command: python -m benchmarks.bench_speculative " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+
+
+@torch.inference_mode()
+def call_seconds(model: GPT, lengths: list[int], context: int, reps: int = 15) -> list[float]:
+    """Median seconds of one cached forward call of each length, after `context` cached tokens:
+    what verifying γ + 1 drafts costs against one plain step (the calls take turns)."""
+    cache = KVCache(model.cfg, 1, max_len=context + max(lengths))
+    model(torch.zeros(1, context, dtype=torch.long), cache=cache)
+
+    def call(n: int) -> Callable[[], object]:
+        def run() -> None:
+            cache.truncate(context)
+            model(torch.zeros(1, n, dtype=torch.long), cache=cache)
+
+        return run
+
+    return interleaved_medians([call(n) for n in lengths], reps)
 
 
 def describe(run: Run) -> str:
