@@ -43,11 +43,16 @@ def test_linear_takes_the_split_only_for_one_row_of_a_large_weight(monkeypatch, 
     monkeypatch.setattr(matvec, "MIN_ELEMENTS", 64 * 64)
     big, small = matvec.Linear(64, 64), matvec.Linear(64, 63)  # 4096 and 4032 elements
     x = torch.randn(1, 1, 64)
-    torch.testing.assert_close(big(x), F.linear(x, big.weight, big.bias), rtol=1e-5, atol=1e-5)
-    small(x), big(torch.randn(2, 1, 64)), big(torch.randn(1, 3, 64))  # too small; two rows; three rows
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), F.linear(x, big.weight, big.bias), rtol=1e-5, atol=1e-5)
+        small(x), big(torch.randn(2, 1, 64)), big(torch.randn(1, 3, 64))  # too small; two rows; three rows
+    assert calls == [(64, 64)]
+    big(x).sum().backward()  # a gradient is taken: the plain path, so autograd sees every product
+    torch.testing.assert_close(big.weight.grad, x.reshape(1, 64).expand(64, 64))  # d(Σ x·Wᵀ)/dW = 1·x
     assert calls == [(64, 64)]
     torch.set_num_threads(1)
-    big(x)
+    with torch.no_grad():
+        big(x)
     assert calls == [(64, 64)]  # one thread: nothing to split over
 
 

@@ -10,12 +10,13 @@ multiplied by `torch.bmm` as x·Wᵢᵀ, which runs the batch on both threads (a
 was a quarter as fast.
 
     W [N, K] ─ first n·⌊N/n⌋ rows as a view [n, N/n, K] ─ bmm: x [n, 1, K] · [n, K, N/n] ─► y [n · N/n]
-             └ the N mod n rows left over ─ F.linear ─────────────────────────► y [N mod n]
+             └ the N mod n rows left over ─ mv ───────────────────────────────► y [N mod n]
 
 The split changes no arithmetic: each output is still the dot product of one row of W with x
 (equal to `F.linear` up to float rounding, tested). It is used only where it pays: one
 input row, on the CPU, with more than one thread, and a weight of at least `MIN_ELEMENTS`
-(smaller ones sit in cache, where the plain kernel is faster).
+(smaller ones sit in cache, where the plain kernel is faster); and only where no gradient is
+taken, because the blocks write into one output buffer (`out=`), which autograd does not follow.
 """
 
 from __future__ import annotations
@@ -35,13 +36,18 @@ def split_matvec(x: Tensor, weight: Tensor, bias: Tensor | None, parts: int) -> 
     rows = n * parts
     blocks = weight[:rows].view(parts, n, K).transpose(1, 2)  # [parts, K, n], a view
     xs = x.reshape(1, 1, K).expand(parts, 1, K)  # [parts, 1, K]
+    y = torch.empty(N, dtype=x.dtype)  # [N]: the blocks and the leftover rows write into it, no concatenation
+    head = y[:rows].view(parts, 1, n)
     if bias is None:
-        y = torch.bmm(xs, blocks).reshape(rows)  # [parts, 1, n] → [rows]
+        torch.bmm(xs, blocks, out=head)
     else:
-        y = torch.baddbmm(bias[:rows].view(parts, 1, n), xs, blocks).reshape(rows)  # b + x·Wᵢᵀ in one pass
+        torch.baddbmm(bias[:rows].view(parts, 1, n), xs, blocks, out=head)  # b + x·Wᵢᵀ in one pass
     if rows < N:
-        tail = weight[rows:] @ x.reshape(K) if bias is None else torch.addmv(bias[rows:], weight[rows:], x.reshape(K))
-        y = torch.cat([y, tail])  # [N]
+        tail = y[rows:]
+        if bias is None:
+            torch.mv(weight[rows:], x.reshape(K), out=tail)
+        else:
+            torch.addmv(bias[rows:], weight[rows:], x.reshape(K), out=tail)
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -52,6 +58,7 @@ def use_split(x: Tensor, weight: Tensor) -> bool:
         and x.device.type == "cpu"
         and torch.get_num_threads() > 1
         and weight.dtype == x.dtype
+        and not (weight.requires_grad and torch.is_grad_enabled())  # the split writes in place: no autograd
     )
 
 
