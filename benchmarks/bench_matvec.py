@@ -1,5 +1,6 @@
 """One-row products with GPT-2 124M's weights: `F.linear` against `llmlab.matvec.split_matvec`, in GB/s
-of weight read (the figures quoted in `llmlab/matvec.py` and the README).
+of weight read (the figures quoted in `llmlab/matvec.py` and the README), and what 16-bit weights
+(half the bytes, `llmlab.matvec.weights_in`) take: `matvec16`'s time over `split_matvec`'s.
 
     python -m benchmarks.bench_matvec
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import median_seconds
-from llmlab.matvec import split_matvec
+from llmlab.matvec import matvec16, split_matvec
 
 SHAPES = {"attention qkv": (2304, 768), "attention out": (768, 768), "ffn up": (3072, 768),
           "ffn down": (768, 3072), "output layer": (50257, 768)}  # fmt: skip
@@ -21,15 +22,21 @@ SHAPES = {"attention qkv": (2304, 768), "attention out": (768, 768), "ffn up": (
 @torch.inference_mode()
 def main() -> None:
     threads = torch.get_num_threads()
-    print(f"| weight [N, K] | F.linear GB/s | split_matvec GB/s ({threads} threads) |\n|---|---|---|")
+    print(f"| weight [N, K] | F.linear GB/s | split_matvec GB/s ({threads} threads) "
+          "| matvec16 time ÷ split_matvec, bf16 | fp16 |\n|---|---|---|---|---|")  # fmt: skip
     for name, (N, K) in SHAPES.items():
         copies = max(1, (256 << 20) // (N * K * 4))
         weights = [torch.randn(N, K) for _ in range(copies)]
         x = torch.randn(1, 1, K)
         gb = copies * N * K * 4 / 1e9
-        plain = gb / median_seconds(lambda x=x, ws=weights: [F.linear(x, w) for w in ws], 5)
-        split = gb / median_seconds(lambda x=x, ws=weights: [split_matvec(x, w, None, threads) for w in ws], 5)
-        print(f"| {name} [{N}, {K}] | {plain:.1f} | {split:.1f} |")
+        plain = median_seconds(lambda x=x, ws=weights: [F.linear(x, w) for w in ws], 5)
+        split = median_seconds(lambda x=x, ws=weights: [split_matvec(x, w, None, threads) for w in ws], 5)
+        ratios = []
+        for dtype in (torch.bfloat16, torch.float16):
+            halves = [w.to(dtype) for w in weights]
+            ratios.append(median_seconds(lambda x=x, ws=halves: [matvec16(x, w, None) for w in ws], 5) / split)
+            del halves
+        print(f"| {name} [{N}, {K}] | {gb / plain:.1f} | {gb / split:.1f} | {ratios[0]:.2f} | {ratios[1]:.2f} |")
     src = torch.ones(1 << 26)
     print(f"\nread bandwidth, tensor.sum() over 256 MB: {src.numel() * 4 / median_seconds(src.sum, 5) / 1e9:.1f} GB/s")
 

@@ -1,12 +1,15 @@
 """Where one decoded token's time goes: the profile behind the decoding rows of BENCHMARKS.md.
 
     python -m benchmarks.profile_decode [--shape tiny|124M] [--peer] [--top 12]
+                                        [--weights float16|bfloat16] [--peer-dtype float16|bfloat16]
 
 Decodes as `bench_decode` does (batch 1, greedy, KV cache, 16-token prompt, 128 new tokens), once
 plainly for the wall time and once under PyTorch's profiler. Per token it prints the wall time,
 the time spent inside ATen operators (the profiler's self CPU time, summed), and the rest: Python,
 nn.Module calls and dispatch, which no kernel does. Then the operators that take the most time,
 with their calls per token. `--peer` profiles transformers' `generate` on the same weights too.
+`--weights` decodes llmlab's side with 16-bit copies of its matrices (`llmlab.matvec.weights_in`);
+`--peer-dtype` casts transformers' whole model, as `torch_dtype=` does.
 """
 
 from __future__ import annotations
@@ -15,22 +18,31 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
 from benchmarks.bench_decode import NEW, PROMPT
 from benchmarks.shapes import model_pair
+from llmlab.matvec import weights_in
 from llmlab.memory import _native_stderr_silenced
 from llmlab.sampling import SamplingConfig, generate_ids
 
 
-def decoders(shape: str) -> dict[str, Callable[[], object]]:
+def decoders(shape: str, weights: torch.dtype | None = None,
+             peer_dtype: torch.dtype = torch.float32) -> dict[str, Callable[[], object]]:  # fmt: skip
     ours, hf = model_pair(shape, min_positions=PROMPT + NEW)
+    hf.to(peer_dtype)
     hf.generation_config.pad_token_id = hf.generation_config.eos_token_id = None
     idx = torch.randint(0, ours.cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     greedy = SamplingConfig(0.0)
+
+    def ours_run() -> object:
+        with weights_in(ours, weights) if weights else nullcontext():
+            return [t for t, _ in generate_ids(ours, idx, NEW, greedy)]
+
     return {
-        "llmlab": lambda: [t for t, _ in generate_ids(ours, idx, NEW, greedy)],
+        "llmlab": ours_run,
         "transformers": lambda: hf.generate(idx, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False),
     }
 
@@ -57,8 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", default="tiny", choices=["tiny", "124M"])
     p.add_argument("--peer", action="store_true", help="profile transformers' generate as well")
     p.add_argument("--top", type=int, default=12, help="operators to list")
+    p.add_argument("--weights", choices=["float16", "bfloat16"], help="llmlab with 16-bit copies of its matrices")
+    p.add_argument("--peer-dtype", choices=["float16", "bfloat16"], help="transformers' model cast to this dtype")
     args = p.parse_args(argv)
-    runs = decoders(args.shape)
+    dtype = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    runs = decoders(args.shape, dtype[args.weights], dtype[args.peer_dtype] or torch.float32)
     for name in ["llmlab", "transformers"] if args.peer else ["llmlab"]:
         wall, in_ops, ops = profile_one(runs[name])
         print(f"\n{name}, {args.shape}: {wall:.3f} ms per token wall; {in_ops:.3f} ms inside ATen operators "

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmlab.cli import main
 from llmlab.run_dir import load_run
@@ -66,6 +67,24 @@ def test_generate_greedy_streams_what_the_library_returns(capsys, trained_run):
     assert code == 0 and out == "def f" + expected + "\n"
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_generate_weights_decodes_with_16_bit_copies(capsys, monkeypatch, trained_run, dtype):
+    """Reference: generate_text inside llmlab.matvec.weights_in (tested against fp32 in test_matvec)."""
+    from llmlab import matvec
+
+    monkeypatch.setattr(matvec, "MIN_ELEMENTS", 1)  # the tiny run's matrices count as large
+    calls = []
+    real = matvec.matvec16
+    monkeypatch.setattr(matvec, "matvec16", lambda *a: calls.append(a[1].dtype) or real(*a))
+    argv = ["generate", str(trained_run), "--prompt", "def f", "--temperature", "0", "--max-new-tokens", "20"]
+    out = json.loads(run_cli(capsys, *argv, "--weights", dtype, "--json")[1])
+    assert calls and set(calls) == {getattr(torch, dtype)}
+    run = load_run(trained_run)
+    with matvec.weights_in(run.model, getattr(torch, dtype)):
+        expected = generate_text(run.model, run.tokenizer, "def f", 20, SamplingConfig(0.0))
+    assert out["token_ids"] == expected.token_ids
+
+
 def test_generate_stop_string(capsys, trained_run):
     out = json.loads(run_cli(capsys, "generate", str(trained_run), "--prompt", "def f", "--temperature", "0",
                              "--stop", "\n", "--json")[1])  # fmt: skip
@@ -108,6 +127,8 @@ def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]
         ([*gen, "--top-p", "1.5"], "top_p must be in (0, 1]"),
         ([*gen, "--top-k", "0"], "top_k must be at least 1"),
         ([*gen, "--max-new-tokens", "x"], "invalid int value"),
+        ([*gen, "--weights", "int8"], "invalid choice: 'int8'"),
+        ([*gen, "--weights", "float16", "--draft", str(run)], "--weights applies to plain decoding"),
         (["fly"], "invalid choice: 'fly'"),
     ]
 

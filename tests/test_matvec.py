@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from llmlab import matvec
 from llmlab.config import preset
-from llmlab.model import GPT, Dropout
+from llmlab.model import GPT, Dropout, KVCache
 from llmlab.sampling import SamplingConfig, generate_ids
 from tests.conftest import torch_threads
 
@@ -83,3 +83,68 @@ def test_dropout_is_the_identity_only_when_it_should_be():
     assert Dropout(0.0).train()(x) is x
     y = d.train()(x)
     assert 0.3 < (y == 0).float().mean().item() < 0.7 and torch.allclose(y[y != 0], torch.tensor(2.0))
+
+
+# --- 16-bit weights -----------------------------------------------------------------------------
+
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}  # the spacing of 16-bit numbers in [1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matvec16_is_the_fp32_product_of_the_rounded_operands(dtype, bias):
+    """Reference: F.linear in fp32 on x and W rounded to 16 bits, its result rounded to 16 bits
+    (what a 16-bit kernel accumulating in fp32 returns), then + b in fp32."""
+    g = torch.Generator().manual_seed(3)
+    W, x = torch.randn(300, 96, generator=g), torch.randn(1, 1, 96, generator=g)
+    b = torch.randn(300, generator=g) if bias else None
+    got = matvec.matvec16(x, W.to(dtype), b)
+    ref = F.linear(x.to(dtype).float(), W.to(dtype).float()).to(dtype).float()
+    ref = ref + b if bias else ref
+    assert got.dtype == torch.float32 and got.shape == (1, 1, 300)
+    torch.testing.assert_close(got, ref, rtol=ULP[dtype], atol=1e-6)  # at most one 16-bit rounding step apart
+    assert (got - F.linear(x, W, b)).abs().max() > 1e-5  # and it is not the fp32 product
+
+
+def gpt2_like(vocab: int = 301) -> GPT:
+    cfg = replace(preset("gpt2").model, vocab_size=vocab, n_layers=2, d_model=64, n_heads=4, block_size=64)
+    torch.manual_seed(0)
+    return GPT(cfg).eval()
+
+
+def logits_one_token_at_a_time(model: GPT, ids: torch.Tensor) -> torch.Tensor:
+    """ids [1, S] → logits [S, V], each position fed alone through the KV cache, as decoding does."""
+    cache = KVCache(model.cfg, 1, ids.device, torch.float32, max_len=ids.shape[1])
+    return torch.cat([model(ids[:, i : i + 1], cache=cache)[0] for i in range(ids.shape[1])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weights_in_changes_only_one_row_products_of_large_weights(monkeypatch, dtype):
+    """Reference: the same model in fp32 (the parameters, untouched). Inside the block, one-token
+    steps agree with fp32 to 16-bit rounding and pick the same top token; a prompt of several rows
+    is computed in fp32 exactly; on exit nothing of the copies is left."""
+    model = gpt2_like()
+    monkeypatch.setattr(matvec, "MIN_ELEMENTS", 64 * 64)  # qkv, out, w1, w2 and the head; not ln or biases
+    params = {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()}
+    ids = torch.randint(0, 301, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        steps32, prompt32 = logits_one_token_at_a_time(model, ids), model(ids)
+        with matvec.weights_in(model, dtype):
+            large = [m for m in model.modules() if isinstance(m, matvec.Linear) and m.weight16 is not None]
+            assert len(large) == 4 * 2 + 1 and all(m.weight16.dtype == dtype for m in large)
+            steps16, prompt16 = logits_one_token_at_a_time(model, ids), model(ids)
+    assert torch.equal(prompt16, prompt32)  # several rows: the fp32 parameters
+    assert not torch.equal(steps16, steps32)  # one row: the 16-bit copies
+    scale = steps32.abs().max().item()  # within two 16-bit rounding steps of the largest logit (0.3 measured)
+    torch.testing.assert_close(steps16, steps32, rtol=0, atol=2 * ULP[dtype] * scale)
+    assert torch.equal(steps16.argmax(-1), steps32.argmax(-1))
+    assert {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()} == params
+    assert all("weight16" not in m.__dict__ for m in model.modules())
+
+
+def test_weights_in_leaves_small_weights_and_rejects_other_dtypes():
+    model = gpt2_like()  # every weight below the real MIN_ELEMENTS
+    with matvec.weights_in(model, torch.float16):
+        assert all(m.weight16 is None for m in model.modules() if isinstance(m, matvec.Linear))
+    with pytest.raises(ValueError, match="float16 or torch.bfloat16"), matvec.weights_in(model, torch.int8):
+        pass

@@ -21,6 +21,9 @@ taken, because the blocks write into one output buffer (`out=`), which autograd 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -65,7 +68,50 @@ def use_split(x: Tensor, weight: Tensor) -> bool:
 class Linear(nn.Linear):
     """`nn.Linear` (same parameters, same state dict), with `split_matvec` for one input row."""
 
+    weight16: Tensor | None = None  # a 16-bit copy of the weight, set inside `weights_in`
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.weight16 is not None and x.numel() == x.shape[-1]:  # one row, inside `weights_in`
+            return matvec16(x, self.weight16, self.bias)
         if use_split(x, self.weight):
             return split_matvec(x, self.weight, self.bias, torch.get_num_threads())
         return F.linear(x, self.weight, self.bias)
+
+
+# --- 16-bit weights: half the bytes per token -------------------------------------------------
+
+
+def matvec16(x: Tensor, weight16: Tensor, bias: Tensor | None) -> Tensor:
+    """x·Wᵀ + b for one fp32 row x [..., K], with W [N, K] stored in fp16 or bf16. → [..., N] fp32.
+
+    x is rounded to W's dtype, PyTorch's 16-bit matrix-vector kernel accumulates in fp32 on every
+    thread, and its result is rounded to 16 bits, then widened back; b is added in fp32.
+    """
+    y = F.linear(x.to(weight16.dtype), weight16).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+@contextmanager
+def weights_in(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
+    """Inside the block, the large `Linear`s of `model` (≥ `MIN_ELEMENTS`) multiply one input row
+    by a copy of their weight in `dtype` (torch.float16 or torch.bfloat16).
+
+    Decoding a token reads every weight once, so its time is bytes over bandwidth, and 16 bits
+    halve the bytes. On this project's AVX2 CPU fp16 pays most: the F16C instructions widen it
+    in hardware, while bf16 is widened in software (`python -m benchmarks.bench_matvec`, last
+    columns). Only one-row products change: a prompt's rows still multiply by the fp32
+    parameter (without 16-bit matrix instructions PyTorch runs those 2-3× slower), and biases,
+    norms, embeddings, attention, the KV cache and the softmax stay fp32. The copies are made on
+    entry, so edits to the parameters inside the block are not seen, and are dropped on exit.
+    fp16 overflows above 65,504: a model whose activations grow that large needs bf16.
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"16-bit weights are torch.float16 or torch.bfloat16, got {dtype}")
+    large = [m for m in model.modules() if isinstance(m, Linear) and m.weight.numel() >= MIN_ELEMENTS]
+    for module in large:
+        module.weight16 = module.weight.detach().to(dtype)
+    try:
+        yield model
+    finally:
+        for module in large:
+            del module.weight16

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,11 @@ from llmlab.errors import UserError
 
 def run(args: argparse.Namespace) -> None:
     """Continue a prompt with a trained model (greedy, temperature, top-k, top-p; speculative with --draft)."""
+    import torch
+
+    from llmlab.matvec import weights_in
     from llmlab.run_dir import load_run
-    from llmlab.sampling import SamplingConfig, generate_text
+    from llmlab.sampling import SamplingConfig
     from llmlab.train import pick_device
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
@@ -23,11 +27,22 @@ def run(args: argparse.Namespace) -> None:
         raise UserError("--max-new-tokens must be >= 0 and --num-samples >= 1")
     if args.draft is None and (args.compare or args.gamma is not None):
         raise UserError("--gamma and --compare are options of speculative decoding: give --draft DRAFT_RUN")
+    if args.draft is not None and args.weights != "float32":
+        raise UserError("--weights applies to plain decoding: speculative decoding verifies several tokens a call, "
+                        "which stay fp32")  # fmt: skip
     prompt = _read_prompt(args)
     if args.draft is not None:
         return _speculative(args, prompt, sampling)
     args.max_new_tokens = 200 if args.max_new_tokens is None else args.max_new_tokens
     loaded = load_run(args.run, pick_device(args.device or "cpu"))
+    with nullcontext() if args.weights == "float32" else weights_in(loaded.model, getattr(torch, args.weights)):
+        _plain(args, prompt, sampling, loaded)
+
+
+def _plain(args: argparse.Namespace, prompt: str, sampling: Any, loaded: Any) -> None:
+    """Plain decoding of every sample: streamed, coloured by entropy, or as JSON."""
+    from llmlab.sampling import generate_text
+
     samples = []
     for i in range(args.num_samples):
         head = ("\n---\n" if i else "") + prompt
@@ -169,6 +184,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
     p.add_argument("--device", help="cpu (default), cuda, mps")
+    p.add_argument("--weights", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="multiply each new token by 16-bit copies of the large matrices (half the bytes "
+                        "read per token); the prompt, norms, attention and softmax stay fp32")  # fmt: skip
     p.add_argument("--entropy", action="store_true",
                    help="colour each new token by the entropy H(p) of the distribution it was drawn from (in --json: "
                         "token_texts, entropies, mean_entropy, max_entropy)")  # fmt: skip
