@@ -85,7 +85,7 @@ class Row:
         ratio = f"**{self.ratio:.2f}×**" if self.ratio is not None else "-"
         peer = f"{self.peer:,.1f}" if self.peer is not None else "-"
         ours = f"{self.ours:,.1f}" if self.ours is not None else "not run"
-        missed = f"missed by {self.shortfall:.0%} of the target" if self.shortfall is not None else ""
+        missed = f"missed by {self.shortfall:.1%} of the target" if self.shortfall is not None else ""
         return [self.benchmark, ours, peer, self.unit, ratio, self.target, "; ".join(filter(None, (missed, self.note)))]
 
 
