@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_decode, bench_train, bench_tying
+from benchmarks import bench_adamw, bench_decode, bench_train, bench_tying
 from benchmarks.common import Row, machine, markdown_table, sync
 from benchmarks.shapes import TRAIN_BATCH, model_pair
 from llmlab.accounting import cpu_has_native_bf16, measure_matmul_peak, train_step_flops
@@ -112,7 +112,23 @@ def training_rows(device: str, reps: int, shapes: list[str]) -> tuple[list[Row],
         name = "training step, 124M, fp32: one tied gradient vs plain autograd (llmlab.tying)"
         note = "ablation: the peer is llmlab, autograd summing two gradients"
         rows.append(Row(name, tied, plain, "tokens/s", "–", note))
+        if device == "cpu":
+            rows += adamw_rows(reps)
     return rows, got
+
+
+def adamw_rows(reps: int) -> list[Row]:
+    """The optimizer step alone at 124M, over gradients from an fp32 and a bf16-autocast backward:
+    llmlab's fused AdamW against torch.optim.AdamW's default (the per-tensor loop on a CPU)."""
+    rows = []
+    for bf16 in (False, True):
+        ours_s, hf_s, ours_f, hf_f = bench_adamw.bench("124M", reps=reps, bf16=bf16)
+        grads = "bf16-autocast" if bf16 else "fp32"
+        rows.append(Row(f"AdamW step alone, 124M, {grads} gradients: fused vs torch.optim.AdamW's default",
+                        1 / ours_s, 1 / hf_s, "steps/s", "–",
+                        f"{ours_s * 1e3:.0f} against {hf_s * 1e3:.0f} ms; page faults a step: {ours_f:,} against "
+                        f"{hf_f:,} (the loop's temporaries)"))  # fmt: skip
+    return rows
 
 
 def mfu_rows(device: str, got: Training) -> list[Row]:
