@@ -192,6 +192,37 @@ def test_bf16_autocast_on_a_cpu_that_emulates_it_is_warned_about(monkeypatch, tm
     assert accounting.cpu_has_native_bf16() is None and warn_if_bf16_is_emulated(cpu, bf16) is None
 
 
+def test_torch_compile_trains_like_eager(tmp_path, corpus_file):
+    """Reference: the same run uncompiled; inductor fuses and reorders float ops, nothing more."""
+    cfg = replace(TINY_TRAIN, max_steps=3, eval_interval=3)
+    eager = train(TINY_VARIANTS["gpt2"], cfg, str(corpus_file), tmp_path / "eager", progress=False)
+    compiled = train(TINY_VARIANTS["gpt2"], replace(cfg, compile=True), str(corpus_file), tmp_path / "compiled",
+                     progress=False)  # fmt: skip
+    a, b = read_metrics(tmp_path / "eager" / "metrics.csv"), read_metrics(tmp_path / "compiled" / "metrics.csv")
+    assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], abs=1e-4)
+    assert compiled.val_loss == pytest.approx(eager.val_loss, abs=1e-4)
+
+
+def test_a_failing_torch_compile_falls_back_to_eager_with_one_warning(tmp_path, corpus_file, monkeypatch, capsys):
+    """Reference: the same run uncompiled, which the fallback must equal exactly."""
+
+    def broken_compile(fn):
+        def call(*args, **kwargs):
+            raise RuntimeError("InductorError: no working C++ compiler found\n(and a long traceback)")
+
+        return call
+
+    cfg = replace(TINY_TRAIN, max_steps=3, eval_interval=3)
+    eager = train(TINY_VARIANTS["notes"], cfg, str(corpus_file), tmp_path / "eager", progress=False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fallback = train(TINY_VARIANTS["notes"], replace(cfg, compile=True), str(corpus_file), tmp_path / "fb",
+                     progress=False)  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("torch.compile failed") == 1 and "no working C++ compiler found" in err
+    assert "long traceback" not in err
+    assert fallback.val_loss == eager.val_loss and fallback.steps == 3
+
+
 def test_max_minutes_stops_the_run_on_the_clock(tmp_path, corpus_file):
     cfg = replace(TINY_TRAIN, max_steps=100_000, max_minutes=0.01)  # 0.6 s
     result = train(TINY_VARIANTS["notes"], cfg, str(corpus_file), tmp_path / "r", progress=False)

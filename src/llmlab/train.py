@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -210,6 +210,31 @@ def warn_if_bf16_is_emulated(device: torch.device, cfg: TrainConfig) -> str | No
     return None
 
 
+def compiled_or_eager(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """`torch.compile(forward)`, falling back to `forward` itself if compiling fails.
+
+    torch.compile compiles at the first call and may fail there (no C++ compiler, an unsupported
+    platform or operator): training then goes on uncompiled after one warning on stderr, since a
+    faster path is no reason to stop. An error that the uncompiled forward raises too is raised.
+    """
+    compiled = torch.compile(forward)
+    current = [compiled]
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return current[0](*args, **kwargs)
+        except Exception as e:
+            if current[0] is forward:
+                raise
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            print(f"llmlab: warning: torch.compile failed ({type(e).__name__}: {reason}); training continues "
+                  "without it", file=sys.stderr)  # fmt: skip
+            current[0] = forward
+            return forward(*args, **kwargs)
+
+    return call
+
+
 def _autocast(device: torch.device, cfg: TrainConfig) -> Any:
     if cfg.dtype == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -290,7 +315,7 @@ class _Loop:
             if d.world > 1 else None
         )  # fmt: skip
         forward = self.ddp or model
-        self.forward = torch.compile(forward) if cfg.compile else forward
+        self.forward = compiled_or_eager(forward) if cfg.compile else forward
         self.step, self.prev_elapsed, self.train_time, self.rows = 0, 0.0, 0.0, []
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world * model_cfg.block_size
         torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank, reproducibly
