@@ -1,6 +1,7 @@
 """The optimizer step alone: llmlab's AdamW (fused: one kernel per parameter group, no temporaries)
-against `torch.optim.AdamW` as transformers' Trainer builds it (`adamw_torch`; on a CPU its default
-is the per-tensor loop), each over its own model's gradients, the two taking turns in one process.
+against `torch.optim.AdamW`'s default, on a CPU the per-tensor loop, which transformers' Trainer
+used by default before torch 2.8 (`adamw_torch`; since, `adamw_torch_fused`) and which issue 7
+measured; each over its own model's gradients, the two taking turns in one process.
 
     python -m benchmarks.bench_adamw [--shape 124M] [--reps 7] [--bf16]
 

@@ -1,12 +1,15 @@
 """Decoding tokens/s, batch 1, greedy, KV cache, a 16-token prompt and 128 new tokens: llmlab's
 generate against transformers' `generate` on the same weights and dtype; optionally llmlab with
-16-bit copies of its matrices (`llmlab.matvec.weights_in`) against transformers in fp32. The tiny
-shape's context is widened from 64 to 144 positions so that neither side slides a window."""
+16-bit copies of its matrices (`llmlab.matvec.weights_in`) against transformers in fp32, with
+llmlab in fp32 timed in the same turns. The tiny shape's context is widened from 64 to 144
+positions so that neither side slides a window."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +21,15 @@ from llmlab.sampling import SamplingConfig, generate_ids
 PROMPT, NEW = 16, 128
 
 
+@dataclass
+class Decoding:
+    ours: float  # tokens/s, llmlab (with 16-bit weights if asked)
+    peer: float  # tokens/s, transformers
+    agree: int  # how many leading tokens the two decoders agree on: NEW when they are the same
+    probe_s: float | None = None  # median seconds of the probe, timed in the same turns
+    ours_fp32: float | None = None  # tokens/s of llmlab in fp32, in the same turns, when `weights` was given
+
+
 def bench(
     shape: str,
     reps: int = 5,
@@ -25,11 +37,10 @@ def bench(
     dtype: torch.dtype = torch.float32,
     probe: Callable[[], object] | None = None,
     weights: torch.dtype | None = None,
-) -> tuple[float, float, int, float | None]:
-    """Median tokens/s (llmlab, transformers), how many leading tokens the two decoders agree
-    on (all NEW when they are the same), and the median seconds of `probe()` (a ceiling's
-    measurement) timed in the same turns, if given. `weights` (torch.float16 or torch.bfloat16)
-    decodes llmlab's side inside `weights_in(model, weights)`."""
+) -> Decoding:
+    """llmlab against transformers at `shape`; `probe()` (a ceiling's measurement) takes its turn
+    too, if given. `weights` (torch.float16 or torch.bfloat16) decodes llmlab's side with 16-bit
+    copies of its matrices, made once before timing, and times a plain fp32 copy of it beside."""
     ours, hf = model_pair(shape, min_positions=PROMPT + NEW)
     ours.to(device, dtype)
     hf.to(device, dtype)
@@ -37,11 +48,14 @@ def bench(
     idx = torch.randint(0, ours.cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1)).to(device)
     greedy = SamplingConfig(0.0)
 
-    def ours_run() -> torch.Tensor:
-        with torch.inference_mode(), weights_in(ours, weights) if weights else nullcontext():
-            out = torch.stack([t for t, _ in generate_ids(ours, idx, NEW, greedy)], 1)
-        sync(idx.device)
-        return out
+    def decoder(model: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                out = torch.stack([t for t, _ in generate_ids(model, idx, NEW, greedy)], 1)
+            sync(idx.device)
+            return out
+
+        return run
 
     def hf_run() -> torch.Tensor:
         with torch.inference_mode():
@@ -49,7 +63,17 @@ def bench(
         sync(idx.device)
         return out[:, PROMPT:]
 
-    differ = (ours_run() != hf_run())[0].nonzero()
-    agree = int(differ[0]) if len(differ) else NEW
-    ours_s, hf_s, *probe_s = interleaved_medians([ours_run, hf_run] + ([probe] if probe else []), reps)
-    return NEW / ours_s, NEW / hf_s, agree, probe_s[0] if probe_s else None
+    with ExitStack() as stack:
+        sides = [decoder(ours), hf_run]
+        if weights is not None:
+            sides.append(decoder(copy.deepcopy(ours)))  # the fp32 baseline; `ours` gets the copies
+            stack.enter_context(weights_in(ours, weights))
+        differ = (sides[0]() != hf_run())[0].nonzero()
+        seconds = interleaved_medians(sides + ([probe] if probe else []), reps)
+    return Decoding(
+        ours=NEW / seconds[0],
+        peer=NEW / seconds[1],
+        agree=int(differ[0]) if len(differ) else NEW,
+        probe_s=seconds[-1] if probe else None,
+        ours_fp32=NEW / seconds[2] if weights is not None else None,
+    )

@@ -1,7 +1,8 @@
 """Training tokens/s of one optimiser step (forward, backward, AdamW): llmlab against transformers'
 GPT2LMHeadModel on the same shape, batch, dtype and weights. Each side builds its optimiser the way
-its own training loop does: llmlab's `make_optimizer`, and `torch.optim.AdamW` over all parameters
-as transformers' Trainer does by default (`adamw_torch`)."""
+its own training loop does: llmlab's `make_optimizer`, and `torch.optim.AdamW(fused=True)` over all
+parameters, what transformers' Trainer builds by default with torch >= 2.8 (`adamw_torch_fused`;
+before, `adamw_torch`, the per-tensor loop that `benchmarks.bench_adamw` measures)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def bench(shape: str, bf16: bool = False, reps: int = 7, device: str = "cpu", co
     cfg = TrainConfig()
     forward = torch.compile(ours) if compile else ours
     ours_step = step_fn(ours, make_optimizer(ours, cfg), lambda m, t: forward(t), x, y, bf16)
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.1)
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.1,
+                               fused=device in ("cpu", "cuda"))  # fmt: skip
     hf_step = step_fn(hf, hf_opt, lambda m, t: m(t).logits, x, y, bf16)
     tokens = B * S
     fns = [ours_step] + ([hf_step] if peer else []) + ([probe] if probe else [])

@@ -18,7 +18,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack
 
 import torch
 
@@ -29,20 +29,19 @@ from llmlab.memory import _native_stderr_silenced
 from llmlab.sampling import SamplingConfig, generate_ids
 
 
-def decoders(shape: str, weights: torch.dtype | None = None,
+def decoders(shape: str, stack: ExitStack, weights: torch.dtype | None = None,
              peer_dtype: torch.dtype = torch.float32) -> dict[str, Callable[[], object]]:  # fmt: skip
+    """The two decoders; with `weights`, llmlab's 16-bit copies are made once, held by `stack`."""
     ours, hf = model_pair(shape, min_positions=PROMPT + NEW)
+    if weights is not None:
+        stack.enter_context(weights_in(ours, weights))
     hf.to(peer_dtype)
     hf.generation_config.pad_token_id = hf.generation_config.eos_token_id = None
     idx = torch.randint(0, ours.cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     greedy = SamplingConfig(0.0)
 
-    def ours_run() -> object:
-        with weights_in(ours, weights) if weights else nullcontext():
-            return [t for t, _ in generate_ids(ours, idx, NEW, greedy)]
-
     return {
-        "llmlab": ours_run,
+        "llmlab": lambda: [t for t, _ in generate_ids(ours, idx, NEW, greedy)],
         "transformers": lambda: hf.generate(idx, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False),
     }
 
@@ -73,14 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peer-dtype", choices=["float16", "bfloat16"], help="transformers' model cast to this dtype")
     args = p.parse_args(argv)
     dtype = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    runs = decoders(args.shape, dtype[args.weights], dtype[args.peer_dtype] or torch.float32)
-    for name in ["llmlab", "transformers"] if args.peer else ["llmlab"]:
-        wall, in_ops, ops = profile_one(runs[name])
-        print(f"\n{name}, {args.shape}: {wall:.3f} ms per token wall; {in_ops:.3f} ms inside ATen operators "
-              f"(profiled run); the rest, {max(wall - in_ops, 0):.3f} ms, is Python and dispatch")  # fmt: skip
-        print("| operator | ms per token | calls per token |\n|---|---|---|")
-        for key, ms, calls in ops[: args.top]:
-            print(f"| {key} | {ms:.3f} | {calls:.1f} |")
+    with ExitStack() as stack:
+        runs = decoders(args.shape, stack, dtype[args.weights], dtype[args.peer_dtype] or torch.float32)
+        for name in ["llmlab", "transformers"] if args.peer else ["llmlab"]:
+            wall, in_ops, ops = profile_one(runs[name])
+            print(f"\n{name}, {args.shape}: {wall:.3f} ms per token wall; {in_ops:.3f} ms inside ATen operators "
+                  f"(profiled run); the rest, {max(wall - in_ops, 0):.3f} ms, is Python and dispatch")  # fmt: skip
+            print("| operator | ms per token | calls per token |\n|---|---|---|")
+            for key, ms, calls in ops[: args.top]:
+                print(f"| {key} | {ms:.3f} | {calls:.1f} |")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,7 @@ def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]
         ([*gen, "--max-new-tokens", "x"], "invalid int value"),
         ([*gen, "--weights", "int8"], "invalid choice: 'int8'"),
         ([*gen, "--weights", "float16", "--draft", str(run)], "--weights applies to plain decoding"),
+        ([*gen, "--weights", "float16", "--no-cache"], "--weights needs the KV cache"),
         (["fly"], "invalid choice: 'fly'"),
     ]
 

@@ -49,6 +49,10 @@ def test_linear_takes_the_split_only_for_one_row_of_a_large_weight(monkeypatch, 
     assert calls == [(64, 64)]
     big(x).sum().backward()  # a gradient is taken: the plain path, so autograd sees every product
     torch.testing.assert_close(big.weight.grad, x.reshape(1, 64).expand(64, 64))  # d(Σ x·Wᵀ)/dW = 1·x
+    big.requires_grad_(False)
+    xg = x.clone().requires_grad_()
+    big(xg).sum().backward()  # frozen weights, a gradient for the input: plain path too
+    torch.testing.assert_close(xg.grad, big.weight.sum(0).reshape(1, 1, 64))  # d(Σ x·Wᵀ)/dx = Σ_rows W
     assert calls == [(64, 64)]
     torch.set_num_threads(1)
     with torch.no_grad():
@@ -140,6 +144,27 @@ def test_weights_in_changes_only_one_row_products_of_large_weights(monkeypatch, 
     assert torch.equal(steps16.argmax(-1), steps32.argmax(-1))
     assert {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()} == params
     assert all("weight16" not in m.__dict__ for m in model.modules())
+
+
+def test_weights_in_nests_shares_tied_copies_and_keeps_gradients_exact(monkeypatch):
+    """Reference: the fp32 parameters' own gradient, and the copies made by an enclosing block."""
+    model = gpt2_like()
+    monkeypatch.setattr(matvec, "MIN_ELEMENTS", 64 * 64)
+    linears = [m for m in model.modules() if isinstance(m, matvec.Linear) and m.weight.numel() >= 64 * 64]
+    with matvec.weights_in(model, torch.bfloat16):
+        outer = [m.weight16 for m in linears]
+        with matvec.weights_in(model, torch.float16):
+            assert all(m.weight16.dtype == torch.float16 for m in linears)
+        assert all(m.weight16 is c for m, c in zip(linears, outer, strict=True))  # the outer block's copies are back
+        x = torch.randn(1, 1, 64, requires_grad=True)
+        w1 = model.blocks[0].mlp.w1
+        w1(x).sum().backward()  # a gradient is taken: the fp32 parameter, not the copy
+        torch.testing.assert_close(x.grad, w1.weight.sum(0).reshape(1, 1, 64))
+    assert all("weight16" not in m.__dict__ for m in model.modules())
+    twins = [matvec.Linear(64, 64), matvec.Linear(64, 64)]
+    twins[1].weight = twins[0].weight  # two Linears, one weight: one copy
+    with matvec.weights_in(torch.nn.Sequential(*twins), torch.float16):
+        assert twins[0].weight16 is twins[1].weight16
 
 
 def test_weights_in_leaves_small_weights_and_rejects_other_dtypes():

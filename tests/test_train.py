@@ -192,7 +192,7 @@ def test_bf16_autocast_on_a_cpu_that_emulates_it_is_warned_about(monkeypatch, tm
     assert accounting.cpu_has_native_bf16() is None and warn_if_bf16_is_emulated(cpu, bf16) is None
 
 
-def test_torch_compile_trains_like_eager(tmp_path, corpus_file):
+def test_torch_compile_trains_like_eager(tmp_path, corpus_file, capsys):
     """Reference: the same run uncompiled; inductor fuses and reorders float ops, nothing more."""
     cfg = replace(TINY_TRAIN, max_steps=3, eval_interval=3)
     eager = train(TINY_VARIANTS["gpt2"], cfg, str(corpus_file), tmp_path / "eager", progress=False)
@@ -201,6 +201,7 @@ def test_torch_compile_trains_like_eager(tmp_path, corpus_file):
     a, b = read_metrics(tmp_path / "eager" / "metrics.csv"), read_metrics(tmp_path / "compiled" / "metrics.csv")
     assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], abs=1e-4)
     assert compiled.val_loss == pytest.approx(eager.val_loss, abs=1e-4)
+    assert "torch.compile failed" not in capsys.readouterr().err  # it really compiled
 
 
 def test_a_failing_torch_compile_falls_back_to_eager_with_one_warning(tmp_path, corpus_file, monkeypatch, capsys):
@@ -221,6 +222,26 @@ def test_a_failing_torch_compile_falls_back_to_eager_with_one_warning(tmp_path, 
     assert err.count("torch.compile failed") == 1 and "no working C++ compiler found" in err
     assert "long traceback" not in err
     assert fallback.val_loss == eager.val_loss and fallback.steps == 3
+
+
+def test_compile_falls_back_only_at_the_first_call(monkeypatch, capsys):
+    calls = []
+
+    def compiled_then_broken(fn):
+        def call(x):
+            calls.append(x)
+            if len(calls) > 1:
+                raise RuntimeError("out of memory")
+            return fn(x)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", compiled_then_broken)
+    forward = train_lib.compiled_or_eager(lambda x: x + 1)
+    assert forward(1) == 2
+    with pytest.raises(RuntimeError, match="out of memory"):  # a later error is the program's, not compile's
+        forward(2)
+    assert "torch.compile failed" not in capsys.readouterr().err
 
 
 def test_max_minutes_stops_the_run_on_the_clock(tmp_path, corpus_file):

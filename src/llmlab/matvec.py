@@ -39,7 +39,7 @@ def split_matvec(x: Tensor, weight: Tensor, bias: Tensor | None, parts: int) -> 
     rows = n * parts
     blocks = weight[:rows].view(parts, n, K).transpose(1, 2)  # [parts, K, n], a view
     xs = x.reshape(1, 1, K).expand(parts, 1, K)  # [parts, 1, K]
-    y = torch.empty(N, dtype=x.dtype)  # [N]: the blocks and the leftover rows write into it, no concatenation
+    y = x.new_empty(N)  # [N]: the blocks and the leftover rows write into it, no concatenation
     head = y[:rows].view(parts, 1, n)
     if bias is None:
         torch.bmm(xs, blocks, out=head)
@@ -54,14 +54,23 @@ def split_matvec(x: Tensor, weight: Tensor, bias: Tensor | None, parts: int) -> 
     return y.reshape(*x.shape[:-1], N)
 
 
-def use_split(x: Tensor, weight: Tensor) -> bool:
+def one_row(x: Tensor) -> bool:
+    return x.numel() == x.shape[-1]
+
+
+def no_grad_taken(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record nothing of an op on these tensors."""
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
+def use_split(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
     return (
-        x.numel() == x.shape[-1]  # one row; fails first, for every multi-row call
+        one_row(x)  # fails first, for every multi-row call
         and weight.numel() >= MIN_ELEMENTS
         and x.device.type == "cpu"
         and torch.get_num_threads() > 1
         and weight.dtype == x.dtype
-        and not (weight.requires_grad and torch.is_grad_enabled())  # the split writes in place: no autograd
+        and no_grad_taken(x, weight, bias)  # the split writes into a buffer (`out=`), which autograd does not follow
     )
 
 
@@ -71,9 +80,9 @@ class Linear(nn.Linear):
     weight16: Tensor | None = None  # a 16-bit copy of the weight, set inside `weights_in`
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight16 is not None and x.numel() == x.shape[-1]:  # one row, inside `weights_in`
-            return matvec16(x, self.weight16, self.bias)
-        if use_split(x, self.weight):
+        if self.weight16 is not None and one_row(x) and no_grad_taken(x, self.weight, self.bias):
+            return matvec16(x, self.weight16, self.bias)  # inside `weights_in`; the copy has no gradient
+        if use_split(x, self.weight, self.bias):
             return split_matvec(x, self.weight, self.bias, torch.get_num_threads())
         return F.linear(x, self.weight, self.bias)
 
@@ -101,17 +110,25 @@ def weights_in(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
     in hardware, while bf16 is widened in software (`python -m benchmarks.bench_matvec`, last
     columns). Only one-row products change: a prompt's rows still multiply by the fp32
     parameter (without 16-bit matrix instructions PyTorch runs those 2-3× slower), and biases,
-    norms, embeddings, attention, the KV cache and the softmax stay fp32. The copies are made on
-    entry, so edits to the parameters inside the block are not seen, and are dropped on exit.
-    fp16 overflows above 65,504: a model whose activations grow that large needs bf16.
+    norms, embeddings, attention, the KV cache and the softmax stay fp32, and so does any product
+    whose gradient is taken. The copies are made on entry, so edits to the parameters inside the
+    block are not seen, and are dropped on exit (an enclosing block's copies come back). fp16
+    overflows above 65,504: a model whose activations grow that large needs bf16.
     """
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"16-bit weights are torch.float16 or torch.bfloat16, got {dtype}")
     large = [m for m in model.modules() if isinstance(m, Linear) and m.weight.numel() >= MIN_ELEMENTS]
-    for module in large:
-        module.weight16 = module.weight.detach().to(dtype)
+    before = [m.__dict__.get("weight16") for m in large]  # a block around this one keeps its copies
     try:
+        copies: dict[int, Tensor] = {}  # one copy per weight: Linears that share a weight share it
+        for module in large:
+            w = module.weight
+            if id(w) not in copies:
+                copies[id(w)] = w.detach().to(dtype)
+            module.weight16 = copies[id(w)]
         yield model
     finally:
-        for module in large:
-            del module.weight16
+        for module, copy in zip(large, before, strict=True):
+            module.__dict__.pop("weight16", None)
+            if copy is not None:
+                module.weight16 = copy

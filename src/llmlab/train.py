@@ -211,26 +211,29 @@ def warn_if_bf16_is_emulated(device: torch.device, cfg: TrainConfig) -> str | No
 
 
 def compiled_or_eager(forward: Callable[..., Any]) -> Callable[..., Any]:
-    """`torch.compile(forward)`, falling back to `forward` itself if compiling fails.
+    """`torch.compile(forward)`, falling back to `forward` itself if the first call fails.
 
     torch.compile compiles at the first call and may fail there (no C++ compiler, an unsupported
     platform or operator): training then goes on uncompiled after one warning on stderr, since a
-    faster path is no reason to stop. An error that the uncompiled forward raises too is raised.
+    faster path is no reason to stop. An error that the uncompiled forward raises too is raised,
+    and so is any error after a first call that succeeded.
     """
     compiled = torch.compile(forward)
-    current = [compiled]
+    state = {"fn": compiled, "proven": False}
 
     def call(*args: Any, **kwargs: Any) -> Any:
+        if state["proven"]:
+            return state["fn"](*args, **kwargs)
         try:
-            return current[0](*args, **kwargs)
+            out = compiled(*args, **kwargs)
         except Exception as e:
-            if current[0] is forward:
-                raise
             reason = (str(e).strip().splitlines() or [""])[0][:200]
             print(f"llmlab: warning: torch.compile failed ({type(e).__name__}: {reason}); training continues "
                   "without it", file=sys.stderr)  # fmt: skip
-            current[0] = forward
-            return forward(*args, **kwargs)
+            state["fn"] = forward
+            out = forward(*args, **kwargs)
+        state["proven"] = True
+        return out
 
     return call
 

@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> None:
     if args.draft is not None and args.weights != "float32":
         raise UserError("--weights applies to plain decoding: speculative decoding verifies several tokens a call, "
                         "which stay fp32")  # fmt: skip
+    if args.no_cache and args.weights != "float32":
+        raise UserError("--weights needs the KV cache: without it every step multiplies the whole prefix, in fp32")
     prompt = _read_prompt(args)
     if args.draft is not None:
         return _speculative(args, prompt, sampling)
