@@ -10,6 +10,7 @@ matmul peak (MFU), and against its measured memory bandwidth (decoding's ceiling
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -217,9 +218,19 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     text = render(rows, command, reps, args.device, time.perf_counter() - t0)
     path = Path(args.out)
-    path.write_text((path.read_text() + "\n" if args.append and path.exists() else "") + text)
+    old = path.read_text() if path.exists() else ""
+    path.write_text(old.rstrip("\n") + "\n\n" + text if args.append and old else with_section(old, text))
     print(text)
     return 0
+
+
+def with_section(old: str, section: str) -> str:
+    """`old` (markdown) with its `## ` section of the same heading as `section` replaced by it, or
+    `section` put first; the other sections (another script's, such as bench_speculative's) stay."""
+    parts = re.split(r"(?m)^(?=## )", old)
+    heading = section.splitlines()[0]
+    kept = [p.rstrip("\n") for p in parts if p.strip() and p.splitlines()[0] != heading]
+    return "\n\n".join([section.rstrip("\n"), *kept]) + "\n"
 
 
 def render(rows: list[Row], command: str, reps: int, device: str, seconds: float) -> str:
