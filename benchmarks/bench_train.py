@@ -33,12 +33,9 @@ def step_fn(model, optimizer, logits_of: Callable, x, y, bf16: bool) -> Callable
     return step
 
 
-def bench(shape: str, bf16: bool = False, reps: int = 7, device: str = "cpu", compile: bool = False,
-          peer: bool = True, probe: Callable[[], object] | None = None,
-          ) -> tuple[float, float | None, float | None]:  # fmt: skip
-    """Median tokens/s (llmlab, transformers) for one training step at `shape`, and the median
-    seconds of `probe()` (a ceiling's measurement) timed in the same turns, if given; transformers'
-    figure is None with `peer=False` (when only llmlab's is needed)."""
+def steps(shape: str, device: str = "cpu", bf16: bool = False,
+          compile: bool = False) -> tuple[Callable[[], None], Callable[[], None], int]:  # fmt: skip
+    """(llmlab's step, transformers' step, tokens per step) at `shape`, on the same weights and batch."""
     ours, hf = model_pair(shape)
     ours.to(device).train()
     hf.to(device).train()
@@ -52,7 +49,16 @@ def bench(shape: str, bf16: bool = False, reps: int = 7, device: str = "cpu", co
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.1,
                                fused=device in ("cpu", "cuda"))  # fmt: skip
     hf_step = step_fn(hf, hf_opt, lambda m, t: m(t).logits, x, y, bf16)
-    tokens = B * S
+    return ours_step, hf_step, B * S
+
+
+def bench(shape: str, bf16: bool = False, reps: int = 7, device: str = "cpu", compile: bool = False,
+          peer: bool = True, probe: Callable[[], object] | None = None,
+          ) -> tuple[float, float | None, float | None]:  # fmt: skip
+    """Median tokens/s (llmlab, transformers) for one training step at `shape`, and the median
+    seconds of `probe()` (a ceiling's measurement) timed in the same turns, if given; transformers'
+    figure is None with `peer=False` (when only llmlab's is needed)."""
+    ours_step, hf_step, tokens = steps(shape, device, bf16, compile)
     fns = [ours_step] + ([hf_step] if peer else []) + ([probe] if probe else [])
     seconds = interleaved_medians(fns, reps, warmup=3 if compile else 2)
     return tokens / seconds[0], tokens / seconds[1] if peer else None, seconds[-1] if probe else None

@@ -94,3 +94,15 @@ def markdown_table(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def top_operators(prof: torch.profiler.profile, per: int) -> list[tuple[str, float, float]]:
+    """A finished profile's operators as [(name, ms, calls)] per `per` (steps or tokens), the
+    most self CPU time first; their sum is the time spent inside operators."""
+    rows = [(e.key, e.self_cpu_time_total / 1e3 / per, e.count / per) for e in prof.key_averages()]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def operator_table(ops: list[tuple[str, float, float]], per: str, top: int) -> str:
+    lines = [f"| operator | ms per {per} | calls per {per} |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {key} | {ms:.3f} | {calls:.1f} |" for key, ms, calls in ops[:top]])

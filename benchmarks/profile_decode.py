@@ -23,6 +23,7 @@ from contextlib import ExitStack
 import torch
 
 from benchmarks.bench_decode import NEW, PROMPT
+from benchmarks.common import operator_table, top_operators
 from benchmarks.shapes import model_pair
 from llmlab.matvec import weights_in
 from llmlab.memory import _native_stderr_silenced
@@ -58,8 +59,7 @@ def profile_one(run: Callable[[], object], reps: int = 5) -> tuple[float, float,
     wall = statistics.median(times) / NEW * 1e3
     with _native_stderr_silenced(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
         run()
-    events = p.key_averages()
-    ops = sorted(((e.key, e.self_cpu_time_total / 1e3 / NEW, e.count / NEW) for e in events), key=lambda r: -r[1])
+    ops = top_operators(p, NEW)
     return wall, sum(ms for _, ms, _ in ops), ops
 
 
@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             wall, in_ops, ops = profile_one(runs[name])
             print(f"\n{name}, {args.shape}: {wall:.3f} ms per token wall; {in_ops:.3f} ms inside ATen operators "
                   f"(profiled run); the rest, {max(wall - in_ops, 0):.3f} ms, is Python and dispatch")  # fmt: skip
-            print("| operator | ms per token | calls per token |\n|---|---|---|")
-            for key, ms, calls in ops[: args.top]:
-                print(f"| {key} | {ms:.3f} | {calls:.1f} |")
+            print(operator_table(ops, "token", args.top))
 
 
 if __name__ == "__main__":
