@@ -224,13 +224,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def with_section(old: str, section: str) -> str:
-    """`old` (markdown) with its `## ` section of the same heading as `section` replaced by it, or
-    `section` put first; the other sections (another script's, such as bench_speculative's) stay."""
-    parts = re.split(r"(?m)^(?=## )", old)
+def with_section(old: str, section: str, first: bool = True) -> str:
+    """`old` (markdown) with its `## ` section of the same heading as `section` replaced by it in
+    place, or, if it has none, `section` put first (or last); the other sections stay."""
+    parts = [p.rstrip("\n") for p in re.split(r"(?m)^(?=## )", old) if p.strip()]
     heading = section.splitlines()[0]
-    kept = [p.rstrip("\n") for p in parts if p.strip() and p.splitlines()[0] != heading]
-    return "\n\n".join([section.rstrip("\n"), *kept]) + "\n"
+    section = section.rstrip("\n")
+    if any(p.splitlines()[0] == heading for p in parts):
+        parts = [section if p.splitlines()[0] == heading else p for p in parts]
+    else:
+        parts = [section, *parts] if first else [*parts, section]
+    return "\n\n".join(parts) + "\n"
 
 
 def render(rows: list[Row], command: str, reps: int, device: str, seconds: float) -> str:

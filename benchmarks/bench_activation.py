@@ -1,0 +1,168 @@
+"""GPT-2's GELU three ways, the source of llmlab's lead in tiny training (`profile_train`):
+`F.gelu(approximate="tanh")` (what llmlab runs), transformers' `NewGELUActivation` (`pow`, `tanh`
+and `mul`s), and the same function written with `sigmoid`, since 1 + tanh(z) = 2σ(2z):
+
+    GELU(x) = ½x(1 + tanh z) = x·σ(2z),   z = √(2/π)(x + 0.044715x³)
+
+Each is timed forward and backward on the tiny shape's FFN activation [12, 64, 512], fp32; then
+the sigmoid form inside llmlab's whole tiny training step, against `F.gelu` in the same turns.
+
+    python -m benchmarks.bench_activation [--reps 35] [--out BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from benchmarks.bench_train import steps
+from benchmarks.common import Row, interleaved_medians, machine, markdown_table
+from benchmarks.run import with_section
+from benchmarks.shapes import SHAPES, TRAIN_BATCH
+from llmlab import model as llmlab_model
+
+C, A = math.sqrt(2 / math.pi), 0.044715
+
+
+class SigmoidGelu(torch.autograd.Function):
+    """x·σ(2z): GPT-2's GELU with `sigmoid` in place of `tanh`. Saves σ(2z) for the backward:
+
+    d/dx x·σ(2z) = σ + x·σ(1 − σ)·2z',   2z' = 2√(2/π)(1 + 3·0.044715x²)
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        s = torch.addcmul(x, x * x, x, value=A).mul_(2 * C).sigmoid_()  # σ(2z)
+        ctx.save_for_backward(x, s)
+        return x * s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        x, s = ctx.saved_tensors
+        slope = torch.addcmul(s, s, s, value=-1)  # σ' = σ − σ²
+        d = (x * x).mul_(6 * C * A).add_(2 * C).mul_(x)  # x·2z'
+        return d.mul_(slope).add_(s).mul_(grad)
+
+
+def sigmoid_gelu(x: Tensor) -> Tensor:
+    return SigmoidGelu.apply(x)
+
+
+def hf_gelu() -> Callable[[Tensor], Tensor]:
+    from transformers.activations import NewGELUActivation
+
+    return NewGELUActivation()
+
+
+def forward_backward(fn: Callable[[Tensor], Tensor], x: Tensor, grad: Tensor) -> Callable[[], None]:
+    def run() -> None:
+        leaf = x.detach().requires_grad_()
+        fn(leaf).backward(grad)
+
+    return run
+
+
+@contextmanager
+def activation(fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """While inside, every llmlab model with activation "gelu_tanh" runs `fn`."""
+    real = llmlab_model.ACTIVATIONS["gelu_tanh"]
+    llmlab_model.ACTIVATIONS["gelu_tanh"] = fn
+    try:
+        yield
+    finally:
+        llmlab_model.ACTIVATIONS["gelu_tanh"] = real
+
+
+def steady_medians(fns: list[Callable[[], object]], turns: int, per_turn: int) -> tuple[list[float], list[float]]:
+    """(median seconds, mean page faults) of each fn's calls, each run `per_turn` times in a row
+    per turn, the turns alternating; the first call of a turn is not counted. Unlike A B A B, a
+    side runs in its own steady state: two steps whose buffers differ, alternating call by call,
+    can free memory back to the system that the other then page-faults in again."""
+    times: list[list[float]] = [[] for _ in fns]
+    faults = [0] * len(fns)
+    for _ in range(turns):
+        for i, fn in enumerate(fns):
+            fn()
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(per_turn - 1):
+                t0 = time.perf_counter()
+                fn()
+                times[i].append(time.perf_counter() - t0)
+            faults[i] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    return [statistics.median(t) for t in times], [f / len(t) for f, t in zip(faults, times, strict=True)]
+
+
+def bench(reps: int = 35) -> list[Row]:
+    B, S = TRAIN_BATCH["tiny"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, S, 4 * SHAPES["tiny"]["n_embd"], generator=g)  # [B, S, F]
+    grad = torch.randn(x.shape, generator=g)
+    ours = forward_backward(lambda t: F.gelu(t, approximate="tanh"), x, grad)
+    peer = forward_backward(hf_gelu(), x, grad)
+    sig = forward_backward(sigmoid_gelu, x, grad)
+    tanh_s, sigmoid_s, ours_s, peer_s, sig_s = interleaved_medians(
+        [lambda: torch.tanh(x), lambda: torch.sigmoid(x), ours, peer, sig], reps
+    )
+    step, _, tokens = steps("tiny")
+
+    def sigmoid_step() -> None:
+        with activation(sigmoid_gelu):
+            step()
+
+    (step_s, sigmoid_step_s), (step_faults, sigmoid_faults) = steady_medians(
+        [step, sigmoid_step], turns=max(1, reps // 5), per_turn=6
+    )
+    shape = f"[{B}, {S}, {x.shape[-1]}]"
+    us = "calls/s"
+    return [
+        Row(f"torch.sigmoid vs torch.tanh, {shape}", 1 / sigmoid_s, 1 / tanh_s, us, "–",
+            f"{sigmoid_s * 1e6:.0f} against {tanh_s * 1e6:.0f} µs"),
+        Row(f"GELU forward + backward, {shape}: F.gelu(tanh) vs transformers' NewGELUActivation", 1 / ours_s,
+            1 / peer_s, us, "–", f"{ours_s * 1e6:.0f} against {peer_s * 1e6:.0f} µs; 4 a training step"),
+        Row(f"GELU forward + backward, {shape}: x·σ(2z) vs F.gelu(tanh)", 1 / sig_s, 1 / ours_s, us, "–",
+            f"{sig_s * 1e6:.0f} against {ours_s * 1e6:.0f} µs"),
+        Row("training step, tiny, fp32: x·σ(2z) vs F.gelu(tanh) in llmlab", tokens / sigmoid_step_s, tokens / step_s,
+            "tokens/s", "–", f"{sigmoid_step_s * 1e3:.1f} against {step_s * 1e3:.1f} ms, in turns of 6 steps; "
+            f"page faults a step: {sigmoid_faults:,.0f} against {step_faults:,.0f}"),
+    ]  # fmt: skip
+
+
+HEADING = "## GPT-2's GELU, three ways (cpu)"
+
+
+def render(rows: list[Row], reps: int) -> str:
+    facts = ", ".join(f"{k} {v}" for k, v in machine().items())
+    return f"""{HEADING}
+
+Produced by `python -m benchmarks.bench_activation --reps {reps}`: medians of {reps} turns, the
+sides taking turns. {facts}. Here "peer" is the other way of computing the same function.
+
+{markdown_table(rows)}
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=35)
+    p.add_argument("--out", help="also write this section into a Markdown file (BENCHMARKS.md)")
+    args = p.parse_args(argv)
+    text = render(bench(args.reps), args.reps)
+    if args.out:
+        path = Path(args.out)
+        path.write_text(with_section(path.read_text() if path.exists() else "", text, first=False))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""`torch.compile` against eager llmlab at the tiny shape, on the same weights: one training step
+(forward, backward, AdamW; `llmlab train --compile` compiles the same way) and greedy decoding
+(`Module.compile()`, 16-token prompt, 128 new tokens, KV cache). Each compiled side's first call,
+the compile, is timed apart (Inductor keeps what it built in an on-disk cache, so a second run
+compiles faster); then the two sides take turns.
+
+    python -m benchmarks.bench_compile [--reps 35] [--out BENCHMARKS.md]
+
+Decoding recompiles as the cache grows: each step's cache position is a new constant to dynamo,
+which warns when its limit of 8 recompiles is reached and runs the later steps uncompiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import bench_decode
+from benchmarks.bench_train import steps
+from benchmarks.common import Row, interleaved_medians, machine, markdown_table
+from benchmarks.run import with_section
+from benchmarks.shapes import model_pair
+from llmlab.sampling import SamplingConfig, generate_ids
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def training(reps: int) -> Row:
+    eager, _, tokens = steps("tiny")
+    compiled, _, _ = steps("tiny", compile=True)
+    compile_s = timed(compiled)
+    eager_s, compiled_s = interleaved_medians([eager, compiled], reps)
+    note = f"{compiled_s * 1e3:.1f} against {eager_s * 1e3:.1f} ms; the first call, compiling, took {compile_s:.0f} s"
+    return Row("training step, tiny, fp32: torch.compile vs eager", tokens / compiled_s, tokens / eager_s, "tokens/s",
+               "–", note)  # fmt: skip
+
+
+def decoding(reps: int) -> Row:
+    eager, _ = model_pair("tiny", min_positions=bench_decode.PROMPT + bench_decode.NEW)
+    eager.eval()
+    compiled = copy.deepcopy(eager)
+    compiled.compile()
+    idx = torch.randint(0, eager.cfg.vocab_size, (1, bench_decode.PROMPT), generator=torch.Generator().manual_seed(1))
+
+    def decoder(model: torch.nn.Module):
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                return torch.stack([t for t, _ in generate_ids(model, idx, bench_decode.NEW, SamplingConfig(0.0))], 1)
+
+        return run
+
+    compile_s = timed(decoder(compiled))
+    same = torch.equal(decoder(compiled)(), decoder(eager)())
+    eager_s, compiled_s = interleaved_medians([decoder(eager), decoder(compiled)], reps)
+    new = bench_decode.NEW
+    return Row("greedy decoding, tiny, B=1, fp32: Module.compile() vs eager", new / compiled_s, new / eager_s,
+               "tokens/s", "–", f"{'same' if same else 'different'} tokens; the first call, compiling, took "
+               f"{compile_s:.0f} s")  # fmt: skip
+
+
+HEADING = "## torch.compile against eager (cpu)"
+
+
+def render(rows: list[Row], reps: int) -> str:
+    facts = ", ".join(f"{k} {v}" for k, v in machine().items())
+    return f"""{HEADING}
+
+Produced by `python -m benchmarks.bench_compile --reps {reps}`: medians of {reps} turns after the
+compile, the two sides taking turns. {facts}. Here "peer" is llmlab uncompiled.
+
+{markdown_table(rows)}
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=35)
+    p.add_argument("--out", help="also write this section into a Markdown file (BENCHMARKS.md)")
+    args = p.parse_args(argv)
+    text = render([training(args.reps), decoding(args.reps)], args.reps)
+    if args.out:
+        path = Path(args.out)
+        path.write_text(with_section(path.read_text() if path.exists() else "", text, first=False))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
