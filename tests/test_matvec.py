@@ -25,39 +25,43 @@ def two_threads():
 @pytest.mark.parametrize("parts", [2, 3, 4])
 @pytest.mark.parametrize(("N", "bias"), [(1000, True), (1001, False), (7, True)])
 def test_split_matvec_equals_f_linear(parts, N, bias):
-    """Reference: F.linear on the same x, W, b (one input row, any leading shape), N not divisible by parts too."""
+    """Reference: F.linear on the same x, W, b (one input row or a few, any leading shape), N not
+    divisible by parts too."""
     g = torch.Generator().manual_seed(N + parts)
     W = torch.randn(N, 96, generator=g)
     b = torch.randn(N, generator=g) if bias else None
-    for shape in [(96,), (1, 96), (1, 1, 96)]:
+    for shape in [(96,), (1, 96), (1, 1, 96), (2, 96), (1, 5, 96), (3, 2, 96)]:
         x = torch.randn(*shape, generator=g)
         got = matvec.split_matvec(x, W, b, parts)
         torch.testing.assert_close(got, F.linear(x, W, b), rtol=1e-5, atol=1e-5)
         assert got.shape == (*shape[:-1], N)
 
 
-def test_linear_takes_the_split_only_for_one_row_of_a_large_weight(monkeypatch, two_threads):
+def test_linear_takes_the_split_only_for_a_few_rows_of_a_large_weight(monkeypatch, two_threads):
     calls = []
     real = matvec.split_matvec
-    monkeypatch.setattr(matvec, "split_matvec", lambda *a: calls.append(a[1].shape) or real(*a))
+    monkeypatch.setattr(matvec, "split_matvec", lambda *a: calls.append(a[0].shape) or real(*a))
     monkeypatch.setattr(matvec, "MIN_ELEMENTS", 64 * 64)
     big, small = matvec.Linear(64, 64), matvec.Linear(64, 63)  # 4096 and 4032 elements
     x = torch.randn(1, 1, 64)
+    few = torch.randn(2, matvec.FEW_ROWS // 2, 64)
     with torch.no_grad():
         torch.testing.assert_close(big(x), F.linear(x, big.weight, big.bias), rtol=1e-5, atol=1e-5)
-        small(x), big(torch.randn(2, 1, 64)), big(torch.randn(1, 3, 64))  # too small; two rows; three rows
-    assert calls == [(64, 64)]
+        torch.testing.assert_close(big(few), F.linear(few, big.weight, big.bias), rtol=1e-5, atol=1e-5)
+        small(x), big(torch.randn(1, matvec.FEW_ROWS + 1, 64)), big(torch.randn(0, 64))  # too small; too many; none
+    assert calls == [(1, 1, 64), few.shape]
+    calls.clear()
     big(x).sum().backward()  # a gradient is taken: the plain path, so autograd sees every product
     torch.testing.assert_close(big.weight.grad, x.reshape(1, 64).expand(64, 64))  # d(Σ x·Wᵀ)/dW = 1·x
     big.requires_grad_(False)
     xg = x.clone().requires_grad_()
     big(xg).sum().backward()  # frozen weights, a gradient for the input: plain path too
     torch.testing.assert_close(xg.grad, big.weight.sum(0).reshape(1, 1, 64))  # d(Σ x·Wᵀ)/dx = Σ_rows W
-    assert calls == [(64, 64)]
+    assert calls == []
     torch.set_num_threads(1)
     with torch.no_grad():
-        big(x)
-    assert calls == [(64, 64)]  # one thread: nothing to split over
+        big(x), big(few)
+    assert calls == []  # one thread: nothing to split over
 
 
 def test_greedy_decoding_is_the_same_with_and_without_the_split(monkeypatch, two_threads):
@@ -75,7 +79,7 @@ def test_greedy_decoding_is_the_same_with_and_without_the_split(monkeypatch, two
     real = matvec.split_matvec
     monkeypatch.setattr(matvec, "split_matvec", lambda *a: calls.append(1) or real(*a))
     fast = decode()
-    assert len(calls) == 39 * (4 * cfg.n_layers + 1)  # qkv, out, w1, w2, head at each step after the prompt
+    assert len(calls) == 40 * (4 * cfg.n_layers + 1)  # qkv, out, w1, w2, head: the 5-row prompt, then each step
     monkeypatch.setattr(matvec, "MIN_ELEMENTS", 1 << 62)
     assert decode() == fast
 

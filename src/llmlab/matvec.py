@@ -10,13 +10,19 @@ multiplied by `torch.bmm` as x·Wᵢᵀ, which runs the batch on both threads (a
 was a quarter as fast.
 
     W [N, K] ─ first n·⌊N/n⌋ rows as a view [n, N/n, K] ─ bmm: x [n, 1, K] · [n, K, N/n] ─► y [n · N/n]
-             └ the N mod n rows left over ─ mv ───────────────────────────────► y [N mod n]
+             └ the N mod n rows left over ─ mm ───────────────────────────────► y [N mod n]
 
 The split changes no arithmetic: each output is still the dot product of one row of W with x
 (equal to `F.linear` up to float rounding, tested). It is used only where it pays: one
-input row, on the CPU, with more than one thread, and a weight of at least `MIN_ELEMENTS`
+input row (or a few, below), on the CPU, with more than one thread, and a weight of at least `MIN_ELEMENTS`
 (smaller ones sit in cache, where the plain kernel is faster); and only where no gradient is
 taken, because the blocks write into one output buffer (`out=`), which autograd does not follow.
+
+A few rows (up to `FEW_ROWS`: a speculative verification of γ + 1 drafts, a short prompt) have
+the same trouble: MKL shares [M, K]·[K, N] out between the threads poorly when M is small. The
+same split, x [parts, M, K]·[parts, K, N/parts], is 1.3-1.8× as fast as `F.linear` for 2-16
+rows of GPT-2's larger matrices here, and the gain fades towards 64 rows (`bench_matvec`, the
+`rows` columns). Its output [parts, M, N/parts] is copied once into [M, N].
 """
 
 from __future__ import annotations
@@ -29,33 +35,42 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 MIN_ELEMENTS = 1 << 18  # 1 MiB of fp32: GPT-2 124M's matrices are 0.6-38.6 M elements, the tiny preset's 65 K
+FEW_ROWS = 32  # rows: 1.1-1.3× `F.linear` at 32 in `bench_matvec`, 0.9-2.0× at 64
 
 
 def split_matvec(x: Tensor, weight: Tensor, bias: Tensor | None, parts: int) -> Tensor:
-    """x·Wᵀ + b for one row x [..., K] (all leading sizes 1), W [N, K], with W's rows in `parts`
-    blocks multiplied as one batch. → [..., N]."""
+    """x·Wᵀ + b for one row or a few, x [..., K] (M rows in all), W [N, K], with W's rows in
+    `parts` blocks multiplied as one batch. → [..., N]."""
     N, K = weight.shape
+    M = x.numel() // K
     n = N // parts  # rows per block
     rows = n * parts
     blocks = weight[:rows].view(parts, n, K).transpose(1, 2)  # [parts, K, n], a view
-    xs = x.reshape(1, 1, K).expand(parts, 1, K)  # [parts, 1, K]
-    y = x.new_empty(N)  # [N]: the blocks and the leftover rows write into it, no concatenation
-    head = y[:rows].view(parts, 1, n)
+    xs = x.reshape(1, M, K).expand(parts, M, K)  # [parts, M, K]
+    y = x.new_empty(M, N)  # [M, N]: the blocks and the leftover rows write into it, no concatenation
+    head = y[:, :rows].view(M, parts, n).transpose(0, 1)  # [parts, M, n], a view of y
+    out = head if M == 1 else None  # bmm writes a strided `out=` slowly: for more rows, its own buffer, copied
     if bias is None:
-        torch.bmm(xs, blocks, out=head)
+        z = torch.bmm(xs, blocks, out=out)
     else:
-        torch.baddbmm(bias[:rows].view(parts, 1, n), xs, blocks, out=head)  # b + x·Wᵢᵀ in one pass
+        z = torch.baddbmm(bias[:rows].view(parts, 1, n), xs, blocks, out=out)  # b + x·Wᵢᵀ in one pass
+    if out is None:
+        head.copy_(z)  # [parts, M, n] → y's blocks of n columns
     if rows < N:
-        tail = y[rows:]
+        tail, x2 = y[:, rows:], x.reshape(M, K)  # [M, N mod parts]
         if bias is None:
-            torch.mv(weight[rows:], x.reshape(K), out=tail)
+            torch.mm(x2, weight[rows:].T, out=tail)
         else:
-            torch.addmv(bias[rows:], weight[rows:], x.reshape(K), out=tail)
-    return y.reshape(*x.shape[:-1], N)
+            torch.addmm(bias[rows:], x2, weight[rows:].T, out=tail)
+    return y.view(*x.shape[:-1], N)
 
 
 def one_row(x: Tensor) -> bool:
     return x.numel() == x.shape[-1]
+
+
+def rows_of(x: Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
 def no_grad_taken(*tensors: Tensor | None) -> bool:
@@ -65,17 +80,17 @@ def no_grad_taken(*tensors: Tensor | None) -> bool:
 
 def use_split(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
     return (
-        one_row(x)  # fails first, for every multi-row call
+        0 < rows_of(x) <= FEW_ROWS  # fails first, for every call of many rows
         and weight.numel() >= MIN_ELEMENTS
         and x.device.type == "cpu"
         and torch.get_num_threads() > 1
         and weight.dtype == x.dtype
         and no_grad_taken(x, weight, bias)  # the split writes into a buffer (`out=`), which autograd does not follow
-    )
+    )  # fmt: skip
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same state dict), with `split_matvec` for one input row."""
+    """`nn.Linear` (same parameters, same state dict), with `split_matvec` for a few input rows."""
 
     weight16: Tensor | None = None  # a 16-bit copy of the weight, set inside `weights_in`
 
