@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=7, help="repetitions per measurement (the median is reported)")
     p.add_argument("--quick", action="store_true", help="only the tiny shape, 3 repetitions")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--append", action="store_true", help="append a section instead of rewriting the file")
+    p.add_argument("--append", action="store_true",
+                   help="put a new section last, not first (one of the same heading is replaced in place)")  # fmt: skip
     p.add_argument("--out", default="BENCHMARKS.md")
     args = p.parse_args(argv)
     reps, shapes = (3, ["tiny"]) if args.quick else (args.reps, ["tiny", "124M"])
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(rows, command, reps, args.device, time.perf_counter() - t0)
     path = Path(args.out)
     old = path.read_text() if path.exists() else ""
-    path.write_text(old.rstrip("\n") + "\n\n" + text if args.append and old else with_section(old, text))
+    path.write_text(with_section(old, text, first=not args.append))
     print(text)
     return 0
 

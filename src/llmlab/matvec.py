@@ -13,15 +13,16 @@ was a quarter as fast.
              └ the N mod n rows left over ─ mm ───────────────────────────────► y [N mod n]
 
 The split changes no arithmetic: each output is still the dot product of one row of W with x
-(equal to `F.linear` up to float rounding, tested). It is used only where it pays: one
-input row (or a few, below), on the CPU, with more than one thread, and a weight of at least `MIN_ELEMENTS`
-(smaller ones sit in cache, where the plain kernel is faster); and only where no gradient is
-taken, because the blocks write into one output buffer (`out=`), which autograd does not follow.
+(equal to `F.linear` up to float rounding, tested). It is used only where it pays: one input
+row (or a few, below), on the CPU, with more than one thread, and a weight of at least
+`MIN_ELEMENTS` (smaller ones sit in cache, where the plain kernel is faster); and only where no
+gradient is taken, because the blocks write into one output buffer (`out=`), which autograd
+does not follow.
 
 A few rows (up to `FEW_ROWS`: a speculative verification of γ + 1 drafts, a short prompt) have
 the same trouble: MKL shares [M, K]·[K, N] out between the threads poorly when M is small. The
-same split, x [parts, M, K]·[parts, K, N/parts], is 1.3-1.8× as fast as `F.linear` for 2-16
-rows of GPT-2's larger matrices here, and the gain fades towards 64 rows (`bench_matvec`, the
+same split, x [parts, M, K]·[parts, K, N/parts], is 1.2-1.8× as fast as `F.linear` for 5-16
+rows of GPT-2's matrices here, and the gain fades towards 64 rows (`bench_matvec`, the
 `rows` columns). Its output [parts, M, N/parts] is copied once into [M, N].
 """
 
@@ -86,7 +87,7 @@ def use_split(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
         and torch.get_num_threads() > 1
         and weight.dtype == x.dtype
         and no_grad_taken(x, weight, bias)  # the split writes into a buffer (`out=`), which autograd does not follow
-    )  # fmt: skip
+    )
 
 
 class Linear(nn.Linear):
