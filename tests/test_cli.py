@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from llmlab.cli import main
 from llmlab.run_dir import load_run
@@ -100,6 +101,12 @@ def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]
     corrupt = tmp / "corrupt"
     shutil.copytree(run, corrupt)
     (corrupt / "model.safetensors").write_bytes(b"garbage")
+    nan = tmp / "nan"
+    shutil.copytree(run, nan)
+    weights = load_file(nan / "model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, nan / "model.safetensors")
+    (tmp / "not-a-run").mkdir()
+    (tmp / "not-a-run" / "notes.txt").write_text("mine")
     train = ["train", "--data", str(corpus), "--out", str(tmp / "new")]
     gen = ["generate", str(run)]
     return [
@@ -122,7 +129,25 @@ def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]
         ([*gen, "--prompt", ""], "the prompt is empty"),
         ([*gen, "--prompt", "ü"], "not in this character tokenizer's vocabulary"),
         ([*gen, "--prompt-file", str(tmp / "latin1.txt")], "not valid UTF-8"),
-        ([*gen, "--temperature", "-1"], "temperature must be >= 0"),
+        ([*gen, "--temperature", "-1"], "temperature must be a finite number >= 0"),
+        ([*gen, "--temperature", "inf"], "temperature must be a finite number >= 0"),
+        ([*gen, "--stop", ""], "--stop needs some text"),
+        (["generate", str(nan)], "'embed.weight' holds NaN or infinite values"),
+        ([*train, "--set", "lr=nan"], "lr must be a finite number, got nan"),
+        ([*train, "--set", "grad_clip=inf"], "grad_clip must be a finite number, got inf"),
+        ([*train, "--set", "positions=rope", "--set", "rope_base=0"], "rope_base must be above 1"),
+        ([*train, "--config", str(tmp)], "is a directory"),
+        (["train", "--data", str(corpus), "--out", str(tmp / "empty.txt")], "is a file, not a directory"),
+        (["train", "--data", str(corpus), "--out", str(tmp / "not-a-run")], "is a directory that is not empty"),
+        (["train", "--out", str(run), "--resume", "--data", str(corpus)], "continues the saved configuration and data"),
+        ([*train, "--init-from", str(run), "--set", "n_layers=2"], "--init-from keeps its run's model; --set n_layers"),
+        ([*train, "--init-from", str(run), "--tokenizer-from", str(run)], "--init-from brings its run's tokenizer"),
+        (["trace", str(run), "--layer", "5"], "--layer must be all or a block from 0 to 1, got '5'"),
+        (["trace", str(run), "--set", "n_layers=3"], "give a run directory or --preset (with --set), not both"),
+        (["trace", str(run), "--prompt", "caf\udce9"], "--prompt is not valid UTF-8"),
+        (["count", "--repeats", "0"], "--repeats must be at least 1"),
+        (["count", "--sweep", "seq=8,16", "--out", str(tmp)], "a .png file"),
+        (["run", "--minutes", "nan", "--out", str(tmp / "tour")], "--minutes must be a positive finite number"),
         ([*gen, "--top-p", "0"], "top_p must be in (0, 1]"),
         ([*gen, "--top-p", "1.5"], "top_p must be in (0, 1]"),
         ([*gen, "--top-k", "0"], "top_k must be at least 1"),
@@ -143,6 +168,8 @@ def test_every_bad_input_is_one_line_exit_2_and_damages_nothing(capsys, tmp_path
         assert message in err, (argv, err)
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in trained_run.iterdir() if p.is_file()}
     assert after == before
+    assert not (tmp_path / "new").exists() and not (tmp_path / "tour").exists()  # nothing half-written
+    assert [p.name for p in (tmp_path / "not-a-run").iterdir()] == ["notes.txt"]
 
 
 def test_a_real_process_exits_2_without_a_traceback_even_for_non_utf8_arguments(trained_run):
@@ -153,7 +180,7 @@ def test_a_real_process_exits_2_without_a_traceback_even_for_non_utf8_arguments(
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr == b"llmlab: error: the prompt is not valid UTF-8\n"
+    assert proc.stderr == b"llmlab: error: --prompt is not valid UTF-8\n"
 
 
 def test_ctrl_c_during_training_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus_file):

@@ -72,7 +72,7 @@ def test_unknown_architectures_and_missing_tensors_are_errors(hf_model):
     from llmlab.hf import state_dict_from_hf
 
     sd = {k: v for k, v in hf_model.state_dict().items() if "h.1.mlp" not in k}
-    with pytest.raises(UserError, match="lacks tensors for 'blocks.1.mlp.w1.weight'"):
+    with pytest.raises(UserError, match=r"lacks the tensor for 'blocks.1.mlp.w1.weight' \(and 3 more\)"):
         state_dict_from_hf(sd, config_from_hf(hf_model.config.to_dict()))
 
 
@@ -117,11 +117,14 @@ def test_export_hf_loads_with_from_pretrained(tmp_path, hf_model, capsys):
 
 
 def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_path, hf_model, capsys):
+    from safetensors.torch import load_file, save_file
+
     from llmlab.cli import main
 
     save_hf_checkpoint(hf_model, tmp_path / "good")
     cases = {}
-    for name in ("no_weights", "no_config", "llama", "bad_shape", "no_tokenizer"):
+    for name in ("no_weights", "no_config", "llama", "bad_shape", "no_tokenizer", "not_object", "no_vocab",
+                 "garbage_bin", "stray_tensor"):  # fmt: skip
         shutil.copytree(tmp_path / "good", tmp_path / name)
         cases[name] = tmp_path / name
     (cases["no_weights"] / "model.safetensors").unlink()
@@ -130,11 +133,24 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
     cfg = json.loads((tmp_path / "good" / "config.json").read_text())
     (cases["llama"] / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
     (cases["bad_shape"] / "config.json").write_text(json.dumps({**cfg, "n_embd": 64}))
+    (cases["not_object"] / "config.json").write_text("[]")
+    (cases["no_vocab"] / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "vocab_size"}))
+    (cases["garbage_bin"] / "model.safetensors").unlink()
+    (cases["garbage_bin"] / "pytorch_model.bin").write_bytes(b"not a pickle at all")
+    stray = load_file(cases["stray_tensor"] / "model.safetensors") | {"transformer.h.5.foo": torch.zeros(2)}
+    save_file(stray, cases["stray_tensor"] / "model.safetensors")
+    torch.manual_seed(0)
+    small = GPT2Config(**{**SMALL, "vocab_size": 100}, bos_token_id=None, eos_token_id=None)
+    tok = save_hf_checkpoint(GPT2LMHeadModel(small), tmp_path / "big_tokenizer")
+    cases["big_tokenizer"] = tmp_path / "big_tokenizer"  # a 100-token model with a larger tokenizer
     capsys.readouterr()  # drop transformers' progress bars
     expected = {
         "no_weights": "has no model.safetensors or pytorch_model.bin", "no_config": "has no config.json",
         "llama": "unsupported architecture 'llama'", "bad_shape": "has shape (300, 48) in the checkpoint but (300, 64)",
-        "no_tokenizer": "has no tokenizer.json",
+        "no_tokenizer": "has no tokenizer.json", "not_object": "config.json holds no JSON object",
+        "no_vocab": "lacks 'vocab_size'", "garbage_bin": "cannot read the weights",
+        "stray_tensor": "holds a tensor 'h.5.foo' that GPT-2 with n_layer=2 does not have",
+        "big_tokenizer": f"the tokenizer has {tok.vocab_size} tokens but the model only 100",
     }  # fmt: skip
     for name, message in expected.items():
         out = tmp_path / f"out_{name}"

@@ -99,6 +99,9 @@ def test_task_files_parse_and_malformed_lines_are_one_line_errors(tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="neither a built-in task"):
         load_task(str(tmp_path / "missing.jsonl"))
+    for fraction in (0.0, 1.5, float("nan")):
+        with pytest.raises(UserError, match="held-out fraction must be between 0 and 1"):
+            load_task(str(good), fraction)
 
 
 # --- sampling, best-of-N, the rejection step ----------------------------------------------------------
@@ -215,6 +218,9 @@ def test_cli_rft_bad_inputs_are_one_line_exit_2(capsys, trained_run, tmp_path, v
         (["rft", str(trained_run), "--task", str(tmp_path / "bad.jsonl"), *out], "bad.jsonl line 2 is not JSON"),
         (["rft", str(trained_run), "--task", "multiplication", *out], "neither a built-in task"),
         ([*base, *out, "--samples", "0"], "--samples, --rounds and --steps must be at least 1"),
+        ([*base, *out, "--lr", "nan"], "--lr must be a positive finite number"),
+        ([*base, *out, "--lr", "-1"], "--lr must be a positive finite number"),
+        ([*base, *out, "--temperature", "inf"], "temperature must be a finite number"),
         ([*base, "--out", str(trained_run)], "is the source run"),
         ([*base], "--out NEW_RUN is required"),
         (["rft", "--task", str(verifiers), *out], "RUN is required"),
@@ -226,3 +232,4 @@ def test_cli_rft_bad_inputs_are_one_line_exit_2(capsys, trained_run, tmp_path, v
         assert code == 2 and err.startswith("llmlab: error: ") and err.count("\n") == 1, (argv, err)
         assert message in err, (argv, err)
     assert not (tmp_path / "new" / "config.json").exists()
+    assert not (tmp_path / "new").exists() or not any((tmp_path / "new").rglob("kept-*.txt"))

@@ -119,6 +119,24 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, c
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
 
 
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_behind(tmp_path, corpus_file, monkeypatch,
+                                                                           existed):  # fmt: skip
+    """So that the same --out can be trained again: a directory the run created is removed, an
+    empty one the user gave is left empty."""
+    cfg = replace(TINY_TRAIN, max_steps=30, eval_interval=10)
+    out = tmp_path / "r"
+    if existed:
+        out.mkdir()
+    calls: list[int] = []
+    monkeypatch.setattr(train_lib, "cross_entropy", lambda lo, t: _nan_after(lo, t, calls, 3))
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 4; there was no checkpoint yet"):
+        train(TINY_VARIANTS["notes"], cfg, str(corpus_file), out, progress=False)
+    assert (list(out.iterdir()) == []) if existed else not out.exists()
+    monkeypatch.undo()
+    assert train(TINY_VARIANTS["notes"], replace(cfg, max_steps=2), str(corpus_file), out, progress=False).steps == 2
+
+
 def _nan_after(logits, targets, calls, n_train_steps):
     """The real loss, turned NaN from training step n_train_steps + 1 on (evaluation untouched)."""
     loss = cross_entropy(logits, targets)

@@ -18,6 +18,7 @@ Presets are a public interface (DESIGN.md):
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -80,6 +81,8 @@ class ModelConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
+        if self.rope_base <= 1:
+            raise ConfigError(f"rope_base must be above 1, got {self.rope_base}")
 
     @property
     def d_head(self) -> int:
@@ -244,6 +247,8 @@ def _check_types(obj: Any) -> None:
         value = getattr(obj, f.name)
         if not _is_instance(hints[f.name], value):
             raise ConfigError(f"{f.name}={value!r} has the wrong type (expected {hints[f.name]})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
 
 
 def _is_instance(hint: Any, value: Any) -> bool:
@@ -275,6 +280,8 @@ def load_toml(path: str | Path, base: Preset) -> Preset:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {str(path)!r} is a directory") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot parse {str(path)!r}: {e}") from None
     extra = set(data) - {"model", "train"}

@@ -20,6 +20,7 @@ transpose of `nn.Linear`'s [out, in]); everything else maps one to one:
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,13 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 def state_dict_from_hf(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """Hugging Face GPT-2 tensors → llmlab's, checking that every expected tensor is there."""
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    used = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight"}
+    used |= {f"h.{i}.{name}.{p}" for i in range(cfg.n_layers) for name in _BLOCK_KEYS for p in ("weight", "bias")}
+    buffers = (".attn.bias", ".attn.masked_bias")  # older checkpoints save GPT-2's causal-mask buffers
+    unknown = sorted(k for k in sd if k not in used and not k.endswith(buffers))
+    if unknown:
+        raise UserError(f"the checkpoint holds a tensor {unknown[0]!r} that GPT-2 with n_layer={cfg.n_layers} "
+                        f"does not have ({len(unknown)} in all)")  # fmt: skip
     out = {"embed.weight": sd.get("wte.weight"), "pos_embed.weight": sd.get("wpe.weight")}
     out |= {f"ln_final.{p}": sd.get(f"ln_f.{p}") for p in ("weight", "bias")}
     for layer in range(cfg.n_layers):
@@ -97,7 +105,8 @@ def state_dict_from_hf(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Ten
                 out[f"blocks.{layer}.{ours}.{p}"] = t.t().contiguous() if conv and t is not None else t
     missing = [k for k, v in out.items() if v is None]
     if missing:
-        raise UserError(f"the checkpoint lacks tensors for {missing[0]!r} (and {len(missing) - 1} more)")
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"the checkpoint lacks the tensor for {missing[0]!r}{more}")
     out["unembed.weight"] = out["embed.weight"]
     return out
 
@@ -175,13 +184,21 @@ def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Token
         raise UserError(f"{path} has no config.json") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(hf_cfg, dict):
+        raise UserError(f"{path / 'config.json'} holds no JSON object")
+    lacking = [k for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd") if k not in hf_cfg]
+    if lacking:
+        raise UserError(f"{path / 'config.json'} lacks {lacking[0]!r}, which a GPT-2 config has")
     cfg = config_from_hf(hf_cfg)
     sd = state_dict_from_hf(_read_weights(path), cfg)
     expected = {k: v.shape for k, v in GPT(cfg).to("meta").state_dict().items()}
     for k, shape in expected.items():
         if sd[k].shape != shape:
             raise UserError(f"{k} has shape {tuple(sd[k].shape)} in the checkpoint but {tuple(shape)} in its config")
-    return cfg, sd, _read_tokenizer(path)
+    tokenizer = _read_tokenizer(path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
+    return cfg, sd, tokenizer
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
@@ -196,7 +213,7 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
             return sd
         if (path / "pytorch_model.bin").is_file():
             return torch.load(path / "pytorch_model.bin", weights_only=True, map_location="cpu")
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise UserError(f"cannot read the weights in {path} ({type(e).__name__}: {str(e)[:120]})") from None
     raise UserError(f"{path} has no model.safetensors or pytorch_model.bin")
 
@@ -247,8 +264,8 @@ def export_hf(run: Run, out: str | Path) -> list[str]:
     from transformers import GPT2Config
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty directory; choose another --out")
     hf_cfg = GPT2Config(**config_to_hf(run.model_cfg)).to_dict() | {"architectures": ["GPT2LMHeadModel"]}
     sd = {k: v.contiguous() for k, v in state_dict_to_hf(run.model).items() if k != "lm_head.weight"}  # tied
     out.mkdir(parents=True, exist_ok=True)

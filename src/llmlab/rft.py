@@ -287,6 +287,8 @@ def _check_args(run: Path, out: Path, cfg: RFTConfig) -> None:
                         f"{cfg.steps}")  # fmt: skip
     if cfg.prompts is not None and cfg.prompts < 1:
         raise UserError(f"--prompts must be at least 1, got {cfg.prompts}")
+    if not 0 < cfg.lr < math.inf:  # also NaN; checked before round 0 samples, not at its fine-tuning
+        raise UserError(f"--lr must be a positive finite number, got {cfg.lr}")
     if out.resolve() == run.resolve():
         raise UserError(f"--out {str(out)!r} is the source run; RFT writes a new run and never overwrites its source")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -134,6 +134,8 @@ def check_run_dir(path: str | Path) -> Path:
 def read_config(path: Path) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
     try:
         data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if not (isinstance(data, dict) and all(isinstance(data.get(k), dict) for k in ("model", "train"))):
+            raise ValueError('expected a JSON object holding "model" and "train" objects')
         model_cfg = from_dict(ModelConfig, data.pop("model"))
         train_cfg = from_dict(TrainConfig, data.pop("train"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -155,12 +157,16 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+        first = lines[1] if lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1 else lines[0]
         raise RunDirError(f"{path / 'model.safetensors'} is corrupt or does not match config.json ({first})") from None
     if missing or unexpected:
         name = sorted(missing or unexpected)[0]
         what = "missing from" if missing else "unexpected in"
         raise RunDirError(f"{path / 'model.safetensors'} does not match config.json ({name!r} {what} it)")
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise RunDirError(f"{path / 'model.safetensors'} is corrupt: {name!r} holds NaN or infinite values")
     return Run(path, model_cfg, train_cfg, tokenizer, model.to(device).eval(), meta)
 
 

@@ -124,6 +124,8 @@ def load_task_file(path: Path, heldout_fraction: float = 0.2, max_new_tokens: in
     """A JSON-lines file of {"prompt": ..., "answer": ...}; malformed lines are a UserError."""
     from llmlab.data import read_text_file
 
+    if not 0 < heldout_fraction < 1:  # also NaN
+        raise UserError(f"the held-out fraction must be between 0 and 1, got {heldout_fraction}")
     examples = [_parse_line(path, i, line) for i, line in enumerate(read_text_file(path).splitlines(), 1)
                 if line.strip()]  # fmt: skip
     n_held = round(len(examples) * heldout_fraction)

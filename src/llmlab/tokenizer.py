@@ -144,7 +144,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except FileNotFoundError:
         raise RunDirError(f"{path} does not exist") from None
     except Exception as e:  # tokenizers raises a bare Exception on a malformed file
-        raise RunDirError(f"{path} is not a valid tokenizer file ({type(e).__name__})") from None
+        detail = " ".join(str(e).split())[:120] or type(e).__name__
+        raise RunDirError(f"{path} is not a valid tokenizer file ({detail})") from None
 
 
 def decode_stream(tokenizer: Tokenizer, ids: list[int], emitted: int) -> tuple[str, int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -164,8 +165,22 @@ def prepare(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data: str
 
 
 def _check_fresh(out: Path) -> None:
+    """A new run goes into a directory that does not exist yet or is empty, so that a run that
+    fails before its first checkpoint can be removed whole (`_remove_unfinished`)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a directory; choose another --out")
     if (out / "config.json").exists() or (out / "model.safetensors").exists():
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out} is a directory that is not empty; choose another --out")
+
+
+def _remove_unfinished(out: Path, existed: bool) -> None:
+    """Remove what a new run wrote into `out` before it had a checkpoint to resume from."""
+    if not (out / "model.safetensors").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        if existed:  # it was an empty directory of the user's: leave it as it was
+            out.mkdir(parents=True, exist_ok=True)
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -266,22 +281,19 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | 
         train_cfg = replace(run.train_cfg, max_steps=train_cfg.max_steps, max_minutes=train_cfg.max_minutes,
                             device=train_cfg.device)  # fmt: skip
         model, model_cfg, state = run.model, run.model_cfg, load_train_state(out)
+        splits, loop = _start(model, model_cfg, train_cfg, out, d, state)
+        stopped_by = loop.run(progress)
     else:
         if d.main:
             _check_fresh(out)
-        base = load_run(init_from) if init_from else None
-        if base is not None:
-            model_cfg, tokenizer_from = base.model_cfg, init_from
-            extra = {**(extra or {}), "init_from": str(init_from)}
-        model_cfg, _ = prepare(out, model_cfg, train_cfg, data, tokenizer_from, d, extra or {})
-        torch.manual_seed(train_cfg.seed)
-        model, state = (base.model if base is not None else GPT(model_cfg)), None
-    splits = data_lib.read_splits(out / "data")
-    if d.main and (warning := warn_if_bf16_is_emulated(d.device, train_cfg)):
-        print(warning, file=sys.stderr)
-    model.to(d.device).train()
-    loop = _Loop(model, model_cfg, train_cfg, splits, out, d, state)
-    stopped_by = loop.run(progress)
+        existed = out.exists()
+        try:
+            model, model_cfg, splits, loop, stopped_by = _fresh(model_cfg, train_cfg, data, out, tokenizer_from,
+                                                                init_from, d, extra, progress)  # fmt: skip
+        except BaseException:
+            if d.main:
+                _remove_unfinished(out, existed)
+            raise
     val_loss, val_tokens = split_loss(model, splits.val, model_cfg.block_size, d.device, final_eval_tokens)
     flops = loop.tokens_per_second() * flops_per_token(model_cfg)
     result = TrainResult(
@@ -294,6 +306,30 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | 
         write_json(out / "summary.json", result.to_json())
         plot_losses(loop.rows, out / "loss.png")
     return result
+
+
+def _fresh(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: Path, tokenizer_from: str | None,
+           init_from: str | None, d: Dist, extra: dict[str, Any] | None, progress: bool,
+           ) -> tuple[GPT, ModelConfig, data_lib.TokenSplits, _Loop, str]:  # fmt: skip
+    """A new run: its tokenizer, data splits, config and model, trained."""
+    base = load_run(init_from) if init_from else None
+    if base is not None:
+        model_cfg, tokenizer_from = base.model_cfg, init_from
+        extra = {**(extra or {}), "init_from": str(init_from)}
+    model_cfg, _ = prepare(out, model_cfg, train_cfg, data, tokenizer_from, d, extra or {})
+    torch.manual_seed(train_cfg.seed)
+    model = base.model if base is not None else GPT(model_cfg)
+    splits, loop = _start(model, model_cfg, train_cfg, out, d, None)
+    return model, model_cfg, splits, loop, loop.run(progress)
+
+
+def _start(model: GPT, model_cfg: ModelConfig, train_cfg: TrainConfig, out: Path, d: Dist,
+           state: dict[str, Any] | None) -> tuple[data_lib.TokenSplits, _Loop]:  # fmt: skip
+    splits = data_lib.read_splits(out / "data")
+    if d.main and (warning := warn_if_bf16_is_emulated(d.device, train_cfg)):
+        print(warning, file=sys.stderr)
+    model.to(d.device).train()
+    return splits, _Loop(model, model_cfg, train_cfg, splits, out, d, state)
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
@@ -392,9 +428,7 @@ class _Loop:
             loss_sum /= self.d.world
         loss_value = loss_sum.item()
         if not math.isfinite(loss_value):
-            raise TrainingDiverged(
-                f"the loss became {loss_value} at step {self.step + 1}; the last good checkpoint in {self.out} is kept"
-            )
+            raise TrainingDiverged(f"the loss became {loss_value} at step {self.step + 1}; {self._kept()}")
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -403,12 +437,15 @@ class _Loop:
         self.train_time += seconds
         return loss_value, lr, seconds
 
+    def _kept(self) -> str:
+        if (self.out / "model.safetensors").exists():
+            return f"the last good checkpoint in {self.out} is kept"
+        return f"there was no checkpoint yet, so nothing in {self.out} is kept"
+
     def evaluate_and_save(self) -> None:
         val = estimate_val_loss(self.model, self.splits.val, self.cfg, self.model_cfg.block_size, self.d.device)
         if not math.isfinite(val):
-            raise TrainingDiverged(
-                f"the validation loss became {val} at step {self.step}; the last good checkpoint in {self.out} is kept"
-            )
+            raise TrainingDiverged(f"the validation loss became {val} at step {self.step}; {self._kept()}")
         self.rows[-1]["val_loss"] = val
         if self.d.main:
             save_weights(self.out / "model.safetensors", self.model)

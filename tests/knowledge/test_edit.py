@@ -250,3 +250,23 @@ def test_default_layers_and_bad_parameters():
         ed.resolve_params(model, "rome", replace(ed.DEFAULTS["rome"], layers=(5,)))
     with pytest.raises(UserError, match="rome edits one layer"):
         ed.resolve_params(model, "rome", replace(ed.DEFAULTS["rome"], layers=(0, 1)))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"stats_tokens": 0}, "stats_tokens must be at least 1"),
+        ({"contexts": -1}, "contexts must not be negative"),
+        ({"lr": float("nan")}, "lr must be a positive finite number"),
+        ({"clamp_norm": -5.0}, "clamp_norm must be a positive finite number"),
+        ({"norm_constraint": float("nan")}, "norm_constraint must be a positive finite number"),
+        ({"ridge": -1.0}, "ridge must be a finite number >= 0"),
+        ({"kl_weight": -1.0}, "kl_weight must be a finite number >= 0"),
+        ({"mom2_weight": float("inf")}, "mom2_weight must be a finite number >= 0"),
+        ({"layers": (0, 0)}, "give each --layer once"),
+    ],
+)
+def test_edit_parameters_out_of_range_are_user_errors(change, message):
+    with pytest.raises(UserError, match=message):
+        replace(ed.DEFAULTS["rome"], **change)

@@ -51,5 +51,5 @@ def test_bad_requests_are_user_errors():
         top_memories(model, tok, "abc", position=9)
     with pytest.raises(UserError, match="49 tokens long, but the model's context is 48"):
         top_memories(model, tok, "a" * 49)
-    with pytest.raises(UserError, match="k and top_tokens must be at least 1"):
+    with pytest.raises(UserError, match=r"k \(--top\) and top_tokens \(--tokens\) must be at least 1"):
         top_memories(model, tok, "abc", k=0)

@@ -125,3 +125,10 @@ def test_average_by_role_is_the_mean_over_the_facts_that_have_the_role():
     torch.testing.assert_close(avg.effects["mlp"][:, 0], torch.tensor(want))
     assert avg.peak("mlp") == ("last subject token", 0, pytest.approx(0.45))
     assert avg.p_clean == pytest.approx(0.9) and avg.facts == 2
+
+
+@pytest.mark.parametrize("noise", [float("nan"), float("inf"), -1.0])
+def test_noise_must_be_a_finite_number_at_least_zero(noise):
+    model, tok = random_model()
+    with pytest.raises(UserError, match="noise must be a finite number >= 0"):
+        causal_trace(model, tok, Fact("so the {} is", "fox", "x"), noise=noise, samples=1)

@@ -2,7 +2,8 @@
 
 Each command is a module here with `add_args(parser)` and `run(args)`: parse, call the library,
 print; with `--json`, one JSON object on stdout instead. A `UserError` from anywhere becomes
-`llmlab: error: <one line>` and exit code 2. torch is imported inside the handlers, so
+`llmlab: error: <one line>` and exit code 2, and so does an `OSError` that no command foresaw
+(a directory where a file belongs, no permission, a full disk). torch is imported inside the handlers, so
 `llmlab --help` and argument errors answer at once.
 """
 
@@ -43,6 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TEXT_OPTIONS = ("prompt", "subject", "target", "text", "stop")  # options that hold text, not paths
+
+
+def check_text_options(args: argparse.Namespace) -> None:
+    """Bytes that are not UTF-8 reach Python as surrogate escapes: refuse them in a text option."""
+    for name in TEXT_OPTIONS:
+        value = getattr(args, name, None)
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise UserError(f"--{name} is not valid UTF-8") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -50,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        check_text_options(args)
         args.handler(args)
     except UserError as e:
         message = " ".join(str(e).split())  # always one line
@@ -60,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `llmlab generate ... | head`
         return 0
+    except OSError as e:  # a path that is a directory, a file, unreadable, on a full disk...
+        where = f": {e.filename}" if e.filename else ""
+        print(f"llmlab: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -24,9 +24,13 @@ def run(args: argparse.Namespace) -> None:
     seq = cfg.block_size if args.seq is None else args.seq
     acc.fit_context(cfg, batch, seq)  # B, S <= 0 and S beyond learned positions fail here, before any work
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
     if args.sweep:
         axis, values = parse_sweep(args.sweep)
         out = args.out or f"sweep-{axis}.png"
+        if Path(out).is_dir() or Path(out).suffix.lower() != ".png":
+            raise UserError(f"--out is where the sweep's plot goes, a .png file; got {out}")
         rows = sweep(cfg, axis, values, batch, seq, repeats=args.repeats, log=log)
         plot_sweep(rows, axis, out, title=f"{source}, B={batch}" + ("" if axis == "seq" else f", S={seq}"))
         emit(args, {"sweep": {"axis": axis, "batch": batch, "seq": seq, "rows": rows, "png": out}},

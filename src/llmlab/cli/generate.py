@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> None:
                         "which stay fp32")  # fmt: skip
     if args.no_cache and args.weights != "float32":
         raise UserError("--weights needs the KV cache: without it every step multiplies the whole prefix, in fp32")
+    if "" in args.stop:
+        raise UserError("--stop needs some text to stop before")
     prompt = _read_prompt(args)
     if args.draft is not None:
         return _speculative(args, prompt, sampling)
@@ -43,8 +45,9 @@ def run(args: argparse.Namespace) -> None:
 
 def _plain(args: argparse.Namespace, prompt: str, sampling: Any, loaded: Any) -> None:
     """Plain decoding of every sample: streamed, coloured by entropy, or as JSON."""
-    from llmlab.sampling import generate_text
+    from llmlab.sampling import encode_prompt, generate_text
 
+    encode_prompt(loaded.tokenizer, prompt, loaded.model_cfg.block_size)  # a bad prompt fails before it is printed
     samples = []
     for i in range(args.num_samples):
         head = ("\n---\n" if i else "") + prompt
@@ -93,6 +96,8 @@ def _speculative(args: argparse.Namespace, prompt: str, sampling: Any) -> None:
     target, draft = load_run(args.run, device), load_run(args.draft, device)
     check_same_tokenizer(target, draft)
     gamma = 4 if args.gamma is None else args.gamma
+    if gamma < 1:
+        raise UserError(f"--gamma (draft tokens per round) must be at least 1, got {gamma}")
     used = len(encode_prompt(target.tokenizer, prompt, target.model_cfg.block_size))
     room = min(target.model_cfg.block_size, draft.model_cfg.block_size) - used
     n = min(200, room) if args.max_new_tokens is None else args.max_new_tokens

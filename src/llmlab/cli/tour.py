@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from llmlab.cli.common import emit
+from llmlab.errors import UserError
 
 
 def run(args: argparse.Namespace) -> None:
     """The tour: train the notes' model, then walk through the notes on it and write a report."""
     from llmlab.report import run_tour
 
+    if args.minutes is not None and not 0 < args.minutes < math.inf:  # also NaN
+        raise UserError(f"--minutes must be a positive finite number, got {args.minutes}")
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
     tour = run_tour(Path(args.out), quick=args.quick, data=args.data, minutes=args.minutes,
                     retrain=args.retrain, log=log, progress=not args.json)  # fmt: skip

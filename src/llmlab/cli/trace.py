@@ -16,6 +16,8 @@ def run(args: argparse.Namespace) -> None:
     from llmlab.trace import letter_values, trace, weight_rows
 
     model, idx, source = _model_and_input(args)
+    if args.layer != "all" and args.layer not in {str(i) for i in range(model.cfg.n_layers)}:
+        raise UserError(f"--layer must be all or a block from 0 to {model.cfg.n_layers - 1}, got {args.layer!r}")
     rows = trace(model, idx)
     weights = weight_rows(model.cfg)
     B, S = idx.shape
@@ -33,8 +35,8 @@ def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
     from llmlab import config as cfg_lib
 
-    if args.run and args.preset:
-        raise UserError("give a run directory or --preset, not both")
+    if args.run and (args.preset or args.sets):
+        raise UserError("give a run directory or --preset (with --set), not both")
     if args.prompt is not None and (args.batch is not None or args.seq is not None):
         raise UserError("give --prompt or --batch/--seq, not both")
     if args.run:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from llmlab.cli.common import add_config_args, emit, resolve_config, table
+from llmlab.config import ModelConfig, field_names, parse_sets
 from llmlab.errors import UserError
 
 
@@ -12,11 +13,18 @@ def run(args: argparse.Namespace) -> None:
     """Train a model on a text source and write its run directory (--out)."""
     from llmlab.train import train
 
-    if args.resume and (args.sets or args.config or args.tokenizer or args.tokenizer_from or args.init_from):
-        raise UserError("--resume continues the saved configuration; only --max-steps, --max-minutes "
+    if args.resume and (args.sets or args.config or args.tokenizer or args.tokenizer_from or args.init_from
+                        or args.data is not None):  # fmt: skip
+        raise UserError("--resume continues the saved configuration and data; only --max-steps, --max-minutes "
                         "and --device may change")  # fmt: skip
+    if args.init_from and args.tokenizer_from:
+        raise UserError("--init-from brings its run's tokenizer; drop --tokenizer-from")
+    model_keys = sorted(set(parse_sets(args.sets)) & set(field_names(ModelConfig)))
+    if args.init_from and model_keys:
+        raise UserError(f"--init-from keeps its run's model; --set {model_keys[0]} would change it (only training "
+                        "settings may be set)")  # fmt: skip
     preset = resolve_config(args)
-    result = train(preset.model, preset.train, args.data, args.out, resume=args.resume,
+    result = train(preset.model, preset.train, args.data or "stdlib", args.out, resume=args.resume,
                    tokenizer_from=args.tokenizer_from, init_from=args.init_from, progress=not args.json,
                    extra={"preset": args.preset})  # fmt: skip
     emit(args, result.to_json(), lambda: table([
@@ -35,7 +43,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="stdlib", help="stdlib (default), a text file, a folder or a glob")
+    p.add_argument("--data", help="stdlib (default), a text file, a folder or a glob")
     p.add_argument("--out", required=True, metavar="RUN", help="the run directory to write")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--tokenizer-from", metavar="RUN", help="reuse the tokenizer of another run")

@@ -52,6 +52,7 @@ Edits change the model in place; `snapshot`/`restore` undo them.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -85,6 +86,21 @@ class EditParams:
     stats_tokens: int = 100_000  # training tokens over which C is estimated
     contexts: int = 0  # extra prefixes, cut from the training text, to average k* and fit δ over
     site: Literal["subject", "answer"] = "subject"  # where keys are read and δ added (module docstring)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "stats_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.contexts < 0:
+            raise UserError(f"contexts must not be negative, got {self.contexts}")
+        for name in ("lr", "clamp_norm", "norm_constraint"):
+            if not 0 < getattr(self, name) < math.inf:  # also NaN
+                raise UserError(f"{name} must be a positive finite number, got {getattr(self, name)}")
+        for name in ("kl_weight", "weight_decay", "ridge", "mom2_weight"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise UserError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise UserError(f"give each --layer once, got {', '.join(map(str, self.layers))}")
 
 
 DEFAULTS = {

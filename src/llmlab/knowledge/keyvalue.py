@@ -55,7 +55,7 @@ def top_memories(model: GPT, tokenizer: Tokenizer, prompt: str, position: int = 
     if not -len(ids) <= position < len(ids):
         raise UserError(f"position {position} is outside the prompt's {len(ids)} tokens")
     if k < 1 or top_tokens < 1:
-        raise UserError(f"k and top_tokens must be at least 1, got {k} and {top_tokens}")
+        raise UserError(f"k (--top) and top_tokens (--tokens) must be at least 1, got {k} and {top_tokens}")
     device = next(model.parameters()).device
     names = [f"blocks.{layer}.mlp.hook_post" for layer in range(model.cfg.n_layers)]
     _, cache = model.run_with_cache(torch.tensor([ids], device=device), names=names)

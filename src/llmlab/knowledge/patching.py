@@ -104,8 +104,8 @@ class Trace:
 def causal_trace(model: GPT, tokenizer: Tokenizer, fact: Fact, noise: float = 3.0, samples: int = 10,
                  seed: int = 0, kinds: tuple[str, ...] = tuple(KINDS)) -> Trace:  # fmt: skip
     """Causal tracing of one fact (module docstring). noise is ν, the multiple of σ."""
-    if noise < 0 or samples < 1:
-        raise UserError(f"noise must be >= 0 and samples >= 1, got {noise} and {samples}")
+    if not 0 <= noise < math.inf or samples < 1:  # NaN fails too
+        raise UserError(f"noise must be a finite number >= 0 and samples >= 1, got {noise} and {samples}")
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise UserError(f"unknown hidden state {unknown[0]!r} (choose from: {', '.join(KINDS)})")
