@@ -124,7 +124,7 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
     save_hf_checkpoint(hf_model, tmp_path / "good")
     cases = {}
     for name in ("no_weights", "no_config", "llama", "bad_shape", "no_tokenizer", "not_object", "no_vocab",
-                 "garbage_bin", "stray_tensor"):  # fmt: skip
+                 "garbage_bin", "stray_tensor", "nan_weights"):  # fmt: skip
         shutil.copytree(tmp_path / "good", tmp_path / name)
         cases[name] = tmp_path / name
     (cases["no_weights"] / "model.safetensors").unlink()
@@ -139,6 +139,8 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
     (cases["garbage_bin"] / "pytorch_model.bin").write_bytes(b"not a pickle at all")
     stray = load_file(cases["stray_tensor"] / "model.safetensors") | {"transformer.h.5.foo": torch.zeros(2)}
     save_file(stray, cases["stray_tensor"] / "model.safetensors")
+    nan_file = cases["nan_weights"] / "model.safetensors"
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(nan_file).items()}, nan_file)
     torch.manual_seed(0)
     small = GPT2Config(**{**SMALL, "vocab_size": 100}, bos_token_id=None, eos_token_id=None)
     tok = save_hf_checkpoint(GPT2LMHeadModel(small), tmp_path / "big_tokenizer")
@@ -150,6 +152,7 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
         "no_tokenizer": "has no tokenizer.json", "not_object": "config.json holds no JSON object",
         "no_vocab": "lacks 'vocab_size'", "garbage_bin": "cannot read the weights",
         "stray_tensor": "holds a tensor 'h.5.foo' that GPT-2 with n_layer=2 does not have",
+        "nan_weights": "is corrupt: the tensor for 'embed.weight' holds NaN or infinite values",
         "big_tokenizer": f"the tokenizer has {tok.vocab_size} tokens but the model only 100",
     }  # fmt: skip
     for name, message in expected.items():

@@ -219,6 +219,7 @@ def test_cli_rft_bad_inputs_are_one_line_exit_2(capsys, trained_run, tmp_path, v
         (["rft", str(trained_run), "--task", "multiplication", *out], "neither a built-in task"),
         ([*base, *out, "--samples", "0"], "--samples, --rounds and --steps must be at least 1"),
         ([*base, *out, "--lr", "nan"], "--lr must be a positive finite number"),
+        (["rft", str(trained_run), "--task", "addition", "--heldout-fraction", "0.5", *out], "applies to a task file"),
         ([*base, *out, "--lr", "-1"], "--lr must be a positive finite number"),
         ([*base, *out, "--temperature", "inf"], "temperature must be a finite number"),
         ([*base, "--out", str(trained_run)], "is the source run"),

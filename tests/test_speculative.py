@@ -329,9 +329,10 @@ def test_cli_bad_inputs_are_one_line_exit_2(capsys, tmp_path, trained_run, draft
         ([*gen, "--gamma", "2"], "give --draft DRAFT_RUN"),
     ]
     for argv, message in cases:
-        code, _, err = run_cli(capsys, *argv)
+        code, out, err = run_cli(capsys, *argv)
         assert code == 2 and err.startswith("llmlab: error: ") and err.count("\n") == 1, (argv, err)
         assert message in err, (argv, err)
+        assert out == "", (argv, out)  # nothing printed before the error, not even the prompt
 
 
 # --- the tour's section ---------------------------------------------------------------------------

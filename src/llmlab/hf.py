@@ -195,6 +195,9 @@ def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Token
     for k, shape in expected.items():
         if sd[k].shape != shape:
             raise UserError(f"{k} has shape {tuple(sd[k].shape)} in the checkpoint but {tuple(shape)} in its config")
+    bad = next((k for k, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise UserError(f"the checkpoint in {path} is corrupt: the tensor for {bad!r} holds NaN or infinite values")
     tokenizer = _read_tokenizer(path)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")

@@ -44,11 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TEXT_OPTIONS = ("prompt", "subject", "target", "text", "stop")  # options that hold text, not paths
+TEXT_OPTIONS = ("prompt", "subject", "target", "text", "stop", "out")  # text, and the paths llmlab writes
 
 
 def check_text_options(args: argparse.Namespace) -> None:
-    """Bytes that are not UTF-8 reach Python as surrogate escapes: refuse them in a text option."""
+    """Bytes that are not UTF-8 reach Python as surrogate escapes: refuse them in a text option,
+    and in `--out`, whose name goes into the JSON files a command writes."""
     for name in TEXT_OPTIONS:
         value = getattr(args, name, None)
         for text in value if isinstance(value, list) else [value]:
@@ -77,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `llmlab generate ... | head`
         return 0
+    except MemoryError:
+        print("llmlab: error: out of memory: the model or batch is too large for this machine", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # PyTorch reports a failed allocation as a RuntimeError
+        if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
+            raise
+        print(f"llmlab: error: out of memory: {' '.join(str(e).split())[:200]}", file=sys.stderr)
+        return 2
     except OSError as e:  # a path that is a directory, a file, unreadable, on a full disk...
         where = f": {e.filename}" if e.filename else ""
         print(f"llmlab: error: {e.strerror or e}{where}", file=sys.stderr)

@@ -24,14 +24,17 @@ def run(args: argparse.Namespace) -> None:
     seq = cfg.block_size if args.seq is None else args.seq
     acc.fit_context(cfg, batch, seq)  # B, S <= 0 and S beyond learned positions fail here, before any work
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
-    if args.repeats < 1:
-        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
+    if not args.sweep and (args.repeats is not None or args.out is not None):
+        raise UserError("--repeats and --out are options of --sweep")
+    repeats = 3 if args.repeats is None else args.repeats
+    if repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {repeats}")
     if args.sweep:
         axis, values = parse_sweep(args.sweep)
         out = args.out or f"sweep-{axis}.png"
         if Path(out).is_dir() or Path(out).suffix.lower() != ".png":
             raise UserError(f"--out is where the sweep's plot goes, a .png file; got {out}")
-        rows = sweep(cfg, axis, values, batch, seq, repeats=args.repeats, log=log)
+        rows = sweep(cfg, axis, values, batch, seq, repeats=repeats, log=log)
         plot_sweep(rows, axis, out, title=f"{source}, B={batch}" + ("" if axis == "seq" else f", S={seq}"))
         emit(args, {"sweep": {"axis": axis, "batch": batch, "seq": seq, "rows": rows, "png": out}},
              lambda: _print_sweep(rows, axis, out))  # fmt: skip
@@ -295,5 +298,5 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--peak", action="store_true", help="measure this machine's fp32 and bf16 matmul peak and cache it")
     g.add_argument("--sweep", metavar="AXIS=V1,V2,...",
                    help="seq=64,128,...,1024 | layers=... | width=...: FLOPs and step time as a PNG")  # fmt: skip
-    g.add_argument("--repeats", type=int, default=3, metavar="N", help="timed steps per sweep point (default: 3)")
+    g.add_argument("--repeats", type=int, metavar="N", help="timed steps per sweep point (default: 3)")
     g.add_argument("--out", metavar="FILE", help="where --sweep writes its PNG (default: sweep-AXIS.png)")

@@ -87,7 +87,7 @@ def _speculative(args: argparse.Namespace, prompt: str, sampling: Any) -> None:
     """--draft: speculative decoding; with --compare, plain decoding of the same target timed beside it."""
     from llmlab.run_dir import load_run
     from llmlab.sampling import encode_prompt, generate_text
-    from llmlab.speculative import check_same_tokenizer, speculative_text
+    from llmlab.speculative import check_pair, check_same_tokenizer, speculative_text
     from llmlab.train import pick_device
 
     if args.no_cache:
@@ -101,6 +101,7 @@ def _speculative(args: argparse.Namespace, prompt: str, sampling: Any) -> None:
     used = len(encode_prompt(target.tokenizer, prompt, target.model_cfg.block_size))
     room = min(target.model_cfg.block_size, draft.model_cfg.block_size) - used
     n = min(200, room) if args.max_new_tokens is None else args.max_new_tokens
+    check_pair(target.model, draft.model, gamma, used + n)  # before anything is printed
     if args.compare:  # warm up both paths so that neither timing pays for first-call set-up
         speculative_text(target, draft, prompt, min(n, gamma + 1), gamma, sampling, seed=0)
         generate_text(target.model, target.tokenizer, prompt, min(n, gamma + 1), sampling, seed=0)

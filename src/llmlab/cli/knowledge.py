@@ -18,6 +18,11 @@ def run(args: argparse.Namespace) -> None:
     args.action(args)
 
 
+def _check_out_dir(out: str) -> None:
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file, not a directory; choose another --out")
+
+
 def locate(args: argparse.Namespace) -> None:
     """Causal tracing: the indirect effect of every hidden state on the answer; writes heat maps."""
     from llmlab.knowledge import Fact
@@ -30,6 +35,7 @@ def locate(args: argparse.Namespace) -> None:
     missing = [f"--{k}" for k in ("prompt", "subject", "target") if getattr(args, k) is None]
     if missing:
         raise UserError(f"locate needs {', '.join(missing)} (or --facts N on a bios run)")
+    _check_out_dir(args.out)
     run = _load(args)
     trace = causal_trace(run.model, run.tokenizer, Fact(args.prompt, args.subject, args.target), args.noise,
                          args.samples, args.seed)  # fmt: skip
@@ -55,6 +61,7 @@ def locate_average(args: argparse.Namespace) -> None:
     from llmlab.knowledge import Fact
     from llmlab.knowledge.patching import ROLES, average_by_role, causal_trace, plot_average
 
+    _check_out_dir(args.out)
     if args.facts < 1:
         raise UserError(f"--facts must be at least 1, got {args.facts}")
     run = _load(args)

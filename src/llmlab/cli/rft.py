@@ -26,9 +26,11 @@ recipe on the built-in task (2-digit addition; minutes on 2 CPU cores):
 def run(args: argparse.Namespace) -> None:
     """Rejection-sampling fine-tuning: draw N completions per prompt, keep those a verifier
     accepts, fine-tune on them, repeat; reports each round's acceptance rate and held-out pass@1."""
-    from llmlab.tasks import load_task, load_verifier
+    from llmlab.tasks import BUILTIN_TASKS, load_task, load_verifier
 
-    task = load_task(args.task, args.heldout_fraction)
+    if args.heldout_fraction is not None and args.task in BUILTIN_TASKS:
+        raise UserError(f"--heldout-fraction applies to a task file; {args.task!r} has its own held-out set")
+    task = load_task(args.task, 0.2 if args.heldout_fraction is None else args.heldout_fraction)
     if args.write_corpus:
         return _write_corpus(args, task)
     if args.run is None:
@@ -108,7 +110,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature (default: 1)")
     p.add_argument("--eval-temperature", type=float, default=1.0, metavar="T",
                    help="temperature of the one held-out completion per prompt (default: 1; 0 = greedy)")  # fmt: skip
-    p.add_argument("--heldout-fraction", type=float, default=0.2, metavar="F",
+    p.add_argument("--heldout-fraction", type=float, metavar="F",
                    help="share of a task file's last lines held out for pass@1 (default: 0.2)")  # fmt: skip
     p.add_argument("--best-of", type=int, metavar="N", help="only measure held-out pass@1 and best-of-N; no training")
     p.add_argument("--write-corpus", metavar="FILE", help="write the task's training text (prompt + answer lines)")

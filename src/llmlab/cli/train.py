@@ -17,8 +17,10 @@ def run(args: argparse.Namespace) -> None:
                         or args.data is not None):  # fmt: skip
         raise UserError("--resume continues the saved configuration and data; only --max-steps, --max-minutes "
                         "and --device may change")  # fmt: skip
-    if args.init_from and args.tokenizer_from:
-        raise UserError("--init-from brings its run's tokenizer; drop --tokenizer-from")
+    if args.init_from and (args.tokenizer_from or args.tokenizer or args.vocab_size):
+        raise UserError("--init-from brings its run's tokenizer; drop --tokenizer-from, --tokenizer and --vocab-size")
+    if args.init_from and args.config:
+        raise UserError("--init-from keeps its run's model; give training settings with --set, not --config")
     model_keys = sorted(set(parse_sets(args.sets)) & set(field_names(ModelConfig)))
     if args.init_from and model_keys:
         raise UserError(f"--init-from keeps its run's model; --set {model_keys[0]} would change it (only training "
