@@ -12,22 +12,19 @@ the sigmoid form inside llmlab's whole tiny training step, against `F.gelu` in t
 
 from __future__ import annotations
 
-import argparse
 import math
 import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.bench_train import steps
-from benchmarks.common import Row, interleaved_medians, machine, markdown_table
-from benchmarks.run import with_section
+from benchmarks.common import Row, ablation_main, interleaved_medians
 from benchmarks.shapes import SHAPES, TRAIN_BATCH
 from llmlab import model as llmlab_model
 
@@ -138,30 +135,10 @@ def bench(reps: int = 35) -> list[Row]:
     ]  # fmt: skip
 
 
-HEADING = "## GPT-2's GELU, three ways (cpu)"
-
-
-def render(rows: list[Row], reps: int) -> str:
-    facts = ", ".join(f"{k} {v}" for k, v in machine().items())
-    return f"""{HEADING}
-
-Produced by `python -m benchmarks.bench_activation --reps {reps}`: medians of {reps} turns, the
-sides taking turns. {facts}. Here "peer" is the other way of computing the same function.
-
-{markdown_table(rows)}
-"""
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=35)
-    p.add_argument("--out", help="also write this section into a Markdown file (BENCHMARKS.md)")
-    args = p.parse_args(argv)
-    text = render(bench(args.reps), args.reps)
-    if args.out:
-        path = Path(args.out)
-        path.write_text(with_section(path.read_text() if path.exists() else "", text, first=False))
-    print(text)
+    ablation_main("benchmarks.bench_activation", __doc__, "## GPT-2's GELU, three ways (cpu)",
+                  'medians of {reps} turns, the sides taking turns; here "peer" is the other way of computing '
+                  "the same function", bench, argv)  # fmt: skip
 
 
 if __name__ == "__main__":

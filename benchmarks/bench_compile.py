@@ -12,17 +12,14 @@ which warns when its limit of 8 recompiles is reached and runs the later steps u
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
-from pathlib import Path
 
 import torch
 
 from benchmarks import bench_decode
 from benchmarks.bench_train import steps
-from benchmarks.common import Row, interleaved_medians, machine, markdown_table
-from benchmarks.run import with_section
+from benchmarks.common import Row, ablation_main, interleaved_medians
 from benchmarks.shapes import model_pair
 from llmlab.sampling import SamplingConfig, generate_ids
 
@@ -66,30 +63,10 @@ def decoding(reps: int) -> Row:
                f"{compile_s:.0f} s")  # fmt: skip
 
 
-HEADING = "## torch.compile against eager (cpu)"
-
-
-def render(rows: list[Row], reps: int) -> str:
-    facts = ", ".join(f"{k} {v}" for k, v in machine().items())
-    return f"""{HEADING}
-
-Produced by `python -m benchmarks.bench_compile --reps {reps}`: medians of {reps} turns after the
-compile, the two sides taking turns. {facts}. Here "peer" is llmlab uncompiled.
-
-{markdown_table(rows)}
-"""
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=35)
-    p.add_argument("--out", help="also write this section into a Markdown file (BENCHMARKS.md)")
-    args = p.parse_args(argv)
-    text = render([training(args.reps), decoding(args.reps)], args.reps)
-    if args.out:
-        path = Path(args.out)
-        path.write_text(with_section(path.read_text() if path.exists() else "", text, first=False))
-    print(text)
+    ablation_main("benchmarks.bench_compile", __doc__, "## torch.compile against eager (cpu)",
+                  'medians of {reps} turns after the compile, the two sides taking turns; here "peer" is llmlab '
+                  "uncompiled", lambda reps: [training(reps), decoding(reps)], argv)  # fmt: skip
 
 
 if __name__ == "__main__":

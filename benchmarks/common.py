@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -106,3 +109,38 @@ def top_operators(prof: torch.profiler.profile, per: int) -> list[tuple[str, flo
 def operator_table(ops: list[tuple[str, float, float]], per: str, top: int) -> str:
     lines = [f"| operator | ms per {per} | calls per {per} |", "|---|---|---|"]
     return "\n".join(lines + [f"| {key} | {ms:.3f} | {calls:.1f} |" for key, ms, calls in ops[:top]])
+
+
+def with_section(old: str, section: str, first: bool = True) -> str:
+    """`old` (markdown) with its `## ` section of the same heading as `section` replaced by it in
+    place, or, if it has none, `section` put first (or last); the other sections stay."""
+    parts = [p.rstrip("\n") for p in re.split(r"(?m)^(?=## )", old) if p.strip()]
+    heading = section.splitlines()[0]
+    section = section.rstrip("\n")
+    if any(p.splitlines()[0] == heading for p in parts):
+        parts = [section if p.splitlines()[0] == heading else p for p in parts]
+    else:
+        parts = [section, *parts] if first else [*parts, section]
+    return "\n\n".join(parts) + "\n"
+
+
+def ablation_main(script: str, doc: str, heading: str, method: str, rows_of: Callable[[int], list[Row]],
+                  argv: list[str] | None = None) -> None:  # fmt: skip
+    """The command line of a one-table ablation script such as `benchmarks.bench_compile`:
+    `--reps N`, and `--out FILE`, which writes the section last into that Markdown file (or
+    replaces it there). `method` says how the sides were timed and what "peer" is."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--reps", type=int, default=35)
+    p.add_argument("--out", help="also write this section into a Markdown file (BENCHMARKS.md)")
+    args = p.parse_args(argv)
+    facts = ", ".join(f"{k} {v}" for k, v in machine().items())
+    text = f"""{heading}
+
+Produced by `python -m {script} --reps {args.reps}`: {method.format(reps=args.reps)}. {facts}.
+
+{markdown_table(rows_of(args.reps))}
+"""
+    if args.out:
+        path = Path(args.out)
+        path.write_text(with_section(path.read_text() if path.exists() else "", text, first=False))
+    print(text)

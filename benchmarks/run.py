@@ -10,7 +10,6 @@ matmul peak (MFU), and against its measured memory bandwidth (decoding's ceiling
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import bench_adamw, bench_decode, bench_train, bench_tying
-from benchmarks.common import Row, machine, markdown_table, sync
+from benchmarks.common import Row, machine, markdown_table, sync, with_section
 from benchmarks.shapes import TRAIN_BATCH, model_pair
 from llmlab.accounting import cpu_has_native_bf16, measure_matmul_peak, train_step_flops
 
@@ -223,19 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(with_section(old, text, first=not args.append))
     print(text)
     return 0
-
-
-def with_section(old: str, section: str, first: bool = True) -> str:
-    """`old` (markdown) with its `## ` section of the same heading as `section` replaced by it in
-    place, or, if it has none, `section` put first (or last); the other sections stay."""
-    parts = [p.rstrip("\n") for p in re.split(r"(?m)^(?=## )", old) if p.strip()]
-    heading = section.splitlines()[0]
-    section = section.rstrip("\n")
-    if any(p.splitlines()[0] == heading for p in parts):
-        parts = [section if p.splitlines()[0] == heading else p for p in parts]
-    else:
-        parts = [section, *parts] if first else [*parts, section]
-    return "\n\n".join(parts) + "\n"
 
 
 def render(rows: list[Row], command: str, reps: int, device: str, seconds: float) -> str:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.common import Row
-from benchmarks.run import with_section
+from benchmarks.common import Row, with_section
 
 
 def test_make_bench_rewrites_its_own_section_and_keeps_the_others():
