@@ -152,7 +152,7 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
         "no_tokenizer": "has no tokenizer.json", "not_object": "config.json holds no JSON object",
         "no_vocab": "lacks 'vocab_size'", "garbage_bin": "cannot read the weights",
         "stray_tensor": "holds a tensor 'h.5.foo' that GPT-2 with n_layer=2 does not have",
-        "nan_weights": "is corrupt: the tensor for 'embed.weight' holds NaN or infinite values",
+        "nan_weights": "is corrupt: 'embed.weight' holds NaN or infinite values",
         "big_tokenizer": f"the tokenizer has {tok.vocab_size} tokens but the model only 100",
     }  # fmt: skip
     for name, message in expected.items():

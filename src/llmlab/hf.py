@@ -33,7 +33,7 @@ from torch import Tensor
 from llmlab.config import ModelConfig, TrainConfig, preset
 from llmlab.errors import UserError
 from llmlab.model import GPT
-from llmlab.run_dir import Run, atomic_write, config_json, save_weights, write_json, write_text
+from llmlab.run_dir import Run, atomic_write, check_weights, config_json, save_weights, write_json, write_text
 from llmlab.tokenizer import BPETokenizer, Tokenizer
 
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
@@ -195,12 +195,8 @@ def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Token
     for k, shape in expected.items():
         if sd[k].shape != shape:
             raise UserError(f"{k} has shape {tuple(sd[k].shape)} in the checkpoint but {tuple(shape)} in its config")
-    bad = next((k for k, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
-    if bad is not None:
-        raise UserError(f"the checkpoint in {path} is corrupt: the tensor for {bad!r} holds NaN or infinite values")
     tokenizer = _read_tokenizer(path)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
+    check_weights(f"the checkpoint in {path}", sd, tokenizer, cfg.vocab_size)
     return cfg, sd, tokenizer
 
 

@@ -144,15 +144,21 @@ def read_config(path: Path) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
     return model_cfg, train_cfg, data
 
 
+def check_weights(where: str, tensors: dict[str, torch.Tensor], tokenizer: Tokenizer, vocab_size: int) -> None:
+    """What a model's weights and tokenizer must be to be used: every tensor finite, and no more
+    tokens than the embedding has rows. `where` names the source in the error."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise RunDirError(f"{where} is corrupt: {name!r} holds NaN or infinite values")
+    if tokenizer.vocab_size > vocab_size:
+        raise RunDirError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}")
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     """Read a run directory into a model in eval mode, with its tokenizer and configs."""
     path = check_run_dir(path)
     model_cfg, train_cfg, meta = read_config(path)
     tokenizer = load_tokenizer(path / "tokenizer.json")
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise RunDirError(
-            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model_cfg.vocab_size}"
-        )
     model = GPT(model_cfg)
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
@@ -164,9 +170,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         name = sorted(missing or unexpected)[0]
         what = "missing from" if missing else "unexpected in"
         raise RunDirError(f"{path / 'model.safetensors'} does not match config.json ({name!r} {what} it)")
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise RunDirError(f"{path / 'model.safetensors'} is corrupt: {name!r} holds NaN or infinite values")
+    check_weights(str(path / "model.safetensors"), model.state_dict(), tokenizer, model_cfg.vocab_size)
     return Run(path, model_cfg, train_cfg, tokenizer, model.to(device).eval(), meta)
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from llmlab import config as cfg_lib
@@ -60,6 +61,12 @@ def resolve_config(args: argparse.Namespace) -> cfg_lib.Preset:
     }  # fmt: skip
     overrides = {k: v for k, v in flags.items() if v is not None} | cfg_lib.parse_sets(args.sets)
     return cfg_lib.Preset(*cfg_lib.apply_overrides(preset.model, preset.train, overrides))
+
+
+def refuse_file_as_out(out: str) -> None:
+    """--out names a directory to write into: an existing file there is a one-line error."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file, not a directory; choose another --out")
 
 
 def emit(args: argparse.Namespace, obj: dict[str, Any], human: Callable[[], None]) -> None:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from llmlab.cli.common import Parser, emit, table
+from llmlab.cli.common import Parser, emit, refuse_file_as_out, table
 from llmlab.errors import UserError
 
 
@@ -16,11 +16,6 @@ def run(args: argparse.Namespace) -> None:
     if getattr(args, "action", None) is None:
         raise UserError("knowledge: choose an action: locate, neurons, edit or eval (see llmlab knowledge --help)")
     args.action(args)
-
-
-def _check_out_dir(out: str) -> None:
-    if Path(out).exists() and not Path(out).is_dir():
-        raise UserError(f"--out {out} is a file, not a directory; choose another --out")
 
 
 def locate(args: argparse.Namespace) -> None:
@@ -35,7 +30,7 @@ def locate(args: argparse.Namespace) -> None:
     missing = [f"--{k}" for k in ("prompt", "subject", "target") if getattr(args, k) is None]
     if missing:
         raise UserError(f"locate needs {', '.join(missing)} (or --facts N on a bios run)")
-    _check_out_dir(args.out)
+    refuse_file_as_out(args.out)
     run = _load(args)
     trace = causal_trace(run.model, run.tokenizer, Fact(args.prompt, args.subject, args.target), args.noise,
                          args.samples, args.seed)  # fmt: skip
@@ -61,7 +56,7 @@ def locate_average(args: argparse.Namespace) -> None:
     from llmlab.knowledge import Fact
     from llmlab.knowledge.patching import ROLES, average_by_role, causal_trace, plot_average
 
-    _check_out_dir(args.out)
+    refuse_file_as_out(args.out)
     if args.facts < 1:
         raise UserError(f"--facts must be at least 1, got {args.facts}")
     run = _load(args)

@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from llmlab.cli.common import emit
+from llmlab.cli.common import emit, refuse_file_as_out
 from llmlab.errors import UserError
 
 
@@ -15,8 +15,7 @@ def run(args: argparse.Namespace) -> None:
     """The tour: train the notes' model, then walk through the notes on it and write a report."""
     from llmlab.report import run_tour
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a file, not a directory")
+    refuse_file_as_out(args.out)
     if args.minutes is not None and not 0 < args.minutes < math.inf:  # also NaN
         raise UserError(f"--minutes must be a positive finite number, got {args.minutes}")
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
