@@ -60,6 +60,14 @@ class TokenScore:
     alternatives: list[Alternative] = field(default_factory=list)
 
 
+def token_json(t: TokenScore) -> dict[str, Any]:
+    """One token of `score --json` (and of the web app's score)."""
+    return {
+        "text": t.text, "id": t.id, "surprisal": t.surprisal, "entropy": t.entropy, "prob": t.prob, "rank": t.rank,
+        "alternatives": [{"text": a.text, "id": a.id, "prob": a.prob} for a in t.alternatives],
+    }  # fmt: skip
+
+
 @dataclass
 class Scores:
     """Per-prediction tensors of `score_ids`: m = len(ids) − 1 predictions, k alternatives."""

@@ -101,6 +101,16 @@ def trace(model: Any, idx: Any) -> list[TraceRow]:
     return rows
 
 
+def trace_report(model: Any, idx: Any, source: str) -> dict[str, Any]:
+    """Everything `trace --json` prints (and the web app shows): the letters' values, every row, the weights."""
+    rows = trace(model, idx)
+    B, S = idx.shape
+    return {
+        "source": source, "letters": letter_values(model.cfg, B, S), "all_match": all(r.matches for r in rows),
+        "rows": [r.to_json() for r in rows], "weights": [vars(w) for w in weight_rows(model.cfg)],
+    }  # fmt: skip
+
+
 def _suffix(name: str) -> str:
     parts = name.split(".")
     return ".".join(parts[2:]) if parts[0] == "blocks" else name

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> None:
     context − stride tokens of context.
     """
     from llmlab.run_dir import load_run
-    from llmlab.score import render_html, score_text, score_tokens
+    from llmlab.score import render_html, score_text, score_tokens, token_json
     from llmlab.train import pick_device
 
     if args.top_k < 0:
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> None:
         write_text(html_path, render_html(scored, args.by, f"llmlab score · {Path(args.run).name}"))
         result["html"] = str(html_path)
     if not args.summary:
-        result["tokens"] = [_token_json(t) for t in scored.tokens]
+        result["tokens"] = [token_json(t) for t in scored.tokens]
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:
@@ -101,13 +101,6 @@ def _calibration(scored: Any, out_dir: Path | None) -> dict[str, Any]:
             "rejection": str(plot_rejection(ep, out_dir / "rejection.png")),
         }
     return result
-
-
-def _token_json(t: Any) -> dict[str, Any]:
-    return {
-        "text": t.text, "id": t.id, "surprisal": t.surprisal, "entropy": t.entropy, "prob": t.prob, "rank": t.rank,
-        "alternatives": [{"text": a.text, "id": a.id, "prob": a.prob} for a in t.alternatives],
-    }  # fmt: skip
 
 
 def _print_human(args: argparse.Namespace, scored: Any, result: dict[str, Any]) -> None:

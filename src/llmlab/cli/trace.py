@@ -13,18 +13,12 @@ def run(args: argparse.Namespace) -> None:
     """Trace the shape of every tensor of a real forward pass, in the notes' letters (notes §2.2)."""
     import torch
 
-    from llmlab.trace import letter_values, trace, weight_rows
+    from llmlab.trace import trace_report
 
     model, idx, source = _model_and_input(args)
     if args.layer != "all" and args.layer not in {str(i) for i in range(model.cfg.n_layers)}:
         raise UserError(f"--layer must be all or a block from 0 to {model.cfg.n_layers - 1}, got {args.layer!r}")
-    rows = trace(model, idx)
-    weights = weight_rows(model.cfg)
-    B, S = idx.shape
-    obj = {
-        "source": source, "letters": letter_values(model.cfg, B, S), "all_match": all(r.matches for r in rows),
-        "rows": [r.to_json() for r in rows], "weights": [vars(w) for w in weights],
-    }  # fmt: skip
+    obj = trace_report(model, idx, source)
     with torch.no_grad():
         emit(args, obj, lambda: _print(obj, args.layer))
 
