@@ -13,7 +13,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from llmlab.cli import count, export_hf, generate, import_hf, knowledge, rft, score, tour, train
+from llmlab.cli import count, export_hf, generate, import_hf, knowledge, rft, score, serve, tour, train
 from llmlab.cli import trace as trace_cmd
 from llmlab.cli.common import Parser
 from llmlab.errors import UserError
@@ -29,6 +29,7 @@ COMMANDS: dict[str, ModuleType] = {
     "knowledge": knowledge,
     "count": count,
     "trace": trace_cmd,
+    "serve": serve,
 }
 
 

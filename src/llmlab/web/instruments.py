@@ -1,0 +1,136 @@
+"""The web app's instruments: a run and a request in, the JSON that the page draws out.
+
+Each instrument calls the same library function as its command and returns the same figures
+that the command's `--json` prints, so what the page shows is what the tests check:
+
+    run_info    the run: config, parameter count, tokenizer, loss curve       (`train`'s metrics.csv)
+    score       per-token surprisal, entropy, rank, alternatives; totals       `score RUN --text T --json`
+    generate    a continuation, each new token with the entropy it was drawn from  `generate --entropy --json`
+    attention   softmax(QKᵀ/√D + M) of every head of one layer, [h, S, S]     `hook_pattern`, as `trace` sees it
+    trace       every tensor's shape in the notes' letters                     `trace RUN --prompt P --json`
+    count       parameters, FLOPs and memory, exact and measured               `count RUN --json`
+    locate      causal tracing of one fact: indirect effects [S, L]            `knowledge locate --json`
+
+None of them prints or exits; bad input raises `UserError`, which the server answers as one line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llmlab.config import to_dict
+from llmlab.errors import UserError
+from llmlab.run_dir import Run, read_metrics
+from llmlab.sampling import encode_prompt
+
+
+def run_info(run: Run) -> dict[str, Any]:
+    """The run's identity and its training curves (train loss every step, val loss at evaluations)."""
+    from llmlab import bios
+
+    rows = read_metrics(run.path / "metrics.csv")
+    val = [r for r in rows if r.get("val_loss") is not None]
+    return {
+        "run": run.path.name, "path": str(run.path), "data": run.meta.get("data"),
+        "model": to_dict(run.model_cfg), "train": to_dict(run.train_cfg),
+        "params": sum(p.numel() for p in run.model.parameters()),
+        "tokenizer": {"kind": run.tokenizer.kind, "vocab_size": run.tokenizer.vocab_size},
+        "example_fact": _example_fact(bios.world_of(run.meta.get("data") or "")),
+        "metrics": {
+            "step": [r["step"] for r in rows], "train_loss": [r["train_loss"] for r in rows],
+            "val_step": [r["step"] for r in val], "val_loss": [r["val_loss"] for r in val],
+        },
+    }  # fmt: skip
+
+
+def score(run: Run, text: str, temperature: float = 1.0, top_k: int = 5) -> dict[str, Any]:
+    """`llmlab score RUN --text TEXT --json`, less the fields that name the command line's source."""
+    from llmlab.score import score_text, token_json
+
+    if top_k < 0:
+        raise UserError(f"top_k must be >= 0, got {top_k}")
+    scored = score_text(run.model, run.tokenizer, text, temperature=temperature, top_k=top_k)
+    return {
+        "temperature": scored.temperature, "context": scored.context, "stride": scored.stride,
+        "windows": scored.windows, "totals": scored.totals(), "tokens": [token_json(t) for t in scored.tokens],
+    }  # fmt: skip
+
+
+def generate(run: Run, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 1337) -> dict[str, Any]:  # fmt: skip
+    """One sample of `llmlab generate RUN --entropy --json`: text, token ids, each token's entropy."""
+    from llmlab.sampling import SamplingConfig, generate_text
+    from llmlab.score import generation_json
+
+    sampling = SamplingConfig(temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    g = generate_text(run.model, run.tokenizer, prompt, max_new_tokens, sampling, seed=seed)
+    return {"prompt": prompt, "text": g.text, "token_ids": g.token_ids,
+            **generation_json(run.tokenizer, g.token_ids, g.entropies)}  # fmt: skip
+
+
+@torch.no_grad()
+def attention(run: Run, prompt: str, layer: int = 0) -> dict[str, Any]:
+    """The attention pattern of every head of one layer on the prompt.
+
+    pattern [h, S, S]: row i is query i's distribution over keys 0 … i; above the diagonal the
+    mask M = −∞ makes it exactly 0. `entropy` [h, S] is each row's H in nats, log(i + 1) at most.
+    """
+    from llmlab.score import token_pieces
+
+    if not 0 <= layer < run.model_cfg.n_layers:
+        raise UserError(f"layer must be from 0 to {run.model_cfg.n_layers - 1}, got {layer}")
+    ids = encode_prompt(run.tokenizer, prompt, run.model_cfg.block_size)
+    idx = torch.tensor([ids], device=_device(run))  # [1, S]
+    name = f"blocks.{layer}.attn.hook_pattern"
+    _, cache = run.model.run_with_cache(idx, names=[name])
+    pattern = cache[name][0].float().cpu()  # [h, S, S]
+    return {
+        "layer": layer, "tokens": token_pieces(run.tokenizer, ids), "pattern": pattern.tolist(),
+        "entropy": torch.special.entr(pattern).sum(-1).tolist(),  # [h, S]
+    }  # fmt: skip
+
+
+def trace(run: Run, prompt: str) -> dict[str, Any]:
+    """`llmlab trace RUN --prompt PROMPT --json`."""
+    from llmlab.trace import trace_report
+
+    ids = encode_prompt(run.tokenizer, prompt, run.model_cfg.block_size)
+    return trace_report(run.model, torch.tensor([ids], device=_device(run)), str(run.path))
+
+
+def count(run: Run) -> dict[str, Any]:
+    """`llmlab count RUN --json`: B = the run's batch size, S = its context."""
+    from llmlab.cli.count import count_report
+
+    report = count_report(run.model_cfg, run.train_cfg.batch_size, run.model_cfg.block_size)
+    report["model"] = {"source": str(run.path), **report["model"]}
+    return report
+
+
+def locate(run: Run, prompt: str, subject: str, target: str, noise: float = 3.0, samples: int = 10,
+           seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """`llmlab knowledge locate RUN --prompt P --subject S --target T --json`, without the PNGs."""
+    from llmlab.knowledge import Fact
+    from llmlab.knowledge.patching import causal_trace
+
+    if not 1 <= samples <= 100:
+        raise UserError(f"samples must be from 1 to 100, got {samples}")
+    return causal_trace(run.model, run.tokenizer, Fact(prompt, subject, target), noise, samples, seed).to_json()
+
+
+def _example_fact(world: Any) -> dict[str, str] | None:
+    """For a model trained on bios data, a fact it was trained on, to trace."""
+    if world is None:
+        return None
+    from llmlab import bios
+
+    person, attribute = world.people[0], bios.BASE_ATTRIBUTES[0]
+    return {"prompt": bios.prompt(person, attribute), "subject": person.name, "target": person.facts[attribute]}
+
+
+def _device(run: Run) -> torch.device:
+    return next(run.model.parameters()).device

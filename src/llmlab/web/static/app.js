@@ -1,0 +1,356 @@
+"use strict";
+// llmlab's page. Each tab sends its form to one /api endpoint and draws the JSON that comes back;
+// every number shown is a field of that JSON, formatted, never recomputed here.
+
+const $ = (id) => document.getElementById(id);
+const SVG = "http://www.w3.org/2000/svg";
+let RUN = null; // GET /api/run
+
+// --- talking to the server -------------------------------------------------------------------
+
+async function api(path, body) {
+  const init = body === undefined ? {} : {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  };
+  const response = await fetch(path, init);
+  const data = await response.json();
+  if (!response.ok) throw new Error(data.error || `${response.status} ${response.statusText}`);
+  return data;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+
+function onSubmit(formId, handler) {
+  const form = $(formId);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const button = form.querySelector("button");
+    button.disabled = true;
+    $("error").hidden = true;
+    try {
+      await handler();
+    } catch (e) {
+      showError(e.message);
+    } finally {
+      button.disabled = false;
+    }
+  });
+}
+
+const numberOrNull = (id) => ($(id).value === "" ? null : Number($(id).value));
+
+// --- formatting and colour -------------------------------------------------------------------
+
+const int = (n) => n.toLocaleString("en-US");
+const fixed = (x, digits) => (x === null || x === undefined ? "–" : x.toFixed(digits));
+const mib = (bytes) => `${(bytes / 2 ** 20).toFixed(2)} MiB`;
+const visible = (text) => text.replaceAll("\n", "⏎").replaceAll(" ", "·").replaceAll("\t", "⇥");
+
+// white at 0, red at `max`
+function heat(x, max) {
+  const t = max > 0 ? Math.min(1, Math.max(0, x / max)) : 0;
+  const mix = (a, b) => Math.round(a + (b - a) * t);
+  return `rgb(${mix(255, 214)}, ${mix(255, 48)}, ${mix(255, 39)})`;
+}
+
+function legend(el, max, unit) {
+  el.innerHTML = "";
+  const bar = document.createElement("span");
+  bar.className = "bar";
+  bar.style.background = `linear-gradient(to right, ${heat(0, 1)}, ${heat(1, 1)})`;
+  el.append("0", bar, `${fixed(max, 2)} ${unit}`);
+}
+
+function rows(table, pairs) {
+  table.innerHTML = "";
+  for (const [name, value] of pairs) {
+    const tr = table.insertRow();
+    tr.insertCell().textContent = name;
+    tr.insertCell().textContent = value;
+  }
+}
+
+function token(text, className, background, title) {
+  const span = document.createElement("span");
+  span.className = className;
+  span.textContent = text;
+  if (background) span.style.background = background;
+  if (title) span.title = title;
+  return span;
+}
+
+function svg(tag, attrs, parent) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+  if (parent) parent.append(el);
+  return el;
+}
+
+// A grid of cells [rows][cols] coloured by value / max, with labels; cellTitle(i, j) on hover.
+function heatmap(grid, rowLabels, colLabels, max, cellTitle) {
+  const n = grid.length, m = grid[0].length;
+  const size = Math.max(8, Math.min(26, Math.floor(420 / Math.max(n, m))));
+  const left = 14 + 7 * Math.max(...rowLabels.map((s) => s.length));
+  const top = 18 + 7 * Math.max(...colLabels.map((s) => s.length));
+  const root = svg("svg", { width: left + m * size + 4, height: top + n * size + 4 });
+  rowLabels.forEach((label, i) => {
+    const t = svg("text", { x: left - 4, y: top + i * size + size * 0.7, "text-anchor": "end" }, root);
+    t.textContent = label;
+  });
+  colLabels.forEach((label, j) => {
+    const x = left + j * size + size * 0.7;
+    const t = svg("text", { x, y: top - 4, transform: `rotate(-90 ${x} ${top - 4})` }, root);
+    t.textContent = label;
+  });
+  grid.forEach((row, i) => row.forEach((value, j) => {
+    const cell = svg("rect", {
+      x: left + j * size, y: top + i * size, width: size, height: size, fill: heat(value, max),
+      stroke: "#eef0f3", "data-value": value, class: "cell",
+    }, root);
+    svg("title", {}, cell).textContent = cellTitle(i, j);
+  }));
+  return root;
+}
+
+function figure(caption, content) {
+  const fig = document.createElement("figure");
+  const cap = document.createElement("figcaption");
+  cap.textContent = caption;
+  fig.append(cap, content);
+  return fig;
+}
+
+// --- the run ---------------------------------------------------------------------------------
+
+async function loadRun() {
+  RUN = await api("/api/run");
+  const m = RUN.model;
+  $("run-name").textContent = RUN.run;
+  document.title = `llmlab · ${RUN.run}`;
+  $("run-summary").textContent = [
+    `${m.n_layers} layers`, `H = ${m.d_model}`, `${m.n_heads} heads`, `context ${m.block_size}`,
+    `${int(RUN.tokenizer.vocab_size)} ${RUN.tokenizer.kind} tokens`, `${int(RUN.params)} parameters`,
+    `${m.positions} positions, ${m.activation}, ${m.norm_placement}-${m.norm}`,
+    RUN.data ? `trained on ${RUN.data}` : "",
+  ].filter(Boolean).join(" · ");
+  for (let layer = 0; layer < m.n_layers; layer++) $("attention-layer").add(new Option(`${layer}`, `${layer}`));
+  if (RUN.example_fact) {
+    $("knowledge-prompt").value = RUN.example_fact.prompt;
+    $("knowledge-subject").value = RUN.example_fact.subject;
+    $("knowledge-target").value = RUN.example_fact.target;
+  }
+  drawTraining();
+}
+
+// --- entropy: POST /api/score ------------------------------------------------------------------
+
+async function score() {
+  const by = $("score-by").value;
+  const r = await api("/api/score", { text: $("score-text").value, temperature: Number($("score-temperature").value) });
+  const max = Math.max(...r.tokens.slice(1).map((t) => t[by]));
+  const out = $("score-tokens");
+  out.innerHTML = "";
+  r.tokens.forEach((t, i) => {
+    if (i === 0) return out.append(token(t.text, "token context", null, "context: nothing predicts the first token"));
+    const alternatives = t.alternatives.map((a) => `  ${JSON.stringify(a.text)} ${fixed(a.prob, 4)}`).join("\n");
+    const title = `${JSON.stringify(t.text)}\nsurprisal ${fixed(t.surprisal, 3)} nats · entropy ${fixed(t.entropy, 3)}` +
+      ` nats\np ${fixed(t.prob, 4)} · rank ${t.rank}\nmost likely:\n${alternatives}`;
+    const span = token(t.text, "token", heat(t[by], max), title);
+    span.dataset.value = t[by];
+    out.append(span);
+  });
+  legend($("score-legend"), max, `nats of ${by}`);
+  const s = r.totals;
+  rows($("score-totals"), [
+    ["tokens", `${int(s.tokens)} (${int(s.scored)} scored; the first is context only)`],
+    ["cross-entropy", `${fixed(s.mean_surprisal, 4)} nats/token (${fixed(s.bits_per_token, 4)} bits)`],
+    ["perplexity", fixed(s.perplexity, 3)],
+    ["sequence NLL", `${fixed(s.sequence_nll, 2)} nats`],
+    ["entropy", `mean ${fixed(s.mean_entropy, 4)}, max ${fixed(s.max_entropy, 4)} nats (token ${s.max_entropy_at})`],
+    ["top-1 accuracy", fixed(s.top1_accuracy, 4)],
+    ["windows", `${r.windows} of ${r.context} tokens, stride ${r.stride}, temperature ${r.temperature}`],
+  ]);
+}
+
+// --- generation: POST /api/generate -------------------------------------------------------------
+
+async function generate() {
+  const r = await api("/api/generate", {
+    prompt: $("generate-prompt").value, max_new_tokens: Number($("generate-max").value),
+    temperature: Number($("generate-temperature").value), top_k: numberOrNull("generate-top-k"),
+    top_p: numberOrNull("generate-top-p"), seed: Number($("generate-seed").value),
+  });
+  const out = $("generate-output");
+  out.innerHTML = "";
+  out.append(token(r.prompt, "token context", null, "the prompt"));
+  const max = Math.max(...r.entropies, 1e-9);
+  r.token_texts.forEach((text, i) => {
+    const span = token(text, "token", heat(r.entropies[i], max), `id ${r.token_ids[i]} · H(p) ${fixed(r.entropies[i], 3)} nats`);
+    span.dataset.value = r.entropies[i];
+    out.append(span);
+  });
+  legend($("generate-legend"), max, "nats of entropy");
+  rows($("generate-figures"), [
+    ["new tokens", int(r.token_ids.length)],
+    ["entropy", `mean ${fixed(r.mean_entropy, 4)}, max ${fixed(r.max_entropy, 4)} nats`],
+  ]);
+}
+
+// --- attention: POST /api/attention ----------------------------------------------------------------
+
+async function attention() {
+  const r = await api("/api/attention", { prompt: $("attention-prompt").value, layer: Number($("attention-layer").value) });
+  const labels = r.tokens.map(visible);
+  const out = $("attention-heads");
+  out.innerHTML = "";
+  r.pattern.forEach((head, h) => {
+    const mean = r.entropy[h].reduce((a, b) => a + b, 0) / r.entropy[h].length;
+    const map = heatmap(head, labels, labels, 1, (i, j) =>
+      `head ${h}: query ${i} ${JSON.stringify(r.tokens[i])} → key ${j} ${JSON.stringify(r.tokens[j])}` +
+      `\np = ${fixed(head[i][j], 4)}${j > i ? " (masked: −∞ before softmax)" : ""}`);
+    out.append(figure(`layer ${r.layer}, head ${h} · mean row entropy ${fixed(mean, 3)} nats`, map));
+  });
+}
+
+// --- shapes: POST /api/trace --------------------------------------------------------------------
+
+async function shapes() {
+  const r = await api("/api/trace", { prompt: $("shapes-prompt").value });
+  $("shapes-letters").textContent = Object.entries(r.letters).map(([k, v]) => `${k} = ${v}`).join(", ") +
+    (r.all_match ? " — every tensor matches its letters" : " — NOT every tensor matches its letters");
+  const table = $("shapes-rows");
+  table.innerHTML = "<tr><th>tensor</th><th>shape</th><th>the notes write</th><th>remark</th></tr>";
+  for (const row of r.rows) {
+    const tr = table.insertRow();
+    tr.insertCell().textContent = row.name;
+    const shape = tr.insertCell();
+    shape.textContent = `[${row.letters.join(", ")}] = [${row.shape.join(", ")}]`;
+    shape.classList.add("mono");
+    if (!row.matches) shape.classList.add("mismatch");
+    tr.insertCell().textContent = row.notes;
+    tr.insertCell().textContent = row.remark;
+    tr.cells[0].classList.add("mono");
+  }
+}
+
+// --- count: GET /api/count ------------------------------------------------------------------------
+
+async function count() {
+  const r = await api("/api/count");
+  const out = $("count-output");
+  out.innerHTML = `<p>B = ${r.batch}, S = ${r.seq}</p>`;
+  const params = document.createElement("table");
+  params.className = "figures";
+  rows(params, [["parameters", `${int(r.params.total)} (measured on the model: ${int(r.params.measured)})`],
+    ...Object.entries(r.params.by_component).filter(([, v]) => v).map(([k, v]) => [`  ${k}`, int(v)])]);
+  const flops = document.createElement("table");
+  flops.className = "rows";
+  flops.innerHTML = "<tr><th>forward FLOPs</th><th>exact</th><th>measured</th><th>notes formula</th><th>notes vs exact</th><th>why</th></tr>";
+  const f = r.flops;
+  for (const c of f.forward.by_component) {
+    const tr = flops.insertRow();
+    [c.component, int(c.exact), int(c.measured), int(c.notes),
+      c.diff_pct === null ? "" : `${c.diff_pct > 0 ? "+" : ""}${c.diff_pct.toFixed(1)}%`, c.reason]
+      .forEach((v, i) => { const td = tr.insertCell(); td.textContent = v; if (i > 0 && i < 5) td.className = "num"; });
+  }
+  const totals = document.createElement("table");
+  totals.className = "figures";
+  const t = r.memory.train;
+  rows(totals, [
+    ["forward total", `${int(f.forward.exact)} exact, ${int(f.forward.measured)} measured, notes ${int(f.forward.notes)}`],
+    ["training step", `${int(f.train_step.exact)} exact (3× forward), ${int(f.train_step.measured)} measured`],
+    ["Kaplan's 6N·B·S", `${int(f.train_step.kaplan_6n)} (${f.train_step.kaplan_diff_pct.toFixed(1)}%)`],
+    ["decode step", `${int(f.decode_step.exact)} exact, ${int(f.decode_step.measured)} measured`],
+    ["training memory", `weights ${mib(t.weights)} + gradients ${mib(t.gradients)} + AdamW ${mib(t.optimizer)}` +
+      ` + activations ${mib(t.activations)}: peak ${mib(t.predicted_bytes)} predicted, at the ${t.peak_moment}`],
+    ["inference memory", `weights ${mib(r.memory.inference.weights)} + KV cache ${mib(r.memory.kv_cache_bytes)}`],
+  ]);
+  out.append(params, flops, totals);
+}
+
+// --- knowledge: POST /api/locate ------------------------------------------------------------------
+
+async function locate() {
+  const r = await api("/api/locate", {
+    prompt: $("knowledge-prompt").value, subject: $("knowledge-subject").value, target: $("knowledge-target").value,
+  });
+  $("knowledge-figures").textContent = `p(target) clean ${fixed(r.p_clean, 4)}, subject corrupted ` +
+    `${fixed(r.p_corrupt, 4)} (noise std ${fixed(r.noise_std, 3)})`;
+  const labels = r.tokens.map((t, i) => visible(t) + (i >= r.subject[0] && i < r.subject[1] ? "*" : ""));
+  const out = $("knowledge-maps");
+  out.innerHTML = "";
+  for (const [kind, grid] of Object.entries(r.restored)) {
+    const effect = grid.map((row) => row.map((p) => p - r.p_corrupt));
+    const max = Math.max(...effect.flat(), 1e-9);
+    const layers = grid[0].map((_, l) => `${l}`);
+    const peak = r.peaks[kind];
+    const map = heatmap(effect, labels, layers, max, (i, l) =>
+      `restore ${kind} of token ${i} ${JSON.stringify(r.tokens[i])} at layer ${l}\n` +
+      `p(target) ${fixed(grid[i][l], 4)} · indirect effect ${fixed(effect[i][l], 4)}`);
+    out.append(figure(`${kind}: peak at layer ${peak.layer}, token ${JSON.stringify(peak.token_text)}, ` +
+      `effect ${fixed(peak.effect, 4)} (* = subject)`, map));
+  }
+}
+
+// --- training curve (from GET /api/run) ------------------------------------------------------------
+
+function drawTraining() {
+  const m = RUN.metrics;
+  const out = $("training-curve");
+  out.innerHTML = "";
+  if (!m.step.length) {
+    out.textContent = "This run has no metrics.csv (it was imported, not trained here).";
+    return;
+  }
+  const W = 720, H = 320, pad = { l: 56, r: 16, t: 12, b: 36 };
+  const losses = m.train_loss.concat(m.val_loss).filter((x) => x !== null);
+  const lo = Math.min(...losses), hi = Math.max(...losses), last = m.step[m.step.length - 1];
+  const x = (s) => pad.l + (s / last) * (W - pad.l - pad.r);
+  const y = (v) => pad.t + (1 - (v - lo) / (hi - lo || 1)) * (H - pad.t - pad.b);
+  const root = svg("svg", { width: W, height: H, id: "training-svg" });
+  svg("line", { x1: pad.l, y1: H - pad.b, x2: W - pad.r, y2: H - pad.b, class: "axis" }, root);
+  svg("line", { x1: pad.l, y1: pad.t, x2: pad.l, y2: H - pad.b, class: "axis" }, root);
+  for (let k = 0; k <= 4; k++) {
+    const v = lo + ((hi - lo) * k) / 4, s = Math.round((last * k) / 4);
+    svg("text", { x: pad.l - 6, y: y(v) + 3, "text-anchor": "end" }, root).textContent = v.toFixed(2);
+    svg("text", { x: x(s), y: H - pad.b + 14, "text-anchor": "middle" }, root).textContent = int(s);
+  }
+  svg("text", { x: W / 2, y: H - 4, "text-anchor": "middle" }, root).textContent = "step";
+  const path = m.step.map((s, i) => `${i ? "L" : "M"}${x(s).toFixed(1)},${y(m.train_loss[i]).toFixed(1)}`).join("");
+  svg("path", { d: path, fill: "none", stroke: "#7f8c9d", "stroke-width": 1, class: "train" }, root);
+  m.val_step.forEach((s, i) => svg("circle", { cx: x(s), cy: y(m.val_loss[i]), r: 3.5, fill: "#d63027", class: "val" }, root));
+  out.append(root);
+  const best = Math.min(...m.val_loss);
+  rows($("training-figures"), [
+    ["steps", int(last)],
+    ["train loss (last step)", `${fixed(m.train_loss[m.train_loss.length - 1], 4)} nats/token (grey line)`],
+    ["val loss (best)", m.val_loss.length ? `${fixed(best, 4)} nats/token, perplexity ${fixed(Math.exp(best), 3)} (red dots)` : "–"],
+  ]);
+}
+
+// --- tabs ------------------------------------------------------------------------------------------
+
+const LOAD_ON_OPEN = { count };
+const opened = new Set();
+
+function openTab(name) {
+  for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.dataset.tab === name);
+  for (const s of document.querySelectorAll(".tab")) s.classList.toggle("active", s.id === name);
+  if (LOAD_ON_OPEN[name] && !opened.has(name)) {
+    opened.add(name);
+    LOAD_ON_OPEN[name]().catch((e) => showError(e.message));
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  for (const b of document.querySelectorAll("#tabs button")) b.addEventListener("click", () => openTab(b.dataset.tab));
+  onSubmit("score-form", score);
+  onSubmit("generate-form", generate);
+  onSubmit("attention-form", attention);
+  onSubmit("shapes-form", shapes);
+  onSubmit("knowledge-form", locate);
+  loadRun().catch((e) => showError(e.message));
+});

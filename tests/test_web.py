@@ -1,0 +1,234 @@
+"""The web app's JSON API (`llmlab.web`) and `llmlab serve`.
+
+Each instrument is checked two ways: equal to what the command it stands for prints with --json
+(the same library call, reached through the CLI), and against an independent reference where
+the number is computed: F.cross_entropy for surprisal, scipy.stats.entropy for entropy,
+PyTorch's fused scaled_dot_product_attention for the attention pattern, metrics.csv read by the
+csv module for the loss curve. Bad input: 400 and one line, for every endpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fastapi.testclient import TestClient
+from scipy import stats
+
+from llmlab.run_dir import Run, load_run
+from llmlab.web.app import create_app
+from tests.conftest import run_cli
+
+TEXT = "def f3(x, y):\n    return x * y\n"  # 31 tokens: one window of the 32-token context
+
+
+@pytest.fixture(scope="module")
+def run(trained_run: Path) -> Run:
+    return load_run(trained_run)
+
+
+@pytest.fixture(scope="module")
+def client(run: Run) -> TestClient:
+    return TestClient(create_app(run))
+
+
+def cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
+    code, out, err = run_cli(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def post(client: TestClient, path: str, body: dict) -> dict:
+    response = client.post(path, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_page_and_its_scripts_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert asset in page.text
+        assert client.get(asset).status_code == 200
+
+
+def test_run_info_is_the_run_directory(client, run, trained_run):
+    """Reference: config.json and metrics.csv read directly; the model's own parameter count."""
+    info = client.get("/api/run").json()
+    config = json.loads((trained_run / "config.json").read_text())
+    assert info["model"] == config["model"] and info["train"] == config["train"]
+    assert info["params"] == sum(p.numel() for p in run.model.parameters())
+    assert info["tokenizer"] == {"kind": "char", "vocab_size": run.tokenizer.vocab_size}
+    with open(trained_run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert info["metrics"]["step"] == [int(r["step"]) for r in rows] == list(range(1, 81))
+    assert info["metrics"]["train_loss"] == pytest.approx([float(r["train_loss"]) for r in rows])
+    evals = [r for r in rows if r["val_loss"]]
+    assert info["metrics"]["val_step"] == [int(r["step"]) for r in evals] and len(evals) >= 2
+    assert info["metrics"]["val_loss"] == pytest.approx([float(r["val_loss"]) for r in evals])
+    assert info["example_fact"] is None  # not a bios run
+
+
+def test_score_equals_the_cli_and_cross_entropy(client, run, capsys, trained_run):
+    """Reference: `llmlab score --json` (equal), F.cross_entropy and scipy.stats.entropy of one forward pass."""
+    got = post(client, "/api/score", {"text": TEXT, "temperature": 0.8, "top_k": 3})
+    cli = cli_json(capsys, "score", str(trained_run), "--text", TEXT, "--temperature", "0.8", "--top-k", "3")
+    assert got == {k: v for k, v in cli.items() if k not in ("run", "source")}
+    ids = torch.tensor(run.tokenizer.encode(TEXT))
+    with torch.no_grad():
+        logits = run.model(ids[None, :-1])[0] / 0.8  # [m, V]
+    assert got["totals"]["mean_surprisal"] == pytest.approx(F.cross_entropy(logits, ids[1:]).item(), rel=1e-5)
+    entropy = stats.entropy(logits.softmax(-1).double().numpy(), axis=-1)
+    assert [t["entropy"] for t in got["tokens"][1:]] == pytest.approx(entropy.tolist(), abs=1e-5)
+    assert len(got["tokens"][1]["alternatives"]) == 3 and got["tokens"][0]["surprisal"] is None
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.2, "top_k": 5, "seed": 7}])
+def test_generate_equals_the_cli(client, capsys, trained_run, sampling):
+    """Reference: `llmlab generate --entropy --json` with the same prompt, sampling and seed."""
+    body = {"prompt": "def f1", "max_new_tokens": 24, "seed": 1337} | sampling
+    got = post(client, "/api/generate", body)
+    argv = ["generate", str(trained_run), "--prompt", "def f1", "--max-new-tokens", "24", "--entropy"]
+    argv += ["--temperature", str(body["temperature"]), "--seed", str(body["seed"])]
+    argv += ["--top-k", str(body["top_k"])] if "top_k" in body else []
+    cli = cli_json(capsys, *argv)
+    for key in ("prompt", "text", "token_ids", "token_texts", "entropies", "mean_entropy", "max_entropy"):
+        assert got[key] == cli[key], key
+    assert len(got["token_ids"]) == 24 and "".join(got["token_texts"]) == got["text"]
+
+
+def test_attention_pattern_is_masked_softmax_and_times_v_equals_fused_attention(client, run):
+    """Reference: PyTorch's scaled_dot_product_attention (the model's fused path, no pattern hooked):
+    pattern · V equals each head's output z; rows sum to 1, the masked upper triangle is exactly 0,
+    and the entropies are scipy.stats.entropy of the rows."""
+    prompt = "def f12(x, y):"
+    got = post(client, "/api/attention", {"prompt": prompt, "layer": 1})
+    pattern = torch.tensor(got["pattern"])  # [h, S, S]
+    h, S = run.model_cfg.n_heads, len(prompt)
+    assert pattern.shape == (h, S, S) and got["tokens"] == list(prompt) and got["layer"] == 1
+    assert torch.allclose(pattern.sum(-1), torch.ones(h, S), atol=1e-5)
+    assert bool((pattern.triu(diagonal=1) == 0).all())  # the mask: no query sees a later key
+    ids = torch.tensor([run.tokenizer.encode(prompt)])
+    _, cache = run.model.run_with_cache(ids, names=["blocks.1.attn.hook_v", "blocks.1.attn.hook_z"])
+    v = cache["blocks.1.attn.hook_v"][0].transpose(0, 1)  # [h, S, D]
+    z = cache["blocks.1.attn.hook_z"][0].transpose(0, 1)  # [h, S, D], from the fused kernel
+    assert torch.allclose(pattern @ v, z, atol=1e-5)
+    reference = torch.from_numpy(stats.entropy(pattern.double().numpy(), axis=-1))  # [h, S]
+    assert torch.allclose(torch.tensor(got["entropy"], dtype=torch.float64), reference, atol=1e-5)
+
+
+def test_trace_count_and_locate_equal_the_cli(client, capsys, trained_run):
+    """Reference: `llmlab trace`, `llmlab count` and `llmlab knowledge locate` with --json."""
+    prompt = "def f2(x"
+    assert post(client, "/api/trace", {"prompt": prompt}) == cli_json(
+        capsys, "trace", str(trained_run), "--prompt", prompt
+    )
+    assert client.get("/api/count").json() == cli_json(capsys, "count", str(trained_run))
+    fact = {"prompt": "def f4(x, y):\n    return x {} y", "subject": "-", "target": "*"}
+    got = post(client, "/api/locate", fact | {"samples": 4})
+    argv = ["knowledge", "locate", str(trained_run), "--prompt", fact["prompt"], "--subject", "-"]
+    argv += ["--target", "*", "--samples", "4", "--out", str(trained_run.parent / "locate-plots")]
+    cli = cli_json(capsys, *argv)
+    assert got == {k: v for k, v in cli.items() if k != "plots"}
+    assert got["p_clean"] > got["p_corrupt"]
+
+
+BAD = [
+    ("/api/score", {"text": TEXT, "temprature": 1}, "temprature: Extra inputs are not permitted"),
+    ("/api/score", {"text": 3}, "text: Input should be a valid string"),
+    ("/api/score", {}, "text: Field required"),
+    ("/api/score", {"text": ""}, "the text is empty"),
+    ("/api/score", {"text": "d"}, "single token"),
+    ("/api/score", {"text": TEXT, "temperature": 0}, "temperature"),
+    ("/api/score", {"text": TEXT, "top_k": -1}, "top_k: Input should be greater than or equal to 0"),
+    ("/api/score", {"text": "def λ"}, "character 'λ' (U+03BB) is not in this character tokenizer's vocabulary"),
+    ("/api/generate", {"prompt": ""}, "the prompt is empty"),
+    ("/api/generate", {"prompt": "x" * 33}, "the prompt is 33 tokens long, but the model's context is 32"),
+    ("/api/generate", {"prompt": "def", "temperature": -1}, "temperature must be a finite number >= 0"),
+    ("/api/generate", {"prompt": "def", "top_p": 1.5}, "top_p must be in (0, 1]"),
+    ("/api/generate", {"prompt": "def", "top_k": 0}, "top_k must be at least 1"),
+    ("/api/generate", {"prompt": "def", "max_new_tokens": 5000}, "max_new_tokens: Input should be less than"),
+    ("/api/generate", {"prompt": "def", "seed": "one"}, "seed: Input should be a valid integer"),
+    ("/api/attention", {"prompt": "def", "layer": 2}, "layer must be from 0 to 1, got 2"),
+    ("/api/attention", {"prompt": "x" * 40}, "context is 32"),
+    ("/api/trace", {"prompt": ""}, "the prompt is empty"),
+    ("/api/locate", {"prompt": "def f", "subject": "g", "target": "x"}, "does not occur in the prompt"),
+    ("/api/locate", {"prompt": "def {}", "subject": "f", "target": "x", "samples": 0}, "samples must be"),
+    ("/api/locate", {"prompt": "def {}", "subject": "f", "target": "x", "noise": -1}, "noise must be"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "body", "message"), BAD)
+def test_bad_input_is_400_with_one_line(client, path, body, message):
+    response = client.post(path, json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert message in error and "\n" not in error
+
+
+def test_malformed_bodies_and_unknown_paths_are_one_line(client):
+    cases = [(b'{"text": ', "not valid JSON"), (b'{"text": "\xff\xfe"}', "not valid JSON in UTF-8"),
+             (b"[1, 2]", "Input should be a valid dictionary"),
+             (b'{"text": "x\\ud800y"}', "text is not valid UTF-8")]  # a lone surrogate, escaped  # fmt: skip
+    for body, message in cases:
+        response = client.post("/api/score", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and message in response.json()["error"], response.text
+    assert client.get("/api/nope").json() == {"error": "Not Found"}
+
+
+def test_a_nan_temperature_is_refused(client):
+    response = client.post("/api/score", content=b'{"text": "def f", "temperature": NaN}',
+                           headers={"content-type": "application/json"})  # fmt: skip
+    assert response.status_code == 400 and "temperature" in response.json()["error"]
+
+
+# --- llmlab serve ----------------------------------------------------------------------------
+
+
+def test_serve_bad_arguments_are_one_line_exit_2(capsys, trained_run, tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = str(taken.getsockname()[1])
+    cases = [
+        (["serve", str(tmp_path / "nope")], "does not exist"),
+        (["serve", str(trained_run), "--port", "70000"], "--port must be from 0 to 65535"),
+        (["serve", str(trained_run), "--port", port], f"cannot listen on 127.0.0.1:{port}"),
+        (["serve", str(trained_run), "--host", "no.such.host.invalid"], "is not an address of this machine"),
+    ]
+    try:
+        for argv, message in cases:
+            code, out, err = run_cli(capsys, *argv)
+            assert code == 2 and message in err and err.count("\n") == 1 and out == "", (argv, err)
+    finally:
+        taken.close()
+
+
+def test_serve_answers_on_the_port_it_prints(trained_run):
+    """The real command in a subprocess: its first line names the URL, and the API answers there."""
+    proc = subprocess.Popen([sys.executable, "-m", "llmlab", "serve", str(trained_run), "--port", "0", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        url = json.loads(line)["url"]
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url + "api/run", timeout=30) as r:
+            info = json.load(r)
+        assert info["run"] == trained_run.name and info["params"] > 0
+        request = urllib.request.Request(url + "api/score", data=json.dumps({"text": TEXT}).encode(),
+                                         headers={"content-type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert math.isfinite(json.load(r)["totals"]["perplexity"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode in (0, -15)

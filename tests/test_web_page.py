@@ -1,0 +1,164 @@
+"""The page in a real browser: Debian's Chromium driven by Playwright, against `llmlab serve`.
+
+What the page shows is checked against the JSON API of the same server (tests/test_web.py checks
+the API against the commands and independent references): the numbers on the page are the
+API's numbers, formatted, and each drawing has one mark per value.
+
+Chromium is a system package (`apt-get install chromium`); `.ci/run` installs it. Elsewhere,
+without it, these tests are skipped with that instruction; under CI they fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None and not os.environ.get("CI"):
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+
+TEXT = "def f5(x, y):\n    return x - y\n"
+
+
+@pytest.fixture(scope="module")
+def server(trained_run: Path) -> Iterator[str]:
+    """`llmlab serve RUN --port 0` in a subprocess; yields its URL."""
+    proc = subprocess.Popen([sys.executable, "-m", "llmlab", "serve", str(trained_run), "--port", "0", "--json"],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        yield json.loads(proc.stdout.readline())["url"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def api(url: str, path: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path.lstrip("/"), data=data, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        return json.load(r)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    assert CHROMIUM is not None, "CI needs Debian's chromium: apt-get install chromium"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server) -> Iterator[Page]:
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server)
+    expect(page.locator("#run-summary")).to_contain_text("parameters")
+    yield page
+    page.close()
+    assert errors == [], errors  # no script error on the way
+
+
+def test_header_names_the_run_and_its_size(page, server, trained_run):
+    info = api(server, "/api/run")
+    assert page.inner_text("#run-name") == trained_run.name
+    summary = page.inner_text("#run-summary")
+    assert f"{info['params']:,} parameters" in summary and f"context {info['model']['block_size']}" in summary
+
+
+def test_score_colours_every_token_and_prints_the_apis_totals(page, server):
+    page.fill("#score-text", TEXT)
+    page.click("#score-form button")
+    expect(page.locator("#score-totals tr")).to_have_count(7)
+    r = api(server, "/api/score", {"text": TEXT})
+    spans = page.locator("#score-tokens span.token")
+    assert spans.count() == len(r["tokens"])
+    assert page.inner_text("#score-tokens") == TEXT  # every character, in order
+    values = [float(v) for v in spans.evaluate_all("els => els.slice(1).map(e => e.dataset.value)")]
+    assert values == pytest.approx([t["entropy"] for t in r["tokens"][1:]])
+    cells = "rows => rows.map(r => [r.cells[0].innerText, r.cells[1].innerText])"
+    rows = dict(page.locator("#score-totals tr").evaluate_all(cells))
+    assert rows["perplexity"] == f"{r['totals']['perplexity']:.3f}"
+    assert rows["cross-entropy"].startswith(f"{r['totals']['mean_surprisal']:.4f} nats/token")
+    worst = spans.nth(r["totals"]["max_entropy_at"])  # the darkest token says so on hover
+    assert f"entropy {r['tokens'][r['totals']['max_entropy_at']]['entropy']:.3f}" in worst.get_attribute("title")
+
+
+def test_bad_input_shows_the_servers_one_line_error(page):
+    page.fill("#score-text", "d")
+    page.click("#score-form button")
+    expect(page.locator("#error")).to_be_visible()
+    assert "single token" in page.inner_text("#error")
+    page.click("button[data-tab=generate]")
+    page.fill("#generate-temperature", "-1")
+    page.click("#generate-form button")
+    expect(page.locator("#error")).to_contain_text("temperature must be a finite number >= 0")
+
+
+def test_generate_shows_the_prompt_then_each_new_token(page, server):
+    page.click("button[data-tab=generate]")
+    page.fill("#generate-prompt", "def f1")
+    page.fill("#generate-max", "20")
+    page.fill("#generate-temperature", "0")
+    page.click("#generate-form button")
+    expect(page.locator("#generate-figures tr")).to_have_count(2)
+    r = api(server, "/api/generate", {"prompt": "def f1", "max_new_tokens": 20, "temperature": 0, "seed": 1337})
+    assert page.inner_text("#generate-output") == "def f1" + r["text"]
+    assert page.locator("#generate-output span.token:not(.context)").count() == 20
+
+
+def test_attention_draws_every_head_masked_above_the_diagonal(page, server):
+    page.click("button[data-tab=attention]")
+    page.fill("#attention-prompt", "return x")
+    page.select_option("#attention-layer", "1")
+    page.click("#attention-form button")
+    heads = page.locator("#attention-heads figure")
+    expect(heads).to_have_count(4)
+    r = api(server, "/api/attention", {"prompt": "return x", "layer": 1})
+    S = len(r["tokens"])
+    for h in range(4):
+        cells = heads.nth(h).locator("rect.cell")
+        assert cells.count() == S * S
+        values = [float(v) for v in cells.evaluate_all("els => els.map(e => e.dataset.value)")]
+        assert values == pytest.approx([p for row in r["pattern"][h] for p in row])
+        assert all(values[i * S + j] == 0 for i in range(S) for j in range(i + 1, S))
+
+
+def test_shapes_count_knowledge_and_training_tabs(page, server):
+    page.click("button[data-tab=shapes]")
+    page.fill("#shapes-prompt", "def")
+    page.click("#shapes-form button")
+    trace = api(server, "/api/trace", {"prompt": "def"})
+    expect(page.locator("#shapes-rows tr")).to_have_count(len(trace["rows"]) + 1)  # + the header
+    assert "every tensor matches its letters" in page.inner_text("#shapes-letters")
+
+    page.click("button[data-tab=count]")
+    expect(page.locator("#count-output table")).to_have_count(3)
+    count = api(server, "/api/count")
+    assert f"{count['flops']['forward']['exact']:,} exact" in page.inner_text("#count-output")
+
+    page.click("button[data-tab=knowledge]")
+    fact = {"prompt": "return x {} y", "subject": "-", "target": "*"}  # a text input holds no newline
+    page.fill("#knowledge-prompt", fact["prompt"])
+    page.fill("#knowledge-subject", fact["subject"])
+    page.fill("#knowledge-target", fact["target"])
+    page.click("#knowledge-form button")
+    located = api(server, "/api/locate", fact)
+    expect(page.locator("#knowledge-maps figure")).to_have_count(len(located["restored"]))
+    assert f"clean {located['p_clean']:.4f}" in page.inner_text("#knowledge-figures")
+
+    page.click("button[data-tab=training]")
+    info = api(server, "/api/run")
+    assert page.locator("#training-svg circle.val").count() == len(info["metrics"]["val_loss"])
+    assert page.locator("#training-svg path.train").get_attribute("d").count("L") == len(info["metrics"]["step"]) - 1
