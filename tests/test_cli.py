@@ -160,6 +160,26 @@ def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]
         ([*gen, "--weights", "int8"], "invalid choice: 'int8'"),
         ([*gen, "--weights", "float16", "--draft", str(run)], "--weights applies to plain decoding"),
         ([*gen, "--weights", "float16", "--no-cache"], "--weights needs the KV cache"),
+        ([*train, "--seed", "-1"], "--seed must be from 0 to 2**63 - 1, got -1"),
+        ([*train, "--set", "seed=-1"], "seed must be from 0 to 2**63 - 1, got -1"),
+        ([*gen, "--seed", str(2**70)], "--seed must be from 0 to 2**63 - 1"),
+        (
+            [
+                "knowledge",
+                "locate",
+                str(run),
+                "--prompt",
+                "{} f",
+                "--subject",
+                "def",
+                "--target",
+                "x",
+                "--noise",
+                "1e308",
+            ],
+            "noise must be a number from 0 to 100",
+        ),
+        (["serve", str(tmp / "nope")], "does not exist"),
         (["fly"], "invalid choice: 'fly'"),
     ]
 

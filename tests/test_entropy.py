@@ -66,6 +66,18 @@ def test_entropy_extremes_uniform_is_log_v_and_one_hot_is_zero():
 def test_perplexity_and_bits():
     assert math.isclose(perplexity(math.log(65)), 65.0)
     assert math.isclose(nats_to_bits(math.log(2)), 1.0)
+    assert perplexity(1000.0) == math.inf  # exp(1000) is beyond the largest float, not an OverflowError
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 1e-30, 1e-300])
+def test_a_tiny_temperature_is_the_one_hot_limit_not_nan(temperature):
+    """Reference: the T → 0 limit, a one-hot at the argmax: entropy 0, surprisal 0 at the argmax and
+    +inf elsewhere (z / T on z itself would overflow to ±inf and give NaN)."""
+    h, s = predictive_entropy(LOGITS, temperature), surprisal(LOGITS, TARGETS, temperature)
+    hit = LOGITS.argmax(-1) == TARGETS
+    assert not h.isnan().any() and not s.isnan().any()
+    assert torch.allclose(h, torch.zeros_like(h), atol=1e-4) and bool((s[hit] == 0).all())
+    assert bool((s[~hit] > 0).all())  # −log p of a token the limit gives no mass: (z_max − z) / T, or inf
 
 
 # --- temperature, alternatives, batches ------------------------------------------------------

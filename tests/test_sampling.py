@@ -55,6 +55,15 @@ def test_temperature_zero_is_a_one_hot_at_the_argmax():
     assert probs_from_logits(LOGITS, SamplingConfig(0.0)).tolist() == [[1, 0, 0, 0, 0, 0]]
 
 
+@pytest.mark.parametrize("cfg", [SamplingConfig(1e-30), SamplingConfig(1e-300), SamplingConfig(1.0, top_p=1e-300),
+                                 SamplingConfig(1e-300, top_k=3, top_p=1e-300)])  # fmt: skip
+def test_a_vanishing_temperature_or_top_p_is_greedy_not_nan(cfg):
+    """Reference: the one-hot at the argmax (temperature 0). Dividing z itself by 1e-300 would overflow
+    every logit to ±inf and give NaN; the shifted z − max keeps the argmax at 0."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1)) * 3
+    assert torch.equal(probs_from_logits(logits, cfg), probs_from_logits(logits, SamplingConfig(0.0)))
+
+
 def test_top_k_keeps_exactly_the_k_largest():
     kept = torch.isfinite(top_k_filter(LOGITS, 3))
     assert kept.tolist() == [[True, True, True, False, False, False]]

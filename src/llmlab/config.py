@@ -35,6 +35,9 @@ NormPlacement = Literal["post", "pre"]
 AttentionPath = Literal["sdpa", "explicit"]
 
 
+MAX_SEED = 2**63 - 1  # what torch.manual_seed and numpy's SeedSequence both take
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The shape and the variant of a decoder-only Transformer (notes §2.1)."""
@@ -156,6 +159,8 @@ class TrainConfig:
             raise ConfigError(f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"max_minutes must be positive, got {self.max_minutes}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be from 0 to 2**63 - 1, got {self.seed}")
 
 
 @dataclass(frozen=True)

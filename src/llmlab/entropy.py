@@ -52,10 +52,25 @@ def check_temperature(temperature: float) -> float:
 
 
 def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """log p_T = log_softmax(z / T). logits [..., V] → [..., V]."""
+    """log p_T = log_softmax(z / T). logits [..., V] → [..., V].
+
+    z − max z is divided instead of z (softmax is unchanged by the shift), so a tiny T sends the
+    other logits to −∞ rather than overflowing every logit to ±∞, which would make NaN.
+    """
+    logits = logits.float()
     if temperature != 1.0:
-        logits = logits.float() / check_temperature(temperature)
-    return F.log_softmax(logits.float(), dim=-1)
+        T = max(check_temperature(temperature), torch.finfo(logits.dtype).tiny)  # a float32 T, not 0
+        logits = (logits - logits.amax(-1, keepdim=True)) / T
+    return F.log_softmax(logits, dim=-1)
+
+
+def entropy_of_log_probs(logp: Tensor) -> Tensor:
+    """H = −Σ p log p from log p (log_softmax's output). logp [..., V] → [...].
+
+    A token with p = 0 has log p = −∞ and contributes 0 (0 · log 0 = 0): log p is clamped to the
+    most negative finite float first, so the product is 0, not NaN.
+    """
+    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
 
 
 def surprisal(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
@@ -69,8 +84,7 @@ def predictive_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
     Written as −Σ p · log p with log p from log_softmax; terms with p = 0 contribute 0.
     """
-    logp = log_probs(logits, temperature)  # [..., V]
-    return -(logp.exp() * logp).sum(-1)
+    return entropy_of_log_probs(log_probs(logits, temperature))
 
 
 def entropy_of_probs(probs: Tensor) -> Tensor:
@@ -102,8 +116,12 @@ def top_alternatives(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[
 
 
 def perplexity(mean_cross_entropy: float) -> float:
-    """exp(mean cross-entropy in nats): the effective number of equally likely next tokens."""
-    return math.exp(mean_cross_entropy)
+    """exp(mean cross-entropy in nats): the effective number of equally likely next tokens.
+    Above ~709 nats (a tiny temperature) it exceeds the largest float: inf."""
+    try:
+        return math.exp(mean_cross_entropy)
+    except OverflowError:
+        return math.inf
 
 
 def nats_to_bits(x: Tensor | float) -> Tensor | float:

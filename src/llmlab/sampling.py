@@ -41,8 +41,12 @@ class SamplingConfig:
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
-    """logits / T. logits [..., V] → [..., V]; T = 0 is handled by `probs_from_logits`."""
-    return logits / temperature
+    """(logits − max) / T. logits [..., V] → [..., V]; T = 0 is handled by `probs_from_logits`.
+
+    Shifting by the maximum leaves softmax unchanged and keeps a tiny T from overflowing every
+    logit to ±∞ (NaN probabilities): the most likely token stays at 0, the others go to −∞.
+    """
+    return (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(logits.dtype).tiny)
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -62,6 +66,7 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # [..., V]
     drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False  # also when p is below float32's resolution of the mass
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 

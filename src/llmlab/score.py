@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmlab.entropy import check_temperature, log_probs, nats_to_bits, perplexity
+from llmlab.entropy import check_temperature, entropy_of_log_probs, log_probs, nats_to_bits, perplexity
 from llmlab.errors import UserError
 from llmlab.model import GPT
 from llmlab.tokenizer import Tokenizer
@@ -155,7 +155,7 @@ def _stats(z: Tensor, y: Tensor, temperature: float, top_k: int, keep_logits: bo
     logp = log_probs(z, temperature)  # [m, V]
     target = logp.gather(-1, y[:, None])  # [m, 1]
     top = torch.topk(logp, min(top_k, logp.shape[-1]), dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)  # [m]
+    entropy = entropy_of_log_probs(logp)  # [m]
     rank = (logp > target).sum(-1) + 1  # [m]
     kept = z / temperature if keep_logits else None
     return -target.squeeze(-1), entropy, rank, top.values.exp(), top.indices, kept

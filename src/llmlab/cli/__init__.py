@@ -61,6 +61,15 @@ def check_text_options(args: argparse.Namespace) -> None:
                     raise UserError(f"--{name} is not valid UTF-8") from None
 
 
+def check_seed(args: argparse.Namespace) -> None:
+    """Every command's --seed seeds torch (and numpy for data order): an integer in [0, 2**63)."""
+    from llmlab.config import MAX_SEED
+
+    seed = getattr(args, "seed", None)
+    if isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be from 0 to 2**63 - 1, got {seed}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -69,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         check_text_options(args)
+        check_seed(args)
         args.handler(args)
     except UserError as e:
         message = " ".join(str(e).split())  # always one line

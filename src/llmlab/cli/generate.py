@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from llmlab.cli.common import table, use_color
+from llmlab.cli.common import print_json, table, use_color
 from llmlab.errors import UserError
 
 
@@ -60,7 +59,7 @@ def _plain(args: argparse.Namespace, prompt: str, sampling: Any, loaded: Any) ->
         samples.append(_sample(args, loaded.tokenizer, g))
         _show_entropy(args, loaded.tokenizer, head, g)
     if args.json:
-        print(json.dumps({"prompt": prompt, **samples[0], "samples": samples}, ensure_ascii=False))
+        print_json({"prompt": prompt, **samples[0], "samples": samples})
     elif not args.entropy:  # end the streamed line
         print()
 
@@ -107,7 +106,7 @@ def _speculative(args: argparse.Namespace, prompt: str, sampling: Any) -> None:
         generate_text(target.model, target.tokenizer, prompt, min(n, gamma + 1), sampling, seed=0)
     samples, figures = _decode_speculatively(args, target, draft, prompt, n, gamma, sampling)
     if args.json:
-        print(json.dumps({"prompt": prompt, **samples[0], "samples": samples, **figures}, ensure_ascii=False))
+        print_json({"prompt": prompt, **samples[0], "samples": samples, **figures})
         return
     print("\n")
     table(_speculative_rows(figures))

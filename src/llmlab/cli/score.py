@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from llmlab.cli.common import use_color
+from llmlab.cli.common import print_json, use_color
 from llmlab.errors import UserError
 
 
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
     if not args.summary:
         result["tokens"] = [token_json(t) for t in scored.tokens]
     if args.json:
-        print(json.dumps(result, ensure_ascii=False))
+        print_json(result)
     else:
         _print_human(args, scored, result)
 

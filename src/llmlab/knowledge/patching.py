@@ -68,6 +68,9 @@ def add_noise(noise: Tensor, positions: range) -> HookFn:
     return fn
 
 
+MAX_NOISE = 100  # ν, in standard deviations; ROME uses 3. Far beyond it the corrupted activations overflow
+
+
 @dataclass
 class Trace:
     tokens: list[str]  # the prompt's tokens, decoded
@@ -97,6 +100,7 @@ class Trace:
             "tokens": self.tokens, "subject": [self.subject.start, self.subject.stop], "p_clean": self.p_clean,
             "p_corrupt": self.p_corrupt, "noise_std": self.noise_std, "peaks": peaks,
             "restored": {k: v.tolist() for k, v in self.restored.items()},
+            "effects": {k: self.effect(k).tolist() for k in self.restored},
         }  # fmt: skip
 
 
@@ -104,8 +108,9 @@ class Trace:
 def causal_trace(model: GPT, tokenizer: Tokenizer, fact: Fact, noise: float = 3.0, samples: int = 10,
                  seed: int = 0, kinds: tuple[str, ...] = tuple(KINDS)) -> Trace:  # fmt: skip
     """Causal tracing of one fact (module docstring). noise is ν, the multiple of σ."""
-    if not 0 <= noise < math.inf or samples < 1:  # NaN fails too
-        raise UserError(f"noise must be a finite number >= 0 and samples >= 1, got {noise} and {samples}")
+    if not 0 <= noise <= MAX_NOISE or samples < 1:  # NaN fails too
+        raise UserError(f"noise must be a number from 0 to {MAX_NOISE} (multiples of the embeddings' std) and "
+                        f"samples >= 1, got {noise} and {samples}")  # fmt: skip
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise UserError(f"unknown hidden state {unknown[0]!r} (choose from: {', '.join(KINDS)})")
