@@ -75,6 +75,9 @@ def test_run_info_is_the_run_directory(client, run, trained_run):
     evals = [r for r in rows if r["val_loss"]]
     assert info["metrics"]["val_step"] == [int(r["step"]) for r in evals] and len(evals) >= 2
     assert info["metrics"]["val_loss"] == pytest.approx([float(r["val_loss"]) for r in evals])
+    best = min(float(r["val_loss"]) for r in evals)
+    assert info["metrics"]["best_val_loss"] == pytest.approx(best)
+    assert info["metrics"]["best_val_perplexity"] == pytest.approx(math.exp(best))
     assert info["example_fact"] is None  # not a bios run
 
 
@@ -124,6 +127,7 @@ def test_attention_pattern_is_masked_softmax_and_times_v_equals_fused_attention(
     assert torch.allclose(pattern @ v, z, atol=1e-5)
     reference = torch.from_numpy(stats.entropy(pattern.double().numpy(), axis=-1))  # [h, S]
     assert torch.allclose(torch.tensor(got["entropy"], dtype=torch.float64), reference, atol=1e-5)
+    assert got["mean_entropy"] == pytest.approx(reference.mean(-1).tolist(), abs=1e-5)
 
 
 def test_trace_count_and_locate_equal_the_cli(client, capsys, trained_run):
@@ -140,6 +144,22 @@ def test_trace_count_and_locate_equal_the_cli(client, capsys, trained_run):
     cli = cli_json(capsys, *argv)
     assert got == {k: v for k, v in cli.items() if k != "plots"}
     assert got["p_clean"] > got["p_corrupt"]
+
+
+def test_neurons_equal_the_cli_and_are_the_ffn_activations(client, run, capsys, trained_run):
+    """Reference: `llmlab knowledge neurons --json`; m_i read at `mlp.hook_post`, and E·v_i computed here."""
+    prompt = "return x"
+    got = post(client, "/api/neurons", {"prompt": prompt, "top": 3, "tokens": 2})
+    cli = cli_json(capsys, "knowledge", "neurons", str(trained_run), "--prompt", prompt, "--top", "3", "--tokens", "2")
+    assert got == cli
+    ids = torch.tensor([run.tokenizer.encode(prompt)])
+    _, cache = run.model.run_with_cache(ids, names=lambda n: n.endswith("mlp.hook_post"))
+    for layer, memories in enumerate(got["layers"]):
+        m = cache[f"blocks.{layer}.mlp.hook_post"][0, -1]  # [F]
+        assert [x["activation"] for x in memories] == pytest.approx(m.topk(3).values.tolist())
+        first = memories[0]
+        logits = run.model.unembed.weight @ run.model.blocks[layer].mlp.w2.weight[:, first["neuron"]]  # [V]
+        assert first["scores"] == pytest.approx(logits.topk(2).values.tolist(), rel=1e-5)
 
 
 BAD = [
@@ -164,6 +184,17 @@ BAD = [
     ("/api/locate", {"prompt": "def f", "subject": "g", "target": "x"}, "does not occur in the prompt"),
     ("/api/locate", {"prompt": "def {}", "subject": "f", "target": "x", "samples": 0}, "samples must be"),
     ("/api/locate", {"prompt": "def {}", "subject": "f", "target": "x", "noise": -1}, "noise must be"),
+    ("/api/score", {"text": "d" * 20_001}, "text: String should have at most 20000 characters"),
+    ("/api/score", {"text": TEXT, "top_k": "5"}, "top_k: Input should be a valid integer"),
+    ("/api/generate", {"prompt": "def", "seed": 2**70}, "seed: Input should be less than or equal to 9223"),
+    ("/api/generate", {"prompt": "def", "seed": -1}, "seed: Input should be greater than or equal to 0"),
+    ("/api/generate", {"prompt": "def", "temperature": None}, "temperature: Input should be a valid number"),
+    ("/api/attention", {"prompt": "def", "layer": True}, "layer: Input should be a valid integer"),
+    ("/api/locate", {"prompt": "def {}", "subject": "f", "target": "x", "noise": 1e308}, "noise must be a number"),
+    ("/api/locate", {"prompt": "def {}", "subject": "f", "target": "x", "seed": 2**64}, "seed: Input should be less"),
+    ("/api/neurons", {"prompt": "def", "position": 3}, "position 3 is outside the prompt's 3 tokens"),
+    ("/api/neurons", {"prompt": "def", "top": 0}, "top: Input should be greater than or equal to 1"),
+    ("/api/neurons", {"prompt": ""}, "the prompt is empty"),
 ]  # fmt: skip
 
 
@@ -176,13 +207,117 @@ def test_bad_input_is_400_with_one_line(client, path, body, message):
 
 
 def test_malformed_bodies_and_unknown_paths_are_one_line(client):
-    cases = [(b'{"text": ', "not valid JSON"), (b'{"text": "\xff\xfe"}', "not valid JSON in UTF-8"),
-             (b"[1, 2]", "Input should be a valid dictionary"),
-             (b'{"text": "x\\ud800y"}', "text is not valid UTF-8")]  # a lone surrogate, escaped  # fmt: skip
+    cases = [
+        (b'{"text": ', "not valid JSON"),
+        (b'{"text": "\xff\xfe"}', "could not be read as JSON (not UTF-8"),
+        (b"[1, 2]", "Input should be a valid dictionary"),
+        (b'{"text": "x\\ud800y"}', "text: Input should be a valid string, unable to parse"),  # a lone surrogate
+    ]
     for body, message in cases:
         response = client.post("/api/score", content=body, headers={"content-type": "application/json"})
         assert response.status_code == 400 and message in response.json()["error"], response.text
     assert client.get("/api/nope").json() == {"error": "Not Found"}
+
+
+def test_wrong_content_type_empty_body_deep_nesting_and_wrong_method_are_one_line(client):
+    form = client.post("/api/score", content=b"text=abc", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 400 and "content-type: application/json" in form.json()["error"]
+    empty = client.post("/api/score", content=b"", headers={"content-type": "application/json"})
+    assert empty.status_code == 400 and empty.json()["error"] == "the request body is empty: send a JSON object"
+    deep = client.post(
+        "/api/score", content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"}
+    )
+    assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]
+    assert client.get("/api/score").json() == {"error": "Method Not Allowed"}
+    assert client.get("/docs").status_code == 404  # FastAPI's docs page would load scripts from a CDN
+
+
+def test_a_vanishing_temperature_scores_the_greedy_limit_and_sends_inf_as_null(client, run):
+    """Reference: the T → 0 limit from the model's argmax: surprisal 0 where the text follows the argmax,
+    astronomically large or +inf (null in JSON, which has no inf) elsewhere; entropy 0; the perplexity
+    beyond the largest float, so null."""
+    r = client.post("/api/score", json={"text": TEXT, "temperature": 1e-300})
+    assert r.status_code == 200 and "Infinity" not in r.text and "NaN" not in r.text
+    got = r.json()
+    ids = torch.tensor(run.tokenizer.encode(TEXT))
+    with torch.no_grad():
+        argmax = run.model(ids[None, :-1])[0].argmax(-1)  # [m]
+    hits = (argmax == ids[1:]).tolist()
+    for t, hit in zip(got["tokens"][1:], hits, strict=True):
+        missed = t["rank"] > 1 and (t["surprisal"] is None or t["surprisal"] > 1e30)  # (z_max − z) / T, or inf
+        assert (t["surprisal"] == 0 and t["rank"] == 1) if hit else missed
+        assert t["entropy"] == 0
+    assert not all(hits) and got["totals"]["perplexity"] is None
+    assert got["totals"]["top1_accuracy"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_a_vanishing_temperature_or_top_p_generates_the_greedy_text(client):
+    greedy = post(client, "/api/generate", {"prompt": "def f1", "max_new_tokens": 16, "temperature": 0})
+    for limit in ({"temperature": 1e-300}, {"top_p": 1e-300}):
+        assert (
+            post(client, "/api/generate", {"prompt": "def f1", "max_new_tokens": 16} | limit)["text"] == greedy["text"]
+        )
+
+
+def test_the_model_serves_one_request_at_a_time(run, monkeypatch):
+    """The lock: eight concurrent requests never overlap inside an instrument."""
+    import threading
+    import time
+
+    from llmlab.web import instruments
+
+    inside, most = [0], [0]
+    guard = threading.Lock()
+
+    def slow_score(run_, text, temperature, top_k):
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.02)
+        with guard:
+            inside[0] -= 1
+        return {"text": text}
+
+    monkeypatch.setattr(instruments, "score", slow_score)
+    client = TestClient(create_app(run))
+    threads = [threading.Thread(target=client.post, args=("/api/score",), kwargs={"json": {"text": f"t{i}"}})
+               for i in range(8)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
+
+
+def test_the_attention_maps_have_a_size_limit(client, monkeypatch):
+    from llmlab.web import instruments
+
+    monkeypatch.setattr(instruments, "MAX_ATTENTION_TOKENS", 8)
+    r = client.post("/api/attention", json={"prompt": "def f1(x):"})
+    assert r.status_code == 400 and "the prompt is 10 tokens; the attention maps show at most 8" in r.json()["error"]
+
+
+def test_a_bios_run_offers_a_fact_it_was_trained_on():
+    from llmlab import bios
+    from llmlab.knowledge import Fact, fill
+    from llmlab.web.instruments import _example_fact
+
+    world = bios.world_of("bios:people=5")
+    fact = _example_fact(world)
+    person = world.people[0]
+    assert fact["subject"] == person.name and fact["target"] in person.facts.values()
+    text, start = fill(fact["prompt"], fact["subject"])
+    assert text[start:].startswith(person.name) and Fact(**fact).target == fact["target"]
+
+
+def test_the_page_loads_nothing_from_the_network():
+    """Every script, style and request of the page is relative to the server."""
+    from llmlab.web.app import STATIC
+
+    for path in STATIC.iterdir():
+        text = path.read_text()
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text, path
+        assert "//cdn" not in text and "@import" not in text, path
 
 
 def test_a_nan_temperature_is_refused(client):

@@ -95,6 +95,18 @@ def test_score_colours_every_token_and_prints_the_apis_totals(page, server):
     assert f"entropy {r['tokens'][r['totals']['max_entropy_at']]['entropy']:.3f}" in worst.get_attribute("title")
 
 
+def test_colour_by_surprisal_recolours_the_same_answer(page, server):
+    page.fill("#score-text", TEXT)
+    page.click("#score-form button")
+    expect(page.locator("#score-totals tr")).to_have_count(7)
+    page.select_option("#score-by", "surprisal")
+    r = api(server, "/api/score", {"text": TEXT})
+    spans = page.locator("#score-tokens span.token")
+    values = [float(v) for v in spans.evaluate_all("els => els.slice(1).map(e => e.dataset.value)")]
+    assert values == pytest.approx([t["surprisal"] for t in r["tokens"][1:]])
+    assert "nats of surprisal" in page.inner_text("#score-legend")
+
+
 def test_bad_input_shows_the_servers_one_line_error(page):
     page.fill("#score-text", "d")
     page.click("#score-form button")
@@ -104,6 +116,9 @@ def test_bad_input_shows_the_servers_one_line_error(page):
     page.fill("#generate-temperature", "-1")
     page.click("#generate-form button")
     expect(page.locator("#error")).to_contain_text("temperature must be a finite number >= 0")
+    page.fill("#generate-temperature", "")  # an empty field is not silently 0
+    page.click("#generate-form button")
+    expect(page.locator("#error")).to_contain_text("temperature: Input should be a valid number")
 
 
 def test_generate_shows_the_prompt_then_each_new_token(page, server):
@@ -115,7 +130,9 @@ def test_generate_shows_the_prompt_then_each_new_token(page, server):
     expect(page.locator("#generate-figures tr")).to_have_count(2)
     r = api(server, "/api/generate", {"prompt": "def f1", "max_new_tokens": 20, "temperature": 0, "seed": 1337})
     assert page.inner_text("#generate-output") == "def f1" + r["text"]
-    assert page.locator("#generate-output span.token:not(.context)").count() == 20
+    new = page.locator("#generate-output span.token:not(.context)")
+    assert new.count() == 20
+    assert [float(v) for v in new.evaluate_all("els => els.map(e => e.dataset.value)")] == pytest.approx(r["entropies"])
 
 
 def test_attention_draws_every_head_masked_above_the_diagonal(page, server):
@@ -156,9 +173,26 @@ def test_shapes_count_knowledge_and_training_tabs(page, server):
     page.click("#knowledge-form button")
     located = api(server, "/api/locate", fact)
     expect(page.locator("#knowledge-maps figure")).to_have_count(len(located["restored"]))
+    for i, (kind, effect) in enumerate(located["effects"].items()):
+        cells = page.locator("#knowledge-maps figure").nth(i).locator("rect.cell")
+        values = [float(v) for v in cells.evaluate_all("els => els.map(e => e.dataset.value)")]
+        assert values == pytest.approx([x for row in effect for x in row]), kind
     assert f"clean {located['p_clean']:.4f}" in page.inner_text("#knowledge-figures")
+
+    page.fill("#neurons-prompt", "return x")
+    page.click("#neurons-form button")
+    memories = api(server, "/api/neurons", {"prompt": "return x"})
+    expect(page.locator("#neurons-rows tr")).to_have_count(sum(map(len, memories["layers"])) + 1)
+    first = memories["layers"][0][0]
+    cells = page.locator("#neurons-rows tr").nth(1).locator("td")
+    assert cells.nth(1).inner_text() == str(first["neuron"])
+    assert cells.nth(2).inner_text() == f"{first['activation']:.3f}"
 
     page.click("button[data-tab=training]")
     info = api(server, "/api/run")
     assert page.locator("#training-svg circle.val").count() == len(info["metrics"]["val_loss"])
     assert page.locator("#training-svg path.train").get_attribute("d").count("L") == len(info["metrics"]["step"]) - 1
+    m = info["metrics"]
+    assert f"{m['best_val_loss']:.4f} nats/token, perplexity {m['best_val_perplexity']:.3f}" in page.inner_text(
+        "#training-figures"
+    )

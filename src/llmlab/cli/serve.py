@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import socket
 
+from llmlab.cli.common import print_json
 from llmlab.errors import UserError
 
 
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> None:
     host, port = sock.getsockname()[:2]
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/"
     if args.json:
-        print(json.dumps({"url": url, "run": str(args.run)}), flush=True)
+        print_json({"url": url, "run": str(args.run)})
     else:
         print(f"llmlab: serving {args.run} at {url} (Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(create_app(loaded), log_level="warning", access_log=False))
@@ -43,7 +44,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(info[4])
     except OSError as e:
         sock.close()
-        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from None
+        advice = {errno.EADDRINUSE: "choose another --port", errno.EADDRNOTAVAIL: "choose another --host",
+                  errno.EACCES: "ports below 1024 need root; choose another --port"}.get(e.errno, "")  # fmt: skip
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); {advice}".rstrip("; ")) from None
     sock.listen(128)
     return sock
 

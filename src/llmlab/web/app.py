@@ -8,14 +8,18 @@
     POST /api/attention    {"prompt", "layer"}
     POST /api/trace        {"prompt"}
     POST /api/locate       {"prompt", "subject", "target", "noise", "samples", "seed"}
+    POST /api/neurons      {"prompt", "position", "top", "tokens"}
 
 Bad input (an unknown field, a wrong type, a prompt beyond the context, malformed JSON) is
-answered 400 with {"error": "<one line>"}; the page shows that line. One lock serialises the
-model: requests run one at a time, as the commands do.
+answered 400 with {"error": "<one line>"}; the page shows that line. Types are strict: "5" is not
+an integer. A float that is inf or NaN (the perplexity at a tiny temperature) is sent as null,
+as `--json` prints it. One lock serialises the model: requests run one at a time, as the
+commands do.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -25,34 +29,33 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from llmlab.cli.common import finite
+from llmlab.config import MAX_SEED
 from llmlab.errors import UserError
 from llmlab.run_dir import Run
 from llmlab.web import instruments
 
 STATIC = Path(__file__).parent / "static"
-MAX_NEW_TOKENS = 1000  # a request that would hold the model for minutes is refused
+MAX_NEW_TOKENS = 1000  # requests that would hold the model for minutes are refused;
+MAX_TEXT = 20_000  # longer texts are for `llmlab score --file`
+
+
+class FiniteJSONResponse(JSONResponse):
+    """JSON without the non-standard Infinity and NaN: they become null."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(finite(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent default
-
-    @model_validator(mode="after")
-    def _utf8(self) -> Body:
-        """JSON can carry a lone surrogate ("\\ud800"), which is no text: refuse it by name."""
-        for name, value in self:
-            if isinstance(value, str):
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ValueError(f"{name} is not valid UTF-8") from None
-        return self
+    model_config = ConfigDict(extra="forbid", strict=True)  # a misspelt field is an error, "5" is no int
 
 
 class ScoreRequest(Body):
-    text: str
+    text: str = Field(max_length=MAX_TEXT)
     temperature: float = 1.0
     top_k: int = Field(5, ge=0, le=50)
 
@@ -63,7 +66,7 @@ class GenerateRequest(Body):
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
-    seed: int = 1337
+    seed: int = Field(1337, ge=0, le=MAX_SEED)
 
 
 class AttentionRequest(Body):
@@ -81,12 +84,20 @@ class LocateRequest(Body):
     target: str
     noise: float = 3.0
     samples: int = 10
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+class NeuronsRequest(Body):
+    prompt: str
+    position: int = -1
+    top: int = Field(5, ge=1, le=50)
+    tokens: int = Field(5, ge=1, le=50)
 
 
 def create_app(run: Run) -> FastAPI:
     """The app for one run; the model stays loaded for the life of the server."""
-    app = FastAPI(title="llmlab", docs_url=None, redoc_url=None)  # the docs pages would fetch from a CDN
+    # no /docs: FastAPI's documentation pages would fetch their scripts from a CDN
+    app = FastAPI(title="llmlab", docs_url=None, redoc_url=None, default_response_class=FiniteJSONResponse)
     lock = threading.Lock()
 
     def locked(fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -99,13 +110,20 @@ def create_app(run: Run) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     def bad_request(request: Request, e: RequestValidationError) -> JSONResponse:
+        if not request.headers.get("content-type", "").startswith("application/json"):
+            return JSONResponse({"error": "send the body as JSON, with content-type: application/json"}, 400)
         return JSONResponse({"error": validation_message(e.errors())}, status_code=400)
 
     @app.exception_handler(HTTPException)
-    def http_error(request: Request, e: HTTPException) -> JSONResponse:  # 404, and a body that is not UTF-8
+    def http_error(request: Request, e: HTTPException) -> JSONResponse:  # 404, 405, and unreadable bodies
         unreadable = e.status_code == 400 and "parsing the body" in str(e.detail)
-        message = "the request body is not valid JSON in UTF-8" if unreadable else str(e.detail)
+        message = "the request body could not be read as JSON (not UTF-8, or nested too deeply)" if unreadable else (
+            str(e.detail))  # fmt: skip
         return JSONResponse({"error": message}, status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    def bug(request: Request, e: Exception) -> JSONResponse:  # still one line, for the page to show
+        return JSONResponse({"error": f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"}, 500)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -145,6 +163,10 @@ def create_app(run: Run) -> FastAPI:
     def locate(r: LocateRequest) -> dict[str, Any]:
         return locked(instruments.locate, r.prompt, r.subject, r.target, r.noise, r.samples, r.seed)
 
+    @app.post("/api/neurons")
+    def neurons(r: NeuronsRequest) -> dict[str, Any]:
+        return locked(instruments.neurons, r.prompt, r.position, r.top, r.tokens)
+
     return app
 
 
@@ -155,4 +177,6 @@ def validation_message(errors: Any) -> str:
     message = first.get("msg", "invalid request").removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON"
+    if first.get("type") == "missing" and not where:
+        return "the request body is empty: send a JSON object"
     return f"{where}: {message}" if where else message

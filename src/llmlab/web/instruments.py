@@ -10,28 +10,34 @@ that the command's `--json` prints, so what the page shows is what the tests che
     trace       every tensor's shape in the notes' letters                     `trace RUN --prompt P --json`
     count       parameters, FLOPs and memory, exact and measured               `count RUN --json`
     locate      causal tracing of one fact: indirect effects [S, L]            `knowledge locate --json`
+    neurons     the FFN's most active memories and the tokens they promote     `knowledge neurons --json`
 
 None of them prints or exits; bad input raises `UserError`, which the server answers as one line.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from llmlab.config import to_dict
+from llmlab.entropy import perplexity
 from llmlab.errors import UserError
 from llmlab.run_dir import Run, read_metrics
 from llmlab.sampling import encode_prompt
+
+MAX_ATTENTION_TOKENS = 128  # the page draws h maps of S × S cells
 
 
 def run_info(run: Run) -> dict[str, Any]:
     """The run's identity and its training curves (train loss every step, val loss at evaluations)."""
     from llmlab import bios
 
-    rows = read_metrics(run.path / "metrics.csv")
-    val = [r for r in rows if r.get("val_loss") is not None]
+    rows = [r for r in read_metrics(run.path / "metrics.csv") if _finite(r.get("train_loss"))]
+    val = [r for r in rows if _finite(r.get("val_loss"))]
+    best = min((r["val_loss"] for r in val), default=None)
     return {
         "run": run.path.name, "path": str(run.path), "data": run.meta.get("data"),
         "model": to_dict(run.model_cfg), "train": to_dict(run.train_cfg),
@@ -41,6 +47,7 @@ def run_info(run: Run) -> dict[str, Any]:
         "metrics": {
             "step": [r["step"] for r in rows], "train_loss": [r["train_loss"] for r in rows],
             "val_step": [r["step"] for r in val], "val_loss": [r["val_loss"] for r in val],
+            "best_val_loss": best, "best_val_perplexity": None if best is None else perplexity(best),
         },
     }  # fmt: skip
 
@@ -77,20 +84,25 @@ def attention(run: Run, prompt: str, layer: int = 0) -> dict[str, Any]:
     """The attention pattern of every head of one layer on the prompt.
 
     pattern [h, S, S]: row i is query i's distribution over keys 0 … i; above the diagonal the
-    mask M = −∞ makes it exactly 0. `entropy` [h, S] is each row's H in nats, log(i + 1) at most.
+    mask M = −∞ makes it exactly 0. `entropy` [h, S] is each row's H in nats, log(i + 1) at most;
+    `mean_entropy` [h] its mean over the rows.
     """
     from llmlab.score import token_pieces
 
     if not 0 <= layer < run.model_cfg.n_layers:
         raise UserError(f"layer must be from 0 to {run.model_cfg.n_layers - 1}, got {layer}")
     ids = encode_prompt(run.tokenizer, prompt, run.model_cfg.block_size)
+    if len(ids) > MAX_ATTENTION_TOKENS:
+        raise UserError(f"the prompt is {len(ids)} tokens; the attention maps show at most {MAX_ATTENTION_TOKENS} "
+                        "(an S × S map per head)")  # fmt: skip
     idx = torch.tensor([ids], device=_device(run))  # [1, S]
     name = f"blocks.{layer}.attn.hook_pattern"
     _, cache = run.model.run_with_cache(idx, names=[name])
     pattern = cache[name][0].float().cpu()  # [h, S, S]
+    entropy = torch.special.entr(pattern).sum(-1)  # [h, S]
     return {
         "layer": layer, "tokens": token_pieces(run.tokenizer, ids), "pattern": pattern.tolist(),
-        "entropy": torch.special.entr(pattern).sum(-1).tolist(),  # [h, S]
+        "entropy": entropy.tolist(), "mean_entropy": entropy.mean(-1).tolist(),  # [h]
     }  # fmt: skip
 
 
@@ -122,6 +134,15 @@ def locate(run: Run, prompt: str, subject: str, target: str, noise: float = 3.0,
     return causal_trace(run.model, run.tokenizer, Fact(prompt, subject, target), noise, samples, seed).to_json()
 
 
+def neurons(run: Run, prompt: str, position: int = -1, top: int = 5, tokens: int = 5) -> dict[str, Any]:
+    """`llmlab knowledge neurons RUN --prompt P --json`: per layer, the `top` largest m_i at `position`."""
+    from llmlab.knowledge.keyvalue import top_memories
+
+    encode_prompt(run.tokenizer, prompt, run.model_cfg.block_size)  # the checks every prompt gets
+    layers = top_memories(run.model, run.tokenizer, prompt, position, top, tokens)
+    return {"prompt": prompt, "position": position, "layers": [[m.to_json() for m in ms] for ms in layers]}
+
+
 def _example_fact(world: Any) -> dict[str, str] | None:
     """For a model trained on bios data, a fact it was trained on, to trace."""
     if world is None:
@@ -130,6 +151,10 @@ def _example_fact(world: Any) -> dict[str, str] | None:
 
     person, attribute = world.people[0], bios.BASE_ATTRIBUTES[0]
     return {"prompt": bios.prompt(person, attribute), "subject": person.name, "target": person.facts[attribute]}
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
 
 
 def _device(run: Run) -> torch.device:

@@ -13,7 +13,13 @@ async function api(path, body) {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   };
   const response = await fetch(path, init);
-  const data = await response.json();
+  const text = await response.text();
+  let data = null;
+  try {
+    data = JSON.parse(text);
+  } catch {
+    throw new Error(`${response.status} ${response.statusText}: ${text.slice(0, 200)}`);
+  }
   if (!response.ok) throw new Error(data.error || `${response.status} ${response.statusText}`);
   return data;
 }
@@ -40,14 +46,19 @@ function onSubmit(formId, handler) {
   });
 }
 
-const numberOrNull = (id) => ($(id).value === "" ? null : Number($(id).value));
+// An empty field is sent as null: "off" for top-k and top-p, an error the server names for the others.
+const numberOrNull = (id) => ($(id).value.trim() === "" ? null : Number($(id).value));
 
 // --- formatting and colour -------------------------------------------------------------------
 
 const int = (n) => n.toLocaleString("en-US");
 const fixed = (x, digits) => (x === null || x === undefined ? "–" : x.toFixed(digits));
 const mib = (bytes) => `${(bytes / 2 ** 20).toFixed(2)} MiB`;
-const visible = (text) => text.replaceAll("\n", "⏎").replaceAll(" ", "·").replaceAll("\t", "⇥");
+// a token as a label: "" is a byte-level token that ends inside a character (the next one completes it)
+const visible = (text) => (text === "" ? "…" : text.replaceAll("\n", "⏎").replaceAll(" ", "·").replaceAll("\t", "⇥"));
+// Math.max(...xs) overflows the call stack above ~10⁵ values; nulls (inf or NaN on the server) are skipped
+const maxOf = (xs) => xs.reduce((m, x) => (x === null || x <= m ? m : x), -Infinity);
+const minOf = (xs) => -maxOf(xs.map((x) => (x === null ? null : -x)));
 
 // white at 0, red at `max`
 function heat(x, max) {
@@ -58,6 +69,7 @@ function heat(x, max) {
 
 function legend(el, max, unit) {
   el.innerHTML = "";
+  if (!Number.isFinite(max)) return;
   const bar = document.createElement("span");
   bar.className = "bar";
   bar.style.background = `linear-gradient(to right, ${heat(0, 1)}, ${heat(1, 1)})`;
@@ -93,8 +105,8 @@ function svg(tag, attrs, parent) {
 function heatmap(grid, rowLabels, colLabels, max, cellTitle) {
   const n = grid.length, m = grid[0].length;
   const size = Math.max(8, Math.min(26, Math.floor(420 / Math.max(n, m))));
-  const left = 14 + 7 * Math.max(...rowLabels.map((s) => s.length));
-  const top = 18 + 7 * Math.max(...colLabels.map((s) => s.length));
+  const left = 14 + 7 * maxOf(rowLabels.map((s) => s.length));
+  const top = 18 + 7 * maxOf(colLabels.map((s) => s.length));
   const root = svg("svg", { width: left + m * size + 4, height: top + n * size + 4 });
   rowLabels.forEach((label, i) => {
     const t = svg("text", { x: left - 4, y: top + i * size + size * 0.7, "text-anchor": "end" }, root);
@@ -147,10 +159,16 @@ async function loadRun() {
 
 // --- entropy: POST /api/score ------------------------------------------------------------------
 
+let lastScore = null;
+
 async function score() {
+  lastScore = await api("/api/score", { text: $("score-text").value, temperature: numberOrNull("score-temperature") });
+  drawScore(lastScore);
+}
+
+function drawScore(r) {
   const by = $("score-by").value;
-  const r = await api("/api/score", { text: $("score-text").value, temperature: Number($("score-temperature").value) });
-  const max = Math.max(...r.tokens.slice(1).map((t) => t[by]));
+  const max = maxOf(r.tokens.slice(1).map((t) => t[by]));
   const out = $("score-tokens");
   out.innerHTML = "";
   r.tokens.forEach((t, i) => {
@@ -158,7 +176,7 @@ async function score() {
     const alternatives = t.alternatives.map((a) => `  ${JSON.stringify(a.text)} ${fixed(a.prob, 4)}`).join("\n");
     const title = `${JSON.stringify(t.text)}\nsurprisal ${fixed(t.surprisal, 3)} nats · entropy ${fixed(t.entropy, 3)}` +
       ` nats\np ${fixed(t.prob, 4)} · rank ${t.rank}\nmost likely:\n${alternatives}`;
-    const span = token(t.text, "token", heat(t[by], max), title);
+    const span = token(t.text, "token", t[by] === null ? null : heat(t[by], max), title);
     span.dataset.value = t[by];
     out.append(span);
   });
@@ -179,14 +197,14 @@ async function score() {
 
 async function generate() {
   const r = await api("/api/generate", {
-    prompt: $("generate-prompt").value, max_new_tokens: Number($("generate-max").value),
-    temperature: Number($("generate-temperature").value), top_k: numberOrNull("generate-top-k"),
-    top_p: numberOrNull("generate-top-p"), seed: Number($("generate-seed").value),
+    prompt: $("generate-prompt").value, max_new_tokens: numberOrNull("generate-max"),
+    temperature: numberOrNull("generate-temperature"), top_k: numberOrNull("generate-top-k"),
+    top_p: numberOrNull("generate-top-p"), seed: numberOrNull("generate-seed"),
   });
   const out = $("generate-output");
   out.innerHTML = "";
   out.append(token(r.prompt, "token context", null, "the prompt"));
-  const max = Math.max(...r.entropies, 1e-9);
+  const max = Math.max(maxOf(r.entropies), 1e-9);
   r.token_texts.forEach((text, i) => {
     const span = token(text, "token", heat(r.entropies[i], max), `id ${r.token_ids[i]} · H(p) ${fixed(r.entropies[i], 3)} nats`);
     span.dataset.value = r.entropies[i];
@@ -202,16 +220,15 @@ async function generate() {
 // --- attention: POST /api/attention ----------------------------------------------------------------
 
 async function attention() {
-  const r = await api("/api/attention", { prompt: $("attention-prompt").value, layer: Number($("attention-layer").value) });
+  const r = await api("/api/attention", { prompt: $("attention-prompt").value, layer: numberOrNull("attention-layer") });
   const labels = r.tokens.map(visible);
   const out = $("attention-heads");
   out.innerHTML = "";
   r.pattern.forEach((head, h) => {
-    const mean = r.entropy[h].reduce((a, b) => a + b, 0) / r.entropy[h].length;
     const map = heatmap(head, labels, labels, 1, (i, j) =>
       `head ${h}: query ${i} ${JSON.stringify(r.tokens[i])} → key ${j} ${JSON.stringify(r.tokens[j])}` +
       `\np = ${fixed(head[i][j], 4)}${j > i ? " (masked: −∞ before softmax)" : ""}`);
-    out.append(figure(`layer ${r.layer}, head ${h} · mean row entropy ${fixed(mean, 3)} nats`, map));
+    out.append(figure(`layer ${r.layer}, head ${h} · mean row entropy ${fixed(r.mean_entropy[h], 3)} nats`, map));
   });
 }
 
@@ -262,7 +279,7 @@ async function count() {
   rows(totals, [
     ["forward total", `${int(f.forward.exact)} exact, ${int(f.forward.measured)} measured, notes ${int(f.forward.notes)}`],
     ["training step", `${int(f.train_step.exact)} exact (3× forward), ${int(f.train_step.measured)} measured`],
-    ["Kaplan's 6N·B·S", `${int(f.train_step.kaplan_6n)} (${f.train_step.kaplan_diff_pct.toFixed(1)}%)`],
+    ["Kaplan's 6N·B·S", `${int(f.train_step.kaplan_6n)} (${fixed(f.train_step.kaplan_diff_pct, 1)}%)`],
     ["decode step", `${int(f.decode_step.exact)} exact, ${int(f.decode_step.measured)} measured`],
     ["training memory", `weights ${mib(t.weights)} + gradients ${mib(t.gradients)} + AdamW ${mib(t.optimizer)}` +
       ` + activations ${mib(t.activations)}: peak ${mib(t.predicted_bytes)} predicted, at the ${t.peak_moment}`],
@@ -283,8 +300,8 @@ async function locate() {
   const out = $("knowledge-maps");
   out.innerHTML = "";
   for (const [kind, grid] of Object.entries(r.restored)) {
-    const effect = grid.map((row) => row.map((p) => p - r.p_corrupt));
-    const max = Math.max(...effect.flat(), 1e-9);
+    const effect = r.effects[kind];
+    const max = Math.max(maxOf(effect.flat()), 1e-9);
     const layers = grid[0].map((_, l) => `${l}`);
     const peak = r.peaks[kind];
     const map = heatmap(effect, labels, layers, max, (i, l) =>
@@ -292,6 +309,24 @@ async function locate() {
       `p(target) ${fixed(grid[i][l], 4)} · indirect effect ${fixed(effect[i][l], 4)}`);
     out.append(figure(`${kind}: peak at layer ${peak.layer}, token ${JSON.stringify(peak.token_text)}, ` +
       `effect ${fixed(peak.effect, 4)} (* = subject)`, map));
+  }
+}
+
+// --- FFN memories: POST /api/neurons -------------------------------------------------------------
+
+async function neurons() {
+  const r = await api("/api/neurons", { prompt: $("neurons-prompt").value });
+  const table = $("neurons-rows");
+  table.innerHTML = "<tr><th>layer</th><th>neuron i</th><th>mᵢ</th><th>promotes (E·vᵢ)</th></tr>";
+  for (const memory of r.layers.flat()) {
+    const tr = table.insertRow();
+    tr.insertCell().textContent = memory.layer;
+    tr.insertCell().textContent = memory.neuron;
+    tr.insertCell().textContent = fixed(memory.activation, 3);
+    tr.insertCell().textContent = memory.promotes.map((t, i) => `${JSON.stringify(t)} ${fixed(memory.scores[i], 2)}`)
+      .join("  ");
+    tr.cells[2].className = "num";
+    tr.cells[3].className = "mono";
   }
 }
 
@@ -307,27 +342,31 @@ function drawTraining() {
   }
   const W = 720, H = 320, pad = { l: 56, r: 16, t: 12, b: 36 };
   const losses = m.train_loss.concat(m.val_loss).filter((x) => x !== null);
-  const lo = Math.min(...losses), hi = Math.max(...losses), last = m.step[m.step.length - 1];
-  const x = (s) => pad.l + (s / last) * (W - pad.l - pad.r);
+  const lo = minOf(losses), hi = maxOf(losses), last = m.step[m.step.length - 1];
+  const x = (s) => pad.l + (s / Math.max(last, 1)) * (W - pad.l - pad.r);
   const y = (v) => pad.t + (1 - (v - lo) / (hi - lo || 1)) * (H - pad.t - pad.b);
   const root = svg("svg", { width: W, height: H, id: "training-svg" });
   svg("line", { x1: pad.l, y1: H - pad.b, x2: W - pad.r, y2: H - pad.b, class: "axis" }, root);
   svg("line", { x1: pad.l, y1: pad.t, x2: pad.l, y2: H - pad.b, class: "axis" }, root);
   for (let k = 0; k <= 4; k++) {
-    const v = lo + ((hi - lo) * k) / 4, s = Math.round((last * k) / 4);
+    const v = lo + ((hi - lo) * k) / 4;
     svg("text", { x: pad.l - 6, y: y(v) + 3, "text-anchor": "end" }, root).textContent = v.toFixed(2);
+  }
+  for (const s of new Set([0, 1, 2, 3, 4].map((k) => Math.round((last * k) / 4)))) {
     svg("text", { x: x(s), y: H - pad.b + 14, "text-anchor": "middle" }, root).textContent = int(s);
   }
   svg("text", { x: W / 2, y: H - 4, "text-anchor": "middle" }, root).textContent = "step";
+  svg("text", { x: 12, y: H / 2, "text-anchor": "middle", transform: `rotate(-90 12 ${H / 2})` }, root).textContent =
+    "cross-entropy, nats/token";
   const path = m.step.map((s, i) => `${i ? "L" : "M"}${x(s).toFixed(1)},${y(m.train_loss[i]).toFixed(1)}`).join("");
   svg("path", { d: path, fill: "none", stroke: "#7f8c9d", "stroke-width": 1, class: "train" }, root);
   m.val_step.forEach((s, i) => svg("circle", { cx: x(s), cy: y(m.val_loss[i]), r: 3.5, fill: "#d63027", class: "val" }, root));
   out.append(root);
-  const best = Math.min(...m.val_loss);
   rows($("training-figures"), [
     ["steps", int(last)],
     ["train loss (last step)", `${fixed(m.train_loss[m.train_loss.length - 1], 4)} nats/token (grey line)`],
-    ["val loss (best)", m.val_loss.length ? `${fixed(best, 4)} nats/token, perplexity ${fixed(Math.exp(best), 3)} (red dots)` : "–"],
+    ["val loss (best)", m.best_val_loss === null ? "–" :
+      `${fixed(m.best_val_loss, 4)} nats/token, perplexity ${fixed(m.best_val_perplexity, 3)} (red dots)`],
   ]);
 }
 
@@ -348,9 +387,11 @@ function openTab(name) {
 document.addEventListener("DOMContentLoaded", () => {
   for (const b of document.querySelectorAll("#tabs button")) b.addEventListener("click", () => openTab(b.dataset.tab));
   onSubmit("score-form", score);
+  $("score-by").addEventListener("change", () => lastScore && drawScore(lastScore));
   onSubmit("generate-form", generate);
   onSubmit("attention-form", attention);
   onSubmit("shapes-form", shapes);
   onSubmit("knowledge-form", locate);
+  onSubmit("neurons-form", neurons);
   loadRun().catch((e) => showError(e.message));
 });
