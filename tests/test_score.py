@@ -269,6 +269,7 @@ def test_cli_bad_inputs_are_one_line_exit_2_and_write_nothing(capsys, trained_ru
         (["--file", str(tmp_path / "latin1.txt")], "not valid UTF-8 (byte 0xe9 at offset 7)"),
         (["--text", "def", "--temperature", "0"], "temperature must be a positive number, got 0.0"),
         (["--text", "def", "--temperature", "-2"], "temperature must be a positive number, got -2.0"),
+        (["--text", "def", "--temperature", "0.001"], "scoring takes a temperature of at least 0.01, got 0.001"),
         (["--text", "def", "--stride", "0"], "stride must be between 1 and the context (32), got 0"),
         (["--text", "def", "--top-k", "-1"], "--top-k must be >= 0"),
         (["--text", "def", "--calibration"], "calibration needs at least 10 predictions"),

@@ -108,10 +108,17 @@ def test_colour_by_surprisal_recolours_the_same_answer(page, server):
 
 
 def test_bad_input_shows_the_servers_one_line_error(page):
+    page.fill("#score-text", TEXT)
+    page.click("#score-form button")  # an answer on screen
+    expect(page.locator("#score-totals tr")).to_have_count(7)
     page.fill("#score-text", "d")
     page.click("#score-form button")
     expect(page.locator("#error")).to_be_visible()
     assert "single token" in page.inner_text("#error")
+    assert page.locator("#score-tokens span").count() == 0 and page.locator("#score-totals tr").count() == 0
+    page.fill("#score-temperature", "1e400")  # Infinity in JavaScript: refused before it is sent as null
+    page.click("#score-form button")
+    expect(page.locator("#error")).to_have_text("temperature: not a finite number")
     page.click("button[data-tab=generate]")
     page.fill("#generate-temperature", "-1")
     page.click("#generate-form button")

@@ -36,6 +36,7 @@ from llmlab.tokenizer import Tokenizer
 Scale = tuple[float, float]  # (lo, hi) of a colour scale, in nats
 LOGITS_PER_BATCH = 1 << 23  # logits (S·V per window) per forward pass when scoring many windows: 32 MiB
 MAX_KEPT_LOGITS = 1 << 28  # keep_logits holds [m, V] in memory: at most 1 GiB of float32
+MIN_TEMPERATURE = 0.01  # z / T stays ≤ ~10⁴ for logits of ~10², where float32 still orders and sums them exactly
 
 
 def default_stride(context: int) -> int:
@@ -126,6 +127,9 @@ def score_ids(model: GPT, ids: Sequence[int], temperature: float = 1.0, stride: 
               keep_logits: bool = False) -> Scores:  # fmt: skip
     """Score the predictions of ids[1:] with sliding windows. The windows run in batches [W, S]."""
     check_temperature(temperature)
+    if temperature < MIN_TEMPERATURE:
+        raise UserError(f"scoring takes a temperature of at least {MIN_TEMPERATURE}, got {temperature}: below "
+                        "it, logits / T exceed float32's range and precision")  # fmt: skip
     S, V = model.cfg.block_size, model.cfg.vocab_size
     stride = default_stride(S) if stride is None else stride
     if len(ids) < 2:

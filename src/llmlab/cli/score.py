@@ -166,7 +166,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--by", choices=["entropy", "surprisal"], default="entropy", help="colour tokens by (default: %(default)s)"
     )
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="score p = softmax(logits / T), T > 0")
+    p.add_argument(
+        "--temperature", type=float, default=1.0, metavar="T", help="score p = softmax(logits / T), T >= 0.01"
+    )
     p.add_argument(
         "--stride", type=int, metavar="N", help="sliding-window stride for long texts (default: context / 2)"
     )

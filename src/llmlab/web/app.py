@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from llmlab.cli.common import finite
@@ -52,6 +52,18 @@ class FiniteJSONResponse(JSONResponse):
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # a misspelt field is an error, "5" is no int
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8(cls, data: Any) -> Any:
+        """JSON can carry a lone surrogate ("\\ud800"), which is no text: refuse it by name, first."""
+        for name, value in data.items() if isinstance(data, dict) else ():
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{name} is not valid UTF-8") from None
+        return data
 
 
 class ScoreRequest(Body):
@@ -83,7 +95,7 @@ class LocateRequest(Body):
     subject: str
     target: str
     noise: float = 3.0
-    samples: int = 10
+    samples: int = Field(10, ge=1, le=10)  # each sample is S × L forward passes of the fact
     seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
@@ -110,15 +122,15 @@ def create_app(run: Run) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     def bad_request(request: Request, e: RequestValidationError) -> JSONResponse:
-        if not request.headers.get("content-type", "").startswith("application/json"):
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             return JSONResponse({"error": "send the body as JSON, with content-type: application/json"}, 400)
         return JSONResponse({"error": validation_message(e.errors())}, status_code=400)
 
     @app.exception_handler(HTTPException)
     def http_error(request: Request, e: HTTPException) -> JSONResponse:  # 404, 405, and unreadable bodies
         unreadable = e.status_code == 400 and "parsing the body" in str(e.detail)
-        message = "the request body could not be read as JSON (not UTF-8, or nested too deeply)" if unreadable else (
-            str(e.detail))  # fmt: skip
+        message = ("the request body could not be read as JSON (not UTF-8, nested too deeply, or a number of "
+                   "thousands of digits)") if unreadable else str(e.detail)  # fmt: skip
         return JSONResponse({"error": message}, status_code=e.status_code)
 
     @app.exception_handler(Exception)
@@ -126,7 +138,7 @@ def create_app(run: Run) -> FastAPI:
         return JSONResponse({"error": f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"}, 500)
 
     @app.get("/", include_in_schema=False)
-    def page() -> FileResponse:
+    async def page() -> FileResponse:  # async: the page loads while the model's requests queue in threads
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -179,4 +191,6 @@ def validation_message(errors: Any) -> str:
         return "the request body is not valid JSON"
     if first.get("type") == "missing" and not where:
         return "the request body is empty: send a JSON object"
+    if first.get("type") in ("model_type", "model_attributes_type", "dict_type") and not where:
+        return "the request body must be a JSON object"
     return f"{where}: {message}" if where else message

@@ -29,6 +29,7 @@ from llmlab.run_dir import Run, read_metrics
 from llmlab.sampling import encode_prompt
 
 MAX_ATTENTION_TOKENS = 128  # the page draws h maps of S × S cells
+MAX_LOCATE_TOKENS = 48  # causal tracing runs S · L · 3 forward passes of a batch of S · samples
 
 
 def run_info(run: Run) -> dict[str, Any]:
@@ -126,12 +127,15 @@ def count(run: Run) -> dict[str, Any]:
 def locate(run: Run, prompt: str, subject: str, target: str, noise: float = 3.0, samples: int = 10,
            seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """`llmlab knowledge locate RUN --prompt P --subject S --target T --json`, without the PNGs."""
-    from llmlab.knowledge import Fact
+    from llmlab.knowledge import Fact, encode
     from llmlab.knowledge.patching import causal_trace
 
-    if not 1 <= samples <= 100:
-        raise UserError(f"samples must be from 1 to 100, got {samples}")
-    return causal_trace(run.model, run.tokenizer, Fact(prompt, subject, target), noise, samples, seed).to_json()
+    fact = Fact(prompt, subject, target)
+    tokens = len(encode(run.tokenizer, fact, block_size=run.model_cfg.block_size).inputs)
+    if tokens > MAX_LOCATE_TOKENS:
+        raise UserError(f"the fact is {tokens} tokens; the page traces at most {MAX_LOCATE_TOKENS} "
+                        "(`llmlab knowledge locate` takes longer ones)")  # fmt: skip
+    return causal_trace(run.model, run.tokenizer, fact, noise, samples, seed).to_json()
 
 
 def neurons(run: Run, prompt: str, position: int = -1, top: int = 5, tokens: int = 5) -> dict[str, Any]:

@@ -29,13 +29,15 @@ function showError(message) {
   $("error").hidden = false;
 }
 
-function onSubmit(formId, handler) {
+// outputs: what the form draws, cleared first, so an error never stands beside an earlier answer
+function onSubmit(formId, handler, outputs) {
   const form = $(formId);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const button = form.querySelector("button");
     button.disabled = true;
     $("error").hidden = true;
+    for (const id of outputs) $(id).innerHTML = "";
     try {
       await handler();
     } catch (e) {
@@ -47,7 +49,15 @@ function onSubmit(formId, handler) {
 }
 
 // An empty field is sent as null: "off" for top-k and top-p, an error the server names for the others.
-const numberOrNull = (id) => ($(id).value.trim() === "" ? null : Number($(id).value));
+function numberOrNull(id) {
+  const input = $(id), text = input.value.trim();
+  const name = input.closest("label")?.firstChild.textContent.trim() ?? id;
+  // a number input reads "" for what it cannot parse (1e400, "abc"): badInput tells that from empty
+  if (input.validity?.badInput || (text !== "" && !Number.isFinite(Number(text)))) {
+    throw new Error(`${name}: not a finite number`);
+  }
+  return text === "" ? null : Number(text);
+}
 
 // --- formatting and colour -------------------------------------------------------------------
 
@@ -162,6 +172,7 @@ async function loadRun() {
 let lastScore = null;
 
 async function score() {
+  lastScore = null;
   lastScore = await api("/api/score", { text: $("score-text").value, temperature: numberOrNull("score-temperature") });
   drawScore(lastScore);
 }
@@ -307,8 +318,10 @@ async function locate() {
     const map = heatmap(effect, labels, layers, max, (i, l) =>
       `restore ${kind} of token ${i} ${JSON.stringify(r.tokens[i])} at layer ${l}\n` +
       `p(target) ${fixed(grid[i][l], 4)} · indirect effect ${fixed(effect[i][l], 4)}`);
-    out.append(figure(`${kind}: peak at layer ${peak.layer}, token ${JSON.stringify(peak.token_text)}, ` +
-      `effect ${fixed(peak.effect, 4)} (* = subject)`, map));
+    const caption = peak.effect > 0
+      ? `${kind}: peak at layer ${peak.layer}, token ${JSON.stringify(peak.token_text)}, effect ${fixed(peak.effect, 4)}`
+      : `${kind}: no hidden state restores any probability (p(target) is ${fixed(r.p_clean, 4)} even when clean)`;
+    out.append(figure(`${caption} (* = subject)`, map));
   }
 }
 
@@ -386,12 +399,12 @@ function openTab(name) {
 
 document.addEventListener("DOMContentLoaded", () => {
   for (const b of document.querySelectorAll("#tabs button")) b.addEventListener("click", () => openTab(b.dataset.tab));
-  onSubmit("score-form", score);
+  onSubmit("score-form", score, ["score-tokens", "score-legend", "score-totals"]);
   $("score-by").addEventListener("change", () => lastScore && drawScore(lastScore));
-  onSubmit("generate-form", generate);
-  onSubmit("attention-form", attention);
-  onSubmit("shapes-form", shapes);
-  onSubmit("knowledge-form", locate);
-  onSubmit("neurons-form", neurons);
+  onSubmit("generate-form", generate, ["generate-output", "generate-legend", "generate-figures"]);
+  onSubmit("attention-form", attention, ["attention-heads"]);
+  onSubmit("shapes-form", shapes, ["shapes-letters", "shapes-rows"]);
+  onSubmit("knowledge-form", locate, ["knowledge-figures", "knowledge-maps"]);
+  onSubmit("neurons-form", neurons, ["neurons-rows"]);
   loadRun().catch((e) => showError(e.message));
 });
