@@ -12,7 +12,7 @@
 
 Bad input (an unknown field, a wrong type, a prompt beyond the context, malformed JSON) is
 answered 400 with {"error": "<one line>"}; the page shows that line. Types are strict: "5" is not
-an integer. A float that is inf or NaN (the perplexity at a tiny temperature) is sent as null,
+an integer. A float that is inf or NaN (a perplexity beyond the largest float) is sent as null,
 as `--json` prints it. One lock serialises the model: requests run one at a time, as the
 commands do.
 """
@@ -39,8 +39,9 @@ from llmlab.run_dir import Run
 from llmlab.web import instruments
 
 STATIC = Path(__file__).parent / "static"
-MAX_NEW_TOKENS = 1000  # requests that would hold the model for minutes are refused;
-MAX_TEXT = 20_000  # longer texts are for `llmlab score --file`
+# Requests that would hold the model for minutes are refused (the commands take them):
+MAX_NEW_TOKENS = 1000
+MAX_TEXT = 20_000  # characters; longer texts are for `llmlab score --file`
 
 
 class FiniteJSONResponse(JSONResponse):
