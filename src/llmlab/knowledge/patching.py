@@ -37,6 +37,7 @@ from llmlab.errors import UserError
 from llmlab.hooks import HookPoint
 from llmlab.knowledge import Encoded, Fact, answer_logprob, encode
 from llmlab.model import GPT
+from llmlab.score import token_pieces
 from llmlab.tokenizer import Tokenizer
 
 KINDS = {"resid": "blocks.{}.hook_resid_post", "mlp": "blocks.{}.hook_mlp_out", "attn": "blocks.{}.hook_attn_out"}
@@ -141,7 +142,7 @@ def causal_trace(model: GPT, tokenizer: Tokenizer, fact: Fact, noise: float = 3.
                 p = _answer_prob(model(batch), fact)  # [S·n]
             grid[:, layer] = p.view(S, samples).mean(1).cpu()
         restored[kind] = grid
-    tokens = [tokenizer.decode([i]) for i in fact.ids]
+    tokens = token_pieces(tokenizer, fact.ids)  # a byte token inside a character is "", the next completes it
     return Trace(tokens, fact.subject, p_clean, p_corrupt, restored, noise * sigma)
 
 
