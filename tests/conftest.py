@@ -93,3 +93,32 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@contextmanager
+def serving(run: Path, timeout: float = 120) -> Iterator[str]:
+    """`llmlab serve RUN --port 0 --json` in a subprocess: yields the URL its first line names.
+
+    The first line is awaited for at most `timeout` seconds; a server that dies or hangs before
+    it fails the test with what it wrote on stderr, instead of hanging the suite."""
+    import json
+    import selectors
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "llmlab", "serve", str(run), "--port", "0", "--json"],
+                                stdout=subprocess.PIPE, stderr=err, text=True)  # fmt: skip
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                ready = sel.select(timeout)
+            line = proc.stdout.readline() if ready else ""
+            if not line:
+                err.seek(0)
+                pytest.fail(f"llmlab serve printed no URL within {timeout} s: {err.read()[-2000:]}")
+            yield json.loads(line)["url"]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)

@@ -1,10 +1,11 @@
 """The web app's JSON API (`llmlab.web`) and `llmlab serve`.
 
-Each instrument is checked two ways: equal to what the command it stands for prints with --json
-(the same library call, reached through the CLI), and against an independent reference where
-the number is computed: F.cross_entropy for surprisal, scipy.stats.entropy for entropy,
-PyTorch's fused scaled_dot_product_attention for the attention pattern, metrics.csv read by the
-csv module for the loss curve. Bad input: 400 and one line, for every endpoint.
+Each instrument is checked against what the command it stands for prints with --json (the same
+library call, reached through the CLI: that the page shows the command's numbers), and its
+numbers against an independent reference: F.cross_entropy and scipy.stats.entropy for score;
+PyTorch's fused scaled_dot_product_attention for the attention pattern; FlopCounterMode on the
+real model and its own parameter count for count; the hook activations and E·v_i for neurons;
+metrics.csv read by the csv module for the loss curve. Bad input: 400 and one line, everywhere.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import csv
 import json
 import math
 import socket
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from scipy import stats
 
 from llmlab.run_dir import Run, load_run
 from llmlab.web.app import create_app
-from tests.conftest import run_cli
+from tests.conftest import run_cli, serving
 
 TEXT = "def f3(x, y):\n    return x * y\n"  # 31 tokens: one window of the 32-token context
 
@@ -146,6 +145,28 @@ def test_trace_count_and_locate_equal_the_cli(client, capsys, trained_run):
     assert got["p_clean"] > got["p_corrupt"]
 
 
+def test_count_is_the_real_models_parameters_and_measured_flops(client, run):
+    """Reference: the model's own parameters, and PyTorch's FlopCounterMode on a real forward pass
+    of B × S random tokens with the run's weights (the report measures a meta-device copy). The
+    explicit attention path is used: FlopCounterMode does not count the CPU's fused SDPA kernel."""
+    from dataclasses import replace
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from llmlab.model import GPT
+
+    count = client.get("/api/count").json()
+    assert count["params"]["total"] == sum(p.numel() for p in run.model.parameters())
+    B, S = run.train_cfg.batch_size, run.model_cfg.block_size
+    assert (count["batch"], count["seq"]) == (B, S)
+    model = GPT(replace(run.model_cfg, attention="explicit"))
+    model.load_state_dict(run.model.state_dict())
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randint(0, run.model_cfg.vocab_size, (B, S)))
+    assert count["flops"]["forward"]["exact"] == counter.get_total_flops() == count["flops"]["forward"]["measured"]
+
+
 def test_neurons_equal_the_cli_and_are_the_ffn_activations(client, run, capsys, trained_run):
     """Reference: `llmlab knowledge neurons --json`; m_i read at `mlp.hook_post`, and E·v_i computed here."""
     prompt = "return x"
@@ -162,41 +183,42 @@ def test_neurons_equal_the_cli_and_are_the_ffn_activations(client, run, capsys, 
         assert first["scores"] == pytest.approx(logits.topk(2).values.tolist(), rel=1e-5)
 
 
+LOCATE = {"prompt": "def {}", "subject": "f", "target": "x"}
 BAD = [
     ("/api/score", {"text": TEXT, "temprature": 1}, "temprature: Extra inputs are not permitted"),
     ("/api/score", {"text": 3}, "text: Input should be a valid string"),
     ("/api/score", {}, "text: Field required"),
-    ("/api/score", {"text": ""}, "the text is empty"),
+    ("/api/score", {"text": ""}, "the text is empty: nothing to score"),
     ("/api/score", {"text": "d"}, "single token"),
-    ("/api/score", {"text": TEXT, "temperature": 0}, "temperature"),
-    ("/api/score", {"text": TEXT, "top_k": -1}, "top_k: Input should be greater than or equal to 0"),
+    ("/api/score", {"text": "d" * 20_001}, "text: String should have at most 20000 characters"),
     ("/api/score", {"text": "def λ"}, "character 'λ' (U+03BB) is not in this character tokenizer's vocabulary"),
+    ("/api/score", {"text": TEXT, "temperature": 0}, "temperature must be a positive number, got 0.0"),
+    ("/api/score", {"text": TEXT, "temperature": 1e-300}, "scoring takes a temperature of at least 0.01, got 1e-300"),
+    ("/api/score", {"text": TEXT, "top_k": -1}, "top_k: Input should be greater than or equal to 0"),
+    ("/api/score", {"text": TEXT, "top_k": "5"}, "top_k: Input should be a valid integer"),
     ("/api/generate", {"prompt": ""}, "the prompt is empty"),
     ("/api/generate", {"prompt": "x" * 33}, "the prompt is 33 tokens long, but the model's context is 32"),
     ("/api/generate", {"prompt": "def", "temperature": -1}, "temperature must be a finite number >= 0"),
-    ("/api/generate", {"prompt": "def", "top_p": 1.5}, "top_p must be in (0, 1]"),
-    ("/api/generate", {"prompt": "def", "top_k": 0}, "top_k must be at least 1"),
+    ("/api/generate", {"prompt": "def", "temperature": None}, "temperature: Input should be a valid number"),
+    ("/api/generate", {"prompt": "def", "top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
+    ("/api/generate", {"prompt": "def", "top_k": 0}, "top_k must be at least 1, got 0"),
     ("/api/generate", {"prompt": "def", "max_new_tokens": 5000}, "max_new_tokens: Input should be less than"),
     ("/api/generate", {"prompt": "def", "seed": "one"}, "seed: Input should be a valid integer"),
-    ("/api/attention", {"prompt": "def", "layer": 2}, "layer must be from 0 to 1, got 2"),
-    ("/api/attention", {"prompt": "x" * 40}, "context is 32"),
-    ("/api/trace", {"prompt": ""}, "the prompt is empty"),
-    ("/api/locate", {"prompt": "def f", "subject": "g", "target": "x"}, "does not occur in the prompt"),
-    ("/api/locate", {"prompt": "def {}", "subject": "f", "target": "x", "samples": 0}, "samples: Input should be"),
-    ("/api/locate", {"prompt": "def {}", "subject": "f", "target": "x", "samples": 11}, "less than or equal to 10"),
-    ("/api/score", {"text": TEXT, "temperature": 1e-300}, "scoring takes a temperature of at least 0.01"),
-    ("/api/locate", {"prompt": "def {}", "subject": "f", "target": "x", "noise": -1}, "noise must be"),
-    ("/api/score", {"text": "d" * 20_001}, "text: String should have at most 20000 characters"),
-    ("/api/score", {"text": TEXT, "top_k": "5"}, "top_k: Input should be a valid integer"),
     ("/api/generate", {"prompt": "def", "seed": 2**70}, "seed: Input should be less than or equal to 9223"),
     ("/api/generate", {"prompt": "def", "seed": -1}, "seed: Input should be greater than or equal to 0"),
-    ("/api/generate", {"prompt": "def", "temperature": None}, "temperature: Input should be a valid number"),
+    ("/api/attention", {"prompt": "def", "layer": 2}, "layer must be from 0 to 1, got 2"),
     ("/api/attention", {"prompt": "def", "layer": True}, "layer: Input should be a valid integer"),
-    ("/api/locate", {"prompt": "def {}", "subject": "f", "target": "x", "noise": 1e308}, "noise must be a number"),
-    ("/api/locate", {"prompt": "def {}", "subject": "f", "target": "x", "seed": 2**64}, "seed: Input should be less"),
+    ("/api/attention", {"prompt": "x" * 40}, "the prompt is 40 tokens long, but the model's context is 32"),
+    ("/api/trace", {"prompt": ""}, "the prompt is empty"),
+    ("/api/locate", {"prompt": "def f", "subject": "g", "target": "x"}, "does not occur in the prompt"),
+    ("/api/locate", LOCATE | {"samples": 0}, "samples: Input should be greater than or equal to 1"),
+    ("/api/locate", LOCATE | {"samples": 11}, "samples: Input should be less than or equal to 10"),
+    ("/api/locate", LOCATE | {"noise": -1}, "noise must be a number from 0 to 100"),
+    ("/api/locate", LOCATE | {"noise": 1e308}, "noise must be a number from 0 to 100"),
+    ("/api/locate", LOCATE | {"seed": 2**64}, "seed: Input should be less than or equal to 9223"),
+    ("/api/neurons", {"prompt": ""}, "the prompt is empty"),
     ("/api/neurons", {"prompt": "def", "position": 3}, "position 3 is outside the prompt's 3 tokens"),
     ("/api/neurons", {"prompt": "def", "top": 0}, "top: Input should be greater than or equal to 1"),
-    ("/api/neurons", {"prompt": ""}, "the prompt is empty"),
 ]  # fmt: skip
 
 
@@ -257,33 +279,38 @@ def test_a_vanishing_temperature_or_top_p_generates_the_greedy_text(client):
 
 
 def test_the_model_serves_one_request_at_a_time(run, monkeypatch):
-    """The lock: eight concurrent requests never overlap inside an instrument."""
+    """The lock: while one request is inside an instrument, a second one waits outside it.
+
+    The first request holds the instrument until it is released; the second is sent meanwhile,
+    and has not entered when the first is released (without the lock it enters at once)."""
     import threading
-    import time
 
     from llmlab.web import instruments
 
-    inside, most = [0], [0]
-    guard = threading.Lock()
+    entered = {"first": threading.Event(), "second": threading.Event()}
+    release = threading.Event()
+    order: list[str] = []
 
-    def slow_score(run_, text, temperature, top_k):
-        with guard:
-            inside[0] += 1
-            most[0] = max(most[0], inside[0])
-        time.sleep(0.02)
-        with guard:
-            inside[0] -= 1
-        return {"text": text}
+    def held_score(run_, text, temperature, top_k):
+        order.append(f"in {text}")
+        entered[text].set()
+        if text == "first":
+            assert release.wait(10)
+        order.append(f"out {text}")
+        return {}
 
-    monkeypatch.setattr(instruments, "score", slow_score)
+    monkeypatch.setattr(instruments, "score", held_score)
     client = TestClient(create_app(run))
-    threads = [threading.Thread(target=client.post, args=("/api/score",), kwargs={"json": {"text": f"t{i}"}})
-               for i in range(8)]  # fmt: skip
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert most[0] == 1
+    first = threading.Thread(target=client.post, args=("/api/score",), kwargs={"json": {"text": "first"}})
+    second = threading.Thread(target=client.post, args=("/api/score",), kwargs={"json": {"text": "second"}})
+    first.start()
+    assert entered["first"].wait(10)
+    second.start()
+    assert not entered["second"].wait(0.5)  # the second is kept out while the first holds the model
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert order == ["in first", "out first", "in second", "out second"]
 
 
 def test_attention_maps_and_causal_traces_have_size_limits(client, monkeypatch):
@@ -297,17 +324,54 @@ def test_attention_maps_and_causal_traces_have_size_limits(client, monkeypatch):
     assert r.status_code == 400 and "the fact is 13 tokens; the page traces at most 8" in r.json()["error"]
 
 
-def test_a_bios_run_offers_a_fact_it_was_trained_on():
-    from llmlab import bios
-    from llmlab.knowledge import Fact, fill
-    from llmlab.web.instruments import _example_fact
+def test_a_bios_run_offers_a_fact_of_its_world(run):
+    """Reference: the bios world rebuilt from the run's data spec: its first person's birth date."""
+    from dataclasses import replace
 
-    world = bios.world_of("bios:people=5")
-    fact = _example_fact(world)
-    person = world.people[0]
-    assert fact["subject"] == person.name and fact["target"] in person.facts.values()
+    from llmlab import bios
+    from llmlab.knowledge import fill
+    from llmlab.web import instruments
+
+    spec = "bios:people=5"
+    fact = instruments.run_info(replace(run, meta={"data": spec}))["example_fact"]
+    person = bios.world_of(spec).people[0]
+    assert (fact["subject"], fact["target"]) == (person.name, person.facts[bios.BASE_ATTRIBUTES[0]])
     text, start = fill(fact["prompt"], fact["subject"])
-    assert text[start:].startswith(person.name) and Fact(**fact).target == fact["target"]
+    assert text[start:].startswith(person.name) and text.endswith(("on", "in", "at", "as", "by", "for"))
+
+
+def test_a_run_without_metrics_and_a_diverged_one(run, tmp_path):
+    """No metrics.csv (an imported run): empty curves, no best loss. NaN losses: left out, counted."""
+    import shutil
+    from dataclasses import replace
+
+    from llmlab.web import instruments
+
+    bare = tmp_path / "bare"
+    shutil.copytree(run.path, bare)
+    (bare / "metrics.csv").unlink()
+    m = instruments.run_info(replace(run, path=bare))["metrics"]
+    assert m["step"] == [] and m["best_val_loss"] is None and m["not_finite"] == 0
+    lines = (run.path / "metrics.csv").read_text().splitlines()
+    header, rows = lines[0].split(","), [line.split(",") for line in lines[1:]]
+    rows[2][header.index("train_loss")] = "nan"
+    evaluated = [r for r in rows if r[header.index("val_loss")]]
+    evaluated[-1][header.index("val_loss")] = "inf"
+    (bare / "metrics.csv").write_text("\n".join([lines[0], *(",".join(r) for r in rows)]) + "\n")
+    m = instruments.run_info(replace(run, path=bare))["metrics"]
+    assert len(m["step"]) == len(rows) - 1 and 3 not in m["step"] and m["not_finite"] == 2
+    assert len(m["val_loss"]) == len(evaluated) - 1 and math.isfinite(m["best_val_loss"])
+
+
+def test_a_bug_is_a_one_line_500(run, monkeypatch):
+    from llmlab.web import instruments
+
+    def broken(*args):
+        raise RuntimeError("something\nwent wrong")
+
+    monkeypatch.setattr(instruments, "trace", broken)
+    r = TestClient(create_app(run), raise_server_exceptions=False).post("/api/trace", json={"prompt": "def"})
+    assert r.status_code == 500 and r.json() == {"error": "internal error: RuntimeError: something went wrong"}
 
 
 def test_the_page_loads_nothing_from_the_network():
@@ -323,7 +387,8 @@ def test_the_page_loads_nothing_from_the_network():
 def test_a_nan_temperature_is_refused(client):
     response = client.post("/api/score", content=b'{"text": "def f", "temperature": NaN}',
                            headers={"content-type": "application/json"})  # fmt: skip
-    assert response.status_code == 400 and "temperature" in response.json()["error"]
+    assert response.status_code == 400
+    assert response.json()["error"] == "temperature must be a positive number, got nan"
 
 
 # --- llmlab serve ----------------------------------------------------------------------------
@@ -350,11 +415,7 @@ def test_serve_bad_arguments_are_one_line_exit_2(capsys, trained_run, tmp_path):
 
 def test_serve_answers_on_the_port_it_prints(trained_run):
     """The real command in a subprocess: its first line names the URL, and the API answers there."""
-    proc = subprocess.Popen([sys.executable, "-m", "llmlab", "serve", str(trained_run), "--port", "0", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        line = proc.stdout.readline()
-        url = json.loads(line)["url"]
+    with serving(trained_run) as url:
         assert url.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(url + "api/run", timeout=30) as r:
             info = json.load(r)
@@ -363,7 +424,3 @@ def test_serve_answers_on_the_port_it_prints(trained_run):
                                          headers={"content-type": "application/json"})  # fmt: skip
         with urllib.request.urlopen(request, timeout=30) as r:
             assert math.isfinite(json.load(r)["totals"]["perplexity"])
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    assert proc.returncode in (0, -15)

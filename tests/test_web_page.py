@@ -11,10 +11,9 @@ without it, these tests are skipped with that instruction; under CI they fail in
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,19 +26,23 @@ if CHROMIUM is None and not os.environ.get("CI"):
 
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
+from tests.conftest import serving  # noqa: E402
+
 TEXT = "def f5(x, y):\n    return x - y\n"
 
 
 @pytest.fixture(scope="module")
 def server(trained_run: Path) -> Iterator[str]:
     """`llmlab serve RUN --port 0` in a subprocess; yields its URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "llmlab", "serve", str(trained_run), "--port", "0", "--json"],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        yield json.loads(proc.stdout.readline())["url"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with serving(trained_run) as url:
+        yield url
+
+
+def heat(x: float, top: float) -> str:
+    """app.js's colour scale, white at 0 to rgb(214, 48, 39) at `top`, as the browser reports it."""
+    t = min(1.0, max(0.0, x / top)) if top > 0 else 0.0
+    r, g, b = (math.floor(a + (c - a) * t + 0.5) for a, c in ((255, 214), (255, 48), (255, 39)))
+    return f"rgb({r}, {g}, {b})"
 
 
 def api(url: str, path: str, body: dict | None = None) -> dict:
@@ -87,6 +90,12 @@ def test_score_colours_every_token_and_prints_the_apis_totals(page, server):
     assert page.inner_text("#score-tokens") == TEXT  # every character, in order
     values = [float(v) for v in spans.evaluate_all("els => els.slice(1).map(e => e.dataset.value)")]
     assert values == pytest.approx([t["entropy"] for t in r["tokens"][1:]])
+    top = max(t["entropy"] for t in r["tokens"][1:])
+    colours = spans.evaluate_all("els => els.slice(1).map(e => e.style.backgroundColor)")
+    assert colours == [heat(t["entropy"], top) for t in r["tokens"][1:]]  # the colour is the entropy
+    for i in (1, len(r["tokens"]) // 2):  # the hover text lists the alternatives and their p
+        title = spans.nth(i).get_attribute("title")
+        assert all(f"{json.dumps(a['text'])} {a['prob']:.4f}" in title for a in r["tokens"][i]["alternatives"])
     cells = "rows => rows.map(r => [r.cells[0].innerText, r.cells[1].innerText])"
     rows = dict(page.locator("#score-totals tr").evaluate_all(cells))
     assert rows["perplexity"] == f"{r['totals']['perplexity']:.3f}"
@@ -104,6 +113,9 @@ def test_colour_by_surprisal_recolours_the_same_answer(page, server):
     spans = page.locator("#score-tokens span.token")
     values = [float(v) for v in spans.evaluate_all("els => els.slice(1).map(e => e.dataset.value)")]
     assert values == pytest.approx([t["surprisal"] for t in r["tokens"][1:]])
+    top = max(t["surprisal"] for t in r["tokens"][1:])
+    colours = spans.evaluate_all("els => els.slice(1).map(e => e.style.backgroundColor)")
+    assert colours == [heat(t["surprisal"], top) for t in r["tokens"][1:]]
     assert "nats of surprisal" in page.inner_text("#score-legend")
 
 
@@ -147,11 +159,13 @@ def test_attention_draws_every_head_masked_above_the_diagonal(page, server):
     page.fill("#attention-prompt", "return x")
     page.select_option("#attention-layer", "1")
     page.click("#attention-form button")
+    n_heads = api(server, "/api/run")["model"]["n_heads"]
     heads = page.locator("#attention-heads figure")
-    expect(heads).to_have_count(4)
+    expect(heads).to_have_count(n_heads)
     r = api(server, "/api/attention", {"prompt": "return x", "layer": 1})
     S = len(r["tokens"])
-    for h in range(4):
+    for h in range(n_heads):
+        assert f"mean row entropy {r['mean_entropy'][h]:.3f} nats" in heads.nth(h).inner_text()
         cells = heads.nth(h).locator("rect.cell")
         assert cells.count() == S * S
         values = [float(v) for v in cells.evaluate_all("els => els.map(e => e.dataset.value)")]
@@ -159,19 +173,28 @@ def test_attention_draws_every_head_masked_above_the_diagonal(page, server):
         assert all(values[i * S + j] == 0 for i in range(S) for j in range(i + 1, S))
 
 
-def test_shapes_count_knowledge_and_training_tabs(page, server):
+def test_shapes_tab_lists_every_traced_tensor(page, server):
     page.click("button[data-tab=shapes]")
     page.fill("#shapes-prompt", "def")
     page.click("#shapes-form button")
     trace = api(server, "/api/trace", {"prompt": "def"})
     expect(page.locator("#shapes-rows tr")).to_have_count(len(trace["rows"]) + 1)  # + the header
     assert "every tensor matches its letters" in page.inner_text("#shapes-letters")
+    first = page.locator("#shapes-rows tr").nth(1).locator("td")
+    row = trace["rows"][0]
+    assert first.nth(0).inner_text() == row["name"]
+    assert first.nth(1).inner_text() == f"[{', '.join(row['letters'])}] = [{', '.join(map(str, row['shape']))}]"
 
+
+def test_count_tab_prints_the_apis_counts(page, server):
     page.click("button[data-tab=count]")
     expect(page.locator("#count-output table")).to_have_count(3)
     count = api(server, "/api/count")
-    assert f"{count['flops']['forward']['exact']:,} exact" in page.inner_text("#count-output")
+    text = page.inner_text("#count-output")
+    assert f"{count['flops']['forward']['exact']:,} exact" in text and f"{count['params']['total']:,}" in text
 
+
+def test_knowledge_tab_draws_the_indirect_effects_and_the_memories(page, server):
     page.click("button[data-tab=knowledge]")
     fact = {"prompt": "return x {} y", "subject": "-", "target": "*"}  # a text input holds no newline
     page.fill("#knowledge-prompt", fact["prompt"])
@@ -195,6 +218,8 @@ def test_shapes_count_knowledge_and_training_tabs(page, server):
     assert cells.nth(1).inner_text() == str(first["neuron"])
     assert cells.nth(2).inner_text() == f"{first['activation']:.3f}"
 
+
+def test_training_tab_draws_every_step_and_evaluation(page, server):
     page.click("button[data-tab=training]")
     info = api(server, "/api/run")
     assert page.locator("#training-svg circle.val").count() == len(info["metrics"]["val_loss"])

@@ -435,3 +435,64 @@ def _forward_backward(model: Any, x: Any, y: Any) -> None:
 
     cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)
+
+
+# --- the report of `llmlab count` ---------------------------------------------------------------
+
+
+def count_report(cfg: ModelConfig, batch: int, seq: int, source: str, measure: bool = False,
+                 peak: dict[str, float] | None = None,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Everything `llmlab count` prints (and the web app's Count tab shows): params, FLOPs, memory,
+    measured on a meta model (FLOPs, params) and, with `measure`, on a real one (memory, step
+    time, MFU). `source` names where the config came from."""
+    from llmlab import memory
+    from llmlab.config import to_dict
+
+    cfg = fit_context(cfg, batch, seq)
+    model = meta_model(cfg)
+    measured = measure_flops(model, batch, seq)
+    rows = notes_comparison(cfg, batch, seq)
+    for row in rows:
+        row["measured"] = measured.by_component[row["component"]]
+    exact, notes = sum(r["exact"] for r in rows), sum(r["notes"] for r in rows)
+    train, kaplan = train_step_flops(cfg, batch, seq), kaplan_flops(cfg, batch, seq)
+    counts = param_counts(cfg)
+    report: dict[str, Any] = {
+        "model": {"source": source, **to_dict(cfg)}, "batch": batch, "seq": seq,
+        "params": {"total": sum(counts.values()), "measured": sum(p.numel() for p in model.parameters()),
+                   "by_component": counts, "non_embedding": non_embedding_params(cfg)},
+        "flops": {
+            "forward": {"exact": exact, "measured": measured.forward, "notes": notes,
+                        "notes_diff_pct": pct_diff(notes, exact), "by_component": rows},
+            "train_step": {"exact": train, "measured": measured.train_step, "kaplan_6n": kaplan,
+                           "kaplan_diff_pct": pct_diff(kaplan, train)},
+            "decode_step": {"context": seq, "exact": decode_step_flops(cfg, batch, seq),
+                            "measured": measure_decode_flops(model, batch, seq)},
+        },
+        "memory": memory.memory_report(cfg, batch, seq),
+    }  # fmt: skip
+    if measure:
+        report |= _measure_report(cfg, batch, seq, report["memory"]["train"], train, peak, log or (lambda _: None))
+    if peak:
+        report["peak"] = peak
+    return report
+
+
+def _measure_report(cfg: ModelConfig, batch: int, seq: int, train_mem: dict[str, Any], train_flops: int,
+                    peak: dict[str, float] | None, log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """Measured peak memory (in place in `train_mem`), step time, achieved FLOP/s and MFU."""
+    from llmlab import memory
+
+    memory.check_fits(train_mem["predicted_bytes"])
+    log(f"measuring one training step on the CPU (B={batch}, S={seq}) ...")
+    m = memory.measure_train_peak(cfg, batch, seq)
+    train_mem |= {
+        "measured_bytes": m.peak, "measured_activations": m.saved_activations,
+        "error_pct": pct_diff(train_mem["predicted_bytes"], m.peak),
+        "measured_how": "(live tensors at the step's start + the CPU allocator's peak, profiler)",
+    }  # fmt: skip
+    seconds = time_train_step(cfg, batch, seq, repeats=3, optimizer=True)
+    fp32_peak = (peak or {}).get("float32") or peak_flops("cpu", "float32")
+    achieved = train_flops / seconds
+    return {"step_seconds": seconds, "achieved_flops_per_s": achieved, "mfu": mfu(achieved, fp32_peak)}

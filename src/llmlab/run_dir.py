@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+from llmlab import strict_json
 from llmlab.config import ModelConfig, TrainConfig, from_dict, to_dict
 from llmlab.errors import ConfigError, RunDirError
 from llmlab.model import GPT
@@ -65,7 +66,8 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """Standard JSON (inf and NaN as null), indented."""
+    write_text(path, strict_json.dumps(obj, indent=2) + "\n")
 
 
 def save_weights(path: Path, model: GPT) -> None:

@@ -92,6 +92,13 @@ class ScoredText:
     logits: Tensor | None = None  # [m, V] logits / T of the predictions, when asked for
     targets: Tensor | None = None  # [m] the predicted ids (tokens 1 … m)
 
+    def to_json(self) -> dict[str, Any]:
+        """The figures of `score --json` that do not name the command line's source."""
+        return {
+            "temperature": self.temperature, "context": self.context, "stride": self.stride,
+            "windows": self.windows, "totals": self.totals(),
+        }  # fmt: skip
+
     def totals(self) -> dict[str, Any]:
         """Cross-entropy, perplexity, entropy and LM-Polygraph's sequence scores, in nats."""
         scored = self.tokens[1:]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -70,21 +68,11 @@ def refuse_file_as_out(out: str) -> None:
         raise UserError(f"--out {out} is a file, not a directory; choose another --out")
 
 
-def finite(obj: Any) -> Any:
-    """obj with every float that is inf or NaN replaced by None: JSON has no such numbers (a
-    perplexity beyond the largest float, at a tiny temperature, prints as null)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [finite(v) for v in obj]
-    return obj
-
-
 def print_json(obj: dict[str, Any]) -> None:
     """`--json`: one JSON object on one line of stdout."""
-    print(json.dumps(finite(obj), ensure_ascii=False, allow_nan=False), flush=True)
+    from llmlab.strict_json import dumps
+
+    print(dumps(obj), flush=True)
 
 
 def emit(args: argparse.Namespace, obj: dict[str, Any], human: Callable[[], None]) -> None:

@@ -40,8 +40,7 @@ def run(args: argparse.Namespace) -> None:
              lambda: _print_sweep(rows, axis, out))  # fmt: skip
         return
     peak = {t: acc.peak_flops("cpu", t, refresh=True) for t in ("float32", "bfloat16")} if args.peak else None
-    report = count_report(cfg, batch, seq, measure=args.measure, peak=peak, log=log)
-    report["model"] = {"source": source, **report["model"]}
+    report = acc.count_report(cfg, batch, seq, source, measure=args.measure, peak=peak, log=log)
     emit(args, report, lambda: _print_report(report))
 
 
@@ -62,67 +61,6 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, str, int]:
             base, source = cfg_lib.load_toml(args.config, base), f"{source} + {args.config}"
     model_cfg, train_cfg = cfg_lib.apply_overrides(base.model, base.train, cfg_lib.parse_sets(args.sets))
     return model_cfg, source, train_cfg.batch_size
-
-
-# --- the report --------------------------------------------------------------------------------
-
-
-def count_report(cfg: ModelConfig, batch: int, seq: int, measure: bool = False, peak: dict[str, float] | None = None,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Everything `llmlab count` prints: params, FLOPs, memory; measured on a meta model (FLOPs,
-    params) and, with `measure`, on a real one (memory, step time, MFU)."""
-    from llmlab import accounting as acc
-    from llmlab import memory
-    from llmlab.config import to_dict
-
-    cfg = acc.fit_context(cfg, batch, seq)
-    model = acc.meta_model(cfg)
-    measured = acc.measure_flops(model, batch, seq)
-    rows = acc.notes_comparison(cfg, batch, seq)
-    for row in rows:
-        row["measured"] = measured.by_component[row["component"]]
-    exact, notes = sum(r["exact"] for r in rows), sum(r["notes"] for r in rows)
-    train, kaplan = acc.train_step_flops(cfg, batch, seq), acc.kaplan_flops(cfg, batch, seq)
-    counts = acc.param_counts(cfg)
-    report: dict[str, Any] = {
-        "model": to_dict(cfg), "batch": batch, "seq": seq,
-        "params": {"total": sum(counts.values()), "measured": sum(p.numel() for p in model.parameters()),
-                   "by_component": counts, "non_embedding": acc.non_embedding_params(cfg)},
-        "flops": {
-            "forward": {"exact": exact, "measured": measured.forward, "notes": notes,
-                        "notes_diff_pct": acc.pct_diff(notes, exact), "by_component": rows},
-            "train_step": {"exact": train, "measured": measured.train_step, "kaplan_6n": kaplan,
-                           "kaplan_diff_pct": acc.pct_diff(kaplan, train)},
-            "decode_step": {"context": seq, "exact": acc.decode_step_flops(cfg, batch, seq),
-                            "measured": acc.measure_decode_flops(model, batch, seq)},
-        },
-        "memory": memory.memory_report(cfg, batch, seq),
-    }  # fmt: skip
-    if measure:
-        report |= _measure_report(cfg, batch, seq, report["memory"]["train"], train, peak, log or (lambda _: None))
-    if peak:
-        report["peak"] = peak
-    return report
-
-
-def _measure_report(cfg: ModelConfig, batch: int, seq: int, train_mem: dict[str, Any], train_flops: int,
-                    peak: dict[str, float] | None, log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    """Measured peak memory (in place in `train_mem`), step time, achieved FLOP/s and MFU."""
-    from llmlab import accounting as acc
-    from llmlab import memory
-
-    memory.check_fits(train_mem["predicted_bytes"])
-    log(f"measuring one training step on the CPU (B={batch}, S={seq}) ...")
-    m = memory.measure_train_peak(cfg, batch, seq)
-    train_mem |= {
-        "measured_bytes": m.peak, "measured_activations": m.saved_activations,
-        "error_pct": acc.pct_diff(train_mem["predicted_bytes"], m.peak),
-        "measured_how": "(live tensors at the step's start + the CPU allocator's peak, profiler)",
-    }  # fmt: skip
-    seconds = acc.time_train_step(cfg, batch, seq, repeats=3, optimizer=True)
-    fp32_peak = (peak or {}).get("float32") or acc.peak_flops("cpu", "float32")
-    achieved = train_flops / seconds
-    return {"step_seconds": seconds, "achieved_flops_per_s": achieved, "mfu": acc.mfu(achieved, fp32_peak)}
 
 
 # --- the scaling sweep ---------------------------------------------------------------------------

@@ -87,11 +87,11 @@ def locate_average(args: argparse.Namespace) -> None:
 
 def neurons(args: argparse.Namespace) -> None:
     """The most active FFN neurons of each layer and the tokens their value vectors promote."""
-    from llmlab.knowledge.keyvalue import top_memories
+    from llmlab.knowledge.keyvalue import memories_json, top_memories
 
     run = _load(args)
     layers = top_memories(run.model, run.tokenizer, args.prompt, args.position, args.top, args.tokens)
-    out = {"prompt": args.prompt, "position": args.position, "layers": [[m.to_json() for m in ms] for ms in layers]}
+    out = memories_json(args.prompt, args.position, layers)
 
     def human() -> None:
         for ms in layers:

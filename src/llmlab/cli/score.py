@@ -82,10 +82,7 @@ def _output_path(path: str, run: str, flag: str) -> Path:
 
 def _summary(args: argparse.Namespace, scored: Any) -> dict[str, Any]:
     source = f"val:{args.val}" if args.val is not None else (args.file or "--text")
-    return {
-        "run": str(args.run), "source": source, "temperature": scored.temperature, "context": scored.context,
-        "stride": scored.stride, "windows": scored.windows, "totals": scored.totals(),
-    }  # fmt: skip
+    return {"run": str(args.run), "source": source, **scored.to_json()}
 
 
 def _calibration(scored: Any, out_dir: Path | None) -> dict[str, Any]:

@@ -21,8 +21,9 @@ def run(args: argparse.Namespace) -> None:
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
     tour = run_tour(Path(args.out), quick=args.quick, data=args.data, minutes=args.minutes,
                     retrain=args.retrain, log=log, progress=not args.json)  # fmt: skip
+    llmlab = sys.argv[0] if Path(sys.argv[0]).name == "llmlab" else "llmlab"  # .venv/bin/llmlab under `make run`
     emit(args, tour.to_json(),
-         lambda: print(f"\nreport: {tour.report}\nexplore the model: llmlab serve {tour.notes_dir}"))  # fmt: skip
+         lambda: print(f"\nreport: {tour.report}\nexplore the model: {llmlab} serve {tour.notes_dir}"))  # fmt: skip
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

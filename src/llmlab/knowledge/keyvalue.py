@@ -21,6 +21,7 @@ import torch
 
 from llmlab.errors import UserError
 from llmlab.model import GPT
+from llmlab.sampling import encode_prompt
 from llmlab.tokenizer import Tokenizer
 
 
@@ -47,11 +48,7 @@ def top_memories(model: GPT, tokenizer: Tokenizer, prompt: str, position: int = 
                  top_tokens: int = 5) -> list[list[Memory]]:  # fmt: skip
     """The k most active FFN neurons (largest m_i) of every layer at token `position` of the
     prompt, each with the tokens its value vector promotes. Returns one list per layer."""
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        raise UserError("the prompt is empty")
-    if len(ids) > model.cfg.block_size:
-        raise UserError(f"the prompt is {len(ids)} tokens long, but the model's context is {model.cfg.block_size}")
+    ids = encode_prompt(tokenizer, prompt, model.cfg.block_size)  # non-empty, UTF-8, within the context
     if not -len(ids) <= position < len(ids):
         raise UserError(f"position {position} is outside the prompt's {len(ids)} tokens")
     if k < 1 or top_tokens < 1:
@@ -69,3 +66,8 @@ def top_memories(model: GPT, tokenizer: Tokenizer, prompt: str, position: int = 
             for n, a, tok, s in zip(neurons, act, tokens, scores, strict=True)
         ])  # fmt: skip
     return out
+
+
+def memories_json(prompt: str, position: int, layers: list[list[Memory]]) -> dict:
+    """What `knowledge neurons --json` prints (and the web app's memory table shows)."""
+    return {"prompt": prompt, "position": position, "layers": [[m.to_json() for m in ms] for ms in layers]}

@@ -19,7 +19,6 @@ commands do.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -32,10 +31,10 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
-from llmlab.cli.common import finite
 from llmlab.config import MAX_SEED
 from llmlab.errors import UserError
 from llmlab.run_dir import Run
+from llmlab.strict_json import dumps
 from llmlab.web import instruments
 
 STATIC = Path(__file__).parent / "static"
@@ -48,7 +47,7 @@ class FiniteJSONResponse(JSONResponse):
     """JSON without the non-standard Infinity and NaN: they become null."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(finite(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        return dumps(content).encode()
 
 
 class Body(BaseModel):
@@ -117,26 +116,7 @@ def create_app(run: Run) -> FastAPI:
         with lock:
             return fn(run, *args, **kwargs)
 
-    @app.exception_handler(UserError)
-    def user_error(request: Request, e: UserError) -> JSONResponse:
-        return JSONResponse({"error": " ".join(str(e).split())}, status_code=400)
-
-    @app.exception_handler(RequestValidationError)
-    def bad_request(request: Request, e: RequestValidationError) -> JSONResponse:
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-            return JSONResponse({"error": "send the body as JSON, with content-type: application/json"}, 400)
-        return JSONResponse({"error": validation_message(e.errors())}, status_code=400)
-
-    @app.exception_handler(HTTPException)
-    def http_error(request: Request, e: HTTPException) -> JSONResponse:  # 404, 405, and unreadable bodies
-        unreadable = e.status_code == 400 and "parsing the body" in str(e.detail)
-        message = ("the request body could not be read as JSON (not UTF-8, nested too deeply, or a number of "
-                   "thousands of digits)") if unreadable else str(e.detail)  # fmt: skip
-        return JSONResponse({"error": message}, status_code=e.status_code)
-
-    @app.exception_handler(Exception)
-    def bug(request: Request, e: Exception) -> JSONResponse:  # still one line, for the page to show
-        return JSONResponse({"error": f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"}, 500)
+    add_error_handlers(app)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:  # async: the page loads while the model's requests queue in threads
@@ -181,6 +161,33 @@ def create_app(run: Run) -> FastAPI:
         return locked(instruments.neurons, r.prompt, r.position, r.top, r.tokens)
 
     return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as {"error": "<one line>"}: bad input 400, unknown path 404, wrong method 405, a bug 500."""
+
+    @app.exception_handler(UserError)
+    def user_error(request: Request, e: UserError) -> JSONResponse:
+        return JSONResponse({"error": " ".join(str(e).split())}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    def bad_request(request: Request, e: RequestValidationError) -> JSONResponse:
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return JSONResponse({"error": "send the body as JSON, with content-type: application/json"}, 400)
+        return JSONResponse({"error": validation_message(e.errors())}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    def http_error(request: Request, e: HTTPException) -> JSONResponse:  # 404, 405, and unreadable bodies
+        # FastAPI reports a body that json.loads cannot read (bad UTF-8, too deep, a 5000-digit
+        # number) as HTTPException(400, "There was an error parsing the body"): matched by its text
+        unreadable = e.status_code == 400 and "parsing the body" in str(e.detail)
+        message = ("the request body could not be read as JSON (not UTF-8, nested too deeply, or a number of "
+                   "thousands of digits)") if unreadable else str(e.detail)  # fmt: skip
+        return JSONResponse({"error": message}, status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    def bug(request: Request, e: Exception) -> JSONResponse:  # still one line, for the page to show
+        return JSONResponse({"error": f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"}, 500)
 
 
 def validation_message(errors: Any) -> str:

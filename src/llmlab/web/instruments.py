@@ -33,22 +33,24 @@ MAX_LOCATE_TOKENS = 48  # causal tracing runs S · L · 3 forward passes of a ba
 
 
 def run_info(run: Run) -> dict[str, Any]:
-    """The run's identity and its training curves (train loss every step, val loss at evaluations)."""
-    from llmlab import bios
-
-    rows = [r for r in read_metrics(run.path / "metrics.csv") if _finite(r.get("train_loss"))]
-    val = [r for r in rows if _finite(r.get("val_loss"))]
+    """The run's identity and its training curves: train loss every step, val loss at evaluations;
+    a step whose loss is not finite (a diverged step) is left out of its curve and counted."""
+    rows = read_metrics(run.path / "metrics.csv")
+    train = [r for r in rows if _is_finite(r.get("train_loss"))]
+    val = [r for r in rows if _is_finite(r.get("val_loss"))]
+    evaluated = [r for r in rows if r.get("val_loss") is not None]
     best = min((r["val_loss"] for r in val), default=None)
     return {
         "run": run.path.name, "path": str(run.path), "data": run.meta.get("data"),
         "model": to_dict(run.model_cfg), "train": to_dict(run.train_cfg),
         "params": sum(p.numel() for p in run.model.parameters()),
         "tokenizer": {"kind": run.tokenizer.kind, "vocab_size": run.tokenizer.vocab_size},
-        "example_fact": _example_fact(bios.world_of(run.meta.get("data") or "")),
+        "example_fact": _example_fact(run.meta.get("data") or ""),
         "metrics": {
-            "step": [r["step"] for r in rows], "train_loss": [r["train_loss"] for r in rows],
+            "step": [r["step"] for r in train], "train_loss": [r["train_loss"] for r in train],
             "val_step": [r["step"] for r in val], "val_loss": [r["val_loss"] for r in val],
             "best_val_loss": best, "best_val_perplexity": None if best is None else perplexity(best),
+            "not_finite": len(rows) - len(train) + len(evaluated) - len(val),  # losses left out
         },
     }  # fmt: skip
 
@@ -57,13 +59,8 @@ def score(run: Run, text: str, temperature: float = 1.0, top_k: int = 5) -> dict
     """`llmlab score RUN --text TEXT --json`, less the fields that name the command line's source."""
     from llmlab.score import score_text, token_json
 
-    if top_k < 0:
-        raise UserError(f"top_k must be >= 0, got {top_k}")
     scored = score_text(run.model, run.tokenizer, text, temperature=temperature, top_k=top_k)
-    return {
-        "temperature": scored.temperature, "context": scored.context, "stride": scored.stride,
-        "windows": scored.windows, "totals": scored.totals(), "tokens": [token_json(t) for t in scored.tokens],
-    }  # fmt: skip
+    return {**scored.to_json(), "tokens": [token_json(t) for t in scored.tokens]}
 
 
 def generate(run: Run, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0, top_k: int | None = None,
@@ -73,8 +70,6 @@ def generate(run: Run, prompt: str, max_new_tokens: int = 100, temperature: floa
     from llmlab.score import generation_json
 
     sampling = SamplingConfig(temperature, top_k, top_p)
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     g = generate_text(run.model, run.tokenizer, prompt, max_new_tokens, sampling, seed=seed)
     return {"prompt": prompt, "text": g.text, "token_ids": g.token_ids,
             **generation_json(run.tokenizer, g.token_ids, g.entropies)}  # fmt: skip
@@ -117,11 +112,9 @@ def trace(run: Run, prompt: str) -> dict[str, Any]:
 
 def count(run: Run) -> dict[str, Any]:
     """`llmlab count RUN --json`: B = the run's batch size, S = its context."""
-    from llmlab.cli.count import count_report
+    from llmlab.accounting import count_report
 
-    report = count_report(run.model_cfg, run.train_cfg.batch_size, run.model_cfg.block_size)
-    report["model"] = {"source": str(run.path), **report["model"]}
-    return report
+    return count_report(run.model_cfg, run.train_cfg.batch_size, run.model_cfg.block_size, str(run.path))
 
 
 def locate(run: Run, prompt: str, subject: str, target: str, noise: float = 3.0, samples: int = 10,
@@ -140,24 +133,23 @@ def locate(run: Run, prompt: str, subject: str, target: str, noise: float = 3.0,
 
 def neurons(run: Run, prompt: str, position: int = -1, top: int = 5, tokens: int = 5) -> dict[str, Any]:
     """`llmlab knowledge neurons RUN --prompt P --json`: per layer, the `top` largest m_i at `position`."""
-    from llmlab.knowledge.keyvalue import top_memories
+    from llmlab.knowledge.keyvalue import memories_json, top_memories
 
-    encode_prompt(run.tokenizer, prompt, run.model_cfg.block_size)  # the checks every prompt gets
-    layers = top_memories(run.model, run.tokenizer, prompt, position, top, tokens)
-    return {"prompt": prompt, "position": position, "layers": [[m.to_json() for m in ms] for ms in layers]}
+    return memories_json(prompt, position, top_memories(run.model, run.tokenizer, prompt, position, top, tokens))
 
 
-def _example_fact(world: Any) -> dict[str, str] | None:
-    """For a model trained on bios data, a fact it was trained on, to trace."""
-    if world is None:
-        return None
+def _example_fact(data: str) -> dict[str, str] | None:
+    """For a model trained on bios data (`data` is the run's source), a fact of its world to trace."""
     from llmlab import bios
 
+    world = bios.world_of(data)
+    if world is None:
+        return None
     person, attribute = world.people[0], bios.BASE_ATTRIBUTES[0]
     return {"prompt": bios.prompt(person, attribute), "subject": person.name, "target": person.facts[attribute]}
 
 
-def _finite(x: Any) -> bool:
+def _is_finite(x: Any) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 

@@ -164,7 +164,7 @@ async function loadRun() {
     $("knowledge-subject").value = RUN.example_fact.subject;
     $("knowledge-target").value = RUN.example_fact.target;
   }
-  drawTraining();
+  drawTraining(RUN.metrics);
 }
 
 // --- entropy: POST /api/score ------------------------------------------------------------------
@@ -172,7 +172,7 @@ async function loadRun() {
 let lastScore = null;
 
 async function score() {
-  lastScore = null;
+  lastScore = null; // so that "colour by" cannot redraw an earlier answer if this request fails
   lastScore = await api("/api/score", { text: $("score-text").value, temperature: numberOrNull("score-temperature") });
   drawScore(lastScore);
 }
@@ -345,8 +345,7 @@ async function neurons() {
 
 // --- training curve (from GET /api/run) ------------------------------------------------------------
 
-function drawTraining() {
-  const m = RUN.metrics;
+function drawTraining(m) {
   const out = $("training-curve");
   out.innerHTML = "";
   if (!m.step.length) {
@@ -380,6 +379,7 @@ function drawTraining() {
     ["train loss (last step)", `${fixed(m.train_loss[m.train_loss.length - 1], 4)} nats/token (grey line)`],
     ["val loss (best)", m.best_val_loss === null ? "–" :
       `${fixed(m.best_val_loss, 4)} nats/token, perplexity ${fixed(m.best_val_perplexity, 3)} (red dots)`],
+    ...(m.not_finite ? [["not drawn", `${int(m.not_finite)} losses that are not finite (the run diverged)`]] : []),
   ]);
 }
 
@@ -393,7 +393,10 @@ function openTab(name) {
   for (const s of document.querySelectorAll(".tab")) s.classList.toggle("active", s.id === name);
   if (LOAD_ON_OPEN[name] && !opened.has(name)) {
     opened.add(name);
-    LOAD_ON_OPEN[name]().catch((e) => showError(e.message));
+    LOAD_ON_OPEN[name]().catch((e) => {
+      opened.delete(name); // opening the tab again retries
+      showError(e.message);
+    });
   }
 }
 
