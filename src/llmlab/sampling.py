@@ -46,6 +46,8 @@ def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
     Shifting by the maximum leaves softmax unchanged and keeps a tiny T from overflowing every
     logit to ±∞ (NaN probabilities): the most likely token stays at 0, the others go to −∞.
     """
+    if temperature == 1.0:  # nothing to divide, nothing to overflow
+        return logits
     return (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(logits.dtype).tiny)
 
 
