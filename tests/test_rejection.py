@@ -30,7 +30,8 @@ def within_3_se(rate: float, expected: float, proposed: int) -> bool:
 
 def test_discrete_samples_follow_p_and_acceptance_is_1_over_M():
     gen = torch.Generator().manual_seed(0)
-    p = torch.distributions.Dirichlet(torch.ones(10)).sample().double()
+    p = torch.rand(10, generator=gen, dtype=torch.float64)
+    p = p / p.sum()  # seeded, and in float64: chisquare needs the expected counts to sum to n exactly
     q = torch.full((10,), 0.1, dtype=torch.float64)
     M = discrete_envelope(p, q)
     assert pytest.approx(float(np.max(p.numpy() / q.numpy()))) == M
@@ -97,3 +98,12 @@ def test_bad_arguments(M, n, message):
     p = torch.tensor([0.5, 0.5], dtype=torch.float64)
     with pytest.raises(UserError, match=message):
         rejection_sample(lambda x: p[x], lambda x: p[x], lambda k, g: torch.multinomial(p, k, True), M, n)
+
+
+def test_an_envelope_too_large_to_finish_is_refused_before_any_work():
+    """1/M of the proposals are accepted, so n samples need about n·M of them."""
+    p = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    q = torch.tensor([1 - 1e-9, 1e-9], dtype=torch.float64)
+    M = discrete_envelope(p, q)  # 5e8
+    with pytest.raises(UserError, match=r"need about 5,000,000,000 proposals, more than 10,000,000"):
+        rejection_sample_discrete(p, q, M, 10)

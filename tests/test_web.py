@@ -17,6 +17,7 @@ import socket
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,30 @@ def test_generate_equals_the_cli(client, capsys, trained_run, sampling):
     for key in ("prompt", "text", "token_ids", "token_texts", "entropies", "mean_entropy", "max_entropy"):
         assert got[key] == cli[key], key
     assert len(got["token_ids"]) == 24 and "".join(got["token_texts"]) == got["text"]
+
+
+def test_rejection_sampling_draws_the_models_next_token_distribution(client, run):
+    """References: p = F.softmax of the model's last logits, q = softmax(z / T_q), M = max p/q (numpy);
+    the acceptance rate within 4 binomial standard deviations of 1/M; the accepted draws' counts
+    against p by scipy.stats.chisquare (the top tokens, the rest pooled)."""
+    prompt, n = "def f1(x, y):\n", 5000
+    r = post(client, "/api/rejection", {"prompt": prompt, "proposal_temperature": 1.5, "samples": n, "seed": 3})
+    with torch.no_grad():
+        z = run.model(torch.tensor([run.tokenizer.encode(prompt)]))[0, -1].double()  # [V]
+    p, q = F.softmax(z, -1).numpy(), F.softmax(z / 1.5, -1).numpy()
+    assert r["envelope"] == pytest.approx(float((p / q).max()), rel=1e-9)
+    assert r["expected_acceptance"] == pytest.approx(1 / r["envelope"])
+    assert r["accepted"] == n and r["acceptance_rate"] == r["accepted"] / r["proposed"]
+    a = 1 / r["envelope"]
+    assert abs(r["acceptance_rate"] - a) < 4 * math.sqrt(a * (1 - a) / r["proposed"])
+    shown = r["tokens"]
+    assert [t["id"] for t in shown] == list(np.argsort(-p, kind="stable")[: len(shown)])
+    assert [t["p"] for t in shown] == pytest.approx([p[t["id"]] for t in shown])
+    big = [t for t in shown if t["p"] * n >= 5]
+    observed = [t["frequency"] * n for t in big] + [n - sum(t["frequency"] * n for t in big)]
+    expected = [t["p"] * n for t in big] + [n - sum(t["p"] * n for t in big)]
+    assert stats.chisquare(observed, expected).pvalue > 1e-3
+    assert 0 < r["total_variation"] < 0.1 and 0 < r["total_variation_direct"] < 0.1
 
 
 def test_attention_pattern_is_masked_softmax_and_times_v_equals_fused_attention(client, run):
@@ -206,6 +231,11 @@ BAD = [
     ("/api/generate", {"prompt": "def", "seed": "one"}, "seed: Input should be a valid integer"),
     ("/api/generate", {"prompt": "def", "seed": 2**70}, "seed: Input should be less than or equal to 9223"),
     ("/api/generate", {"prompt": "def", "seed": -1}, "seed: Input should be greater than or equal to 0"),
+    ("/api/rejection", {"prompt": "def", "proposal_temperature": 0}, "proposal_temperature must be a positive finite"),
+    ("/api/rejection", {"prompt": "def", "samples": 0}, "samples: Input should be greater than or equal to 1"),
+    ("/api/rejection", {"prompt": "def", "samples": 100_001}, "samples: Input should be less than or equal to 100000"),
+    ("/api/rejection", {"prompt": "def", "proposal_temperature": 0.05, "samples": 100_000}, "proposals, more than"),
+    ("/api/rejection", {"prompt": ""}, "the prompt is empty"),
     ("/api/attention", {"prompt": "def", "layer": 2}, "layer must be from 0 to 1, got 2"),
     ("/api/attention", {"prompt": "def", "layer": True}, "layer: Input should be a valid integer"),
     ("/api/attention", {"prompt": "x" * 40}, "the prompt is 40 tokens long, but the model's context is 32"),

@@ -140,6 +140,24 @@ def test_bad_input_shows_the_servers_one_line_error(page):
     expect(page.locator("#error")).to_contain_text("temperature: Input should be a valid number")
 
 
+def test_rejection_tab_draws_p_the_accepted_draws_and_the_envelope(page, server):
+    page.click("button[data-tab=rejection]")
+    page.fill("#rejection-prompt", "return x")
+    page.fill("#rejection-samples", "3000")
+    page.click("#rejection-form button")
+    expect(page.locator("#rejection-figures tr")).to_have_count(3)
+    r = api(server, "/api/rejection", {"prompt": "return x", "samples": 3000})
+    svg = page.locator("#rejection-svg")
+    assert [float(v) for v in svg.locator("rect.p").evaluate_all("els => els.map(e => e.dataset.value)")] == (
+        pytest.approx([t["p"] for t in r["tokens"]]))  # fmt: skip
+    dots = svg.locator("circle.frequency").evaluate_all("els => els.map(e => e.dataset.value)")
+    assert [float(v) for v in dots] == pytest.approx([t["frequency"] for t in r["tokens"]])
+    assert svg.locator("line.envelope").count() == len(r["tokens"])
+    figures = page.inner_text("#rejection-figures")
+    assert f"{r['acceptance_rate']:.4f} measured ({r['accepted']:,} of {r['proposed']:,} proposals)" in figures
+    assert f"1/M = {r['expected_acceptance']:.4f} expected" in figures
+
+
 def test_generate_shows_the_prompt_then_each_new_token(page, server):
     page.click("button[data-tab=generate]")
     page.fill("#generate-prompt", "def f1")

@@ -67,6 +67,9 @@ def rejection_sample(p: Density, q: Density, propose: Proposal, M: float, n: int
         raise UserError(f"the envelope M must be a positive finite number, got {M}")
     if n < 1:
         raise UserError(f"the number of samples must be at least 1, got {n}")
+    if n * M > max_proposals:  # a normalised p accepts 1/M of the proposals
+        raise UserError(f"{n:,} samples at an acceptance rate of 1/M = {1 / M:.3g} need about {n * M:,.0f} "
+                        f"proposals, more than {max_proposals:,}: use a proposal closer to p")  # fmt: skip
     batch = batch or max(64, math.ceil(1.2 * n * M))
     kept: list[Tensor] = []
     have, proposed = 0, 0

@@ -5,6 +5,7 @@
     GET  /api/count        parameters, FLOPs, memory
     POST /api/score        {"text", "temperature", "top_k"}
     POST /api/generate     {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
+    POST /api/rejection    {"prompt", "proposal_temperature", "samples", "seed"}
     POST /api/attention    {"prompt", "layer"}
     POST /api/trace        {"prompt"}
     POST /api/locate       {"prompt", "subject", "target", "noise", "samples", "seed"}
@@ -81,6 +82,13 @@ class GenerateRequest(Body):
     seed: int = Field(1337, ge=0, le=MAX_SEED)
 
 
+class RejectionRequest(Body):
+    prompt: str
+    proposal_temperature: float = 2.0
+    samples: int = Field(2000, ge=1, le=100_000)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
 class AttentionRequest(Body):
     prompt: str
     layer: int = 0
@@ -143,6 +151,10 @@ def create_app(run: Run) -> FastAPI:
     @app.post("/api/generate")
     def generate(r: GenerateRequest) -> dict[str, Any]:
         return locked(instruments.generate, r.prompt, r.max_new_tokens, r.temperature, r.top_k, r.top_p, r.seed)
+
+    @app.post("/api/rejection")
+    def rejection(r: RejectionRequest) -> dict[str, Any]:
+        return locked(instruments.rejection, r.prompt, r.proposal_temperature, r.samples, r.seed)
 
     @app.post("/api/attention")
     def attention(r: AttentionRequest) -> dict[str, Any]:

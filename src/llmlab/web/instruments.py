@@ -6,6 +6,7 @@ that the command's `--json` prints, so what the page shows is what the tests che
     run_info    the run: config, parameter count, tokenizer, loss curve       (`train`'s metrics.csv)
     score       per-token surprisal, entropy, rank, alternatives; totals       `score RUN --text T --json`
     generate    a continuation, each new token with the entropy it was drawn from  `generate --entropy --json`
+    rejection   the next token drawn by rejection sampling from a flatter proposal  `llmlab.rejection`
     attention   softmax(QKᵀ/√D + M) of every head of one layer, [h, S, S]     `hook_pattern`, as `trace` sees it
     trace       every tensor's shape in the notes' letters                     `trace RUN --prompt P --json`
     count       parameters, FLOPs and memory, exact and measured               `count RUN --json`
@@ -99,6 +100,42 @@ def attention(run: Run, prompt: str, layer: int = 0) -> dict[str, Any]:
     return {
         "layer": layer, "tokens": token_pieces(run.tokenizer, ids), "pattern": pattern.tolist(),
         "entropy": entropy.tolist(), "mean_entropy": entropy.mean(-1).tolist(),  # [h]
+    }  # fmt: skip
+
+
+@torch.no_grad()
+def rejection(run: Run, prompt: str, proposal_temperature: float = 2.0, samples: int = 2000, seed: int = 0,
+              shown: int = 20) -> dict[str, Any]:  # fmt: skip
+    """Rejection sampling (notes §二) of the model's next token after the prompt.
+
+    Target p = softmax(z), proposal q = softmax(z / T_q) (flatter for T_q > 1), envelope
+    M = max p/q, the smallest valid one. `samples` draws are accepted; their frequencies should
+    be p, and accepted / proposed should be 1/M. Beside the total variation distance of the
+    accepted draws from p stands that of as many draws from p itself: the noise of n samples.
+    The `shown` most likely tokens are listed.
+    """
+    from llmlab.rejection import discrete_envelope, rejection_sample_discrete
+    from llmlab.score import token_pieces
+
+    if not 0 < proposal_temperature < math.inf:
+        raise UserError(f"proposal_temperature must be a positive finite number, got {proposal_temperature}")
+    ids = encode_prompt(run.tokenizer, prompt, run.model_cfg.block_size)
+    z = run.model(torch.tensor([ids], device=_device(run)))[0, -1].double().cpu()  # [V]
+    p, q = z.softmax(-1), (z / proposal_temperature).softmax(-1)  # [V] each
+    M = discrete_envelope(p, q)
+    result = rejection_sample_discrete(p, q, M, samples, torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed + 1)
+    direct = torch.multinomial(p, samples, replacement=True, generator=generator)  # the same n drawn from p itself
+    freq, freq_direct = (torch.bincount(x, minlength=len(p)).double() / samples for x in (result.samples, direct))
+    top = p.argsort(descending=True)[:shown]  # [shown]
+    return {
+        "prompt": prompt, "proposal_temperature": proposal_temperature, "envelope": M,
+        "expected_acceptance": 1 / M, "acceptance_rate": result.acceptance_rate,
+        "accepted": result.accepted, "proposed": result.proposed,
+        "total_variation": 0.5 * float((freq - p).abs().sum()),  # between the accepted draws and p
+        "total_variation_direct": 0.5 * float((freq_direct - p).abs().sum()),  # sampling noise alone, same n
+        "tokens": [{"text": token_pieces(run.tokenizer, [int(i)])[0], "id": int(i), "p": float(p[i]),
+                    "q": float(q[i]), "frequency": float(freq[i])} for i in top],
     }  # fmt: skip
 
 

@@ -204,6 +204,44 @@ function drawScore(r) {
   ]);
 }
 
+// --- rejection sampling: POST /api/rejection ------------------------------------------------------
+
+async function rejection() {
+  const r = await api("/api/rejection", {
+    prompt: $("rejection-prompt").value, proposal_temperature: numberOrNull("rejection-temperature"),
+    samples: numberOrNull("rejection-samples"), seed: numberOrNull("rejection-seed"),
+  });
+  rows($("rejection-figures"), [
+    ["envelope M = max p/q", fixed(r.envelope, 4)],
+    ["acceptance rate", `${fixed(r.acceptance_rate, 4)} measured (${int(r.accepted)} of ${int(r.proposed)} proposals), ` +
+      `1/M = ${fixed(r.expected_acceptance, 4)} expected`],
+    ["distance from p", `total variation ${fixed(r.total_variation, 4)} for the accepted draws, ` +
+      `${fixed(r.total_variation_direct, 4)} for as many draws from p itself`],
+  ]);
+  $("rejection-bars").append(bars(r.tokens, r.envelope));
+}
+
+// For each token: p (bar), the frequency of the accepted draws (dot) and M·q (tick), on one scale.
+function bars(tokens, M) {
+  const W = 720, rowH = 18, left = 60, top = 20;
+  const scale = (W - left - 20) / maxOf(tokens.map((t) => Math.max(t.p, M * t.q, t.frequency)));
+  const root = svg("svg", { width: W, height: top + rowH * tokens.length + 8, id: "rejection-svg" });
+  svg("text", { x: left, y: 12 }, root).textContent = "bars: p · dots: the accepted draws · ticks: M·q";
+  tokens.forEach((t, i) => {
+    const y = top + i * rowH;
+    svg("text", { x: left - 6, y: y + 12, "text-anchor": "end" }, root).textContent = visible(t.text);
+    const bar = svg("rect", { x: left, y: y + 3, width: t.p * scale, height: rowH - 6, fill: "#f2b8b0", class: "p",
+      "data-value": t.p }, root);
+    svg("title", {}, bar).textContent = `${JSON.stringify(t.text)}: p ${fixed(t.p, 4)}, q ${fixed(t.q, 4)}, ` +
+      `M·q ${fixed(M * t.q, 4)}, accepted ${fixed(t.frequency, 4)}`;
+    svg("line", { x1: left + M * t.q * scale, x2: left + M * t.q * scale, y1: y + 1, y2: y + rowH - 1,
+      stroke: "#1d2430", class: "envelope" }, root);
+    svg("circle", { cx: left + t.frequency * scale, cy: y + rowH / 2, r: 3.5, fill: "#d63027", class: "frequency",
+      "data-value": t.frequency }, root);
+  });
+  return root;
+}
+
 // --- generation: POST /api/generate -------------------------------------------------------------
 
 async function generate() {
@@ -404,6 +442,7 @@ document.addEventListener("DOMContentLoaded", () => {
   for (const b of document.querySelectorAll("#tabs button")) b.addEventListener("click", () => openTab(b.dataset.tab));
   onSubmit("score-form", score, ["score-tokens", "score-legend", "score-totals"]);
   $("score-by").addEventListener("change", () => lastScore && drawScore(lastScore));
+  onSubmit("rejection-form", rejection, ["rejection-figures", "rejection-bars"]);
   onSubmit("generate-form", generate, ["generate-output", "generate-legend", "generate-figures"]);
   onSubmit("attention-form", attention, ["attention-heads"]);
   onSubmit("shapes-form", shapes, ["shapes-letters", "shapes-rows"]);
