@@ -236,6 +236,7 @@ BAD = [
     ("/api/rejection", {"prompt": "def", "samples": 100_001}, "samples: Input should be less than or equal to 100000"),
     ("/api/rejection", {"prompt": "def", "proposal_temperature": 0.05, "samples": 100_000}, "proposals, more than"),
     ("/api/rejection", {"prompt": ""}, "the prompt is empty"),
+    ("/api/rejection", {"prompt": "def", "proposal_temperature": 1e-300}, "is 0 where p is not, so no envelope"),
     ("/api/attention", {"prompt": "def", "layer": 2}, "layer must be from 0 to 1, got 2"),
     ("/api/attention", {"prompt": "def", "layer": True}, "layer: Input should be a valid integer"),
     ("/api/attention", {"prompt": "x" * 40}, "the prompt is 40 tokens long, but the model's context is 32"),
