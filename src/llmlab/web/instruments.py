@@ -1,7 +1,8 @@
 """The web app's instruments: a run and a request in, the JSON that the page draws out.
 
 Each instrument calls the same library function as its command and returns the same figures
-that the command's `--json` prints, so what the page shows is what the tests check:
+that the command's `--json` prints (rejection, attention and run_info have no command of their
+own), so what the page shows is what the tests check:
 
     run_info    the run: config, parameter count, tokenizer, loss curve       (`train`'s metrics.csv)
     score       per-token surprisal, entropy, rank, alternatives; totals       `score RUN --text T --json`
