@@ -105,5 +105,8 @@ def test_an_envelope_too_large_to_finish_is_refused_before_any_work():
     p = torch.tensor([0.5, 0.5], dtype=torch.float64)
     q = torch.tensor([1 - 1e-9, 1e-9], dtype=torch.float64)
     M = discrete_envelope(p, q)  # 5e8
-    with pytest.raises(UserError, match=r"need about 5,000,000,000 proposals, more than 10,000,000"):
+    with pytest.raises(UserError, match=r"need about 5e\+09 proposals on average, more than 1/10 of the budget"):
         rejection_sample_discrete(p, q, M, 10)
+    q = torch.tensor([1 - 1e-6, 1e-6], dtype=torch.float64)  # M = 5e5: 1 sample expects 5e5 of 1e7 proposals
+    assert all(rejection_sample_discrete(p, q, discrete_envelope(p, q), 1, torch.Generator().manual_seed(s)).accepted
+               == 1 for s in range(20))  # fmt: skip

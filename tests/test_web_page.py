@@ -138,6 +138,10 @@ def test_bad_input_shows_the_servers_one_line_error(page):
     page.fill("#generate-temperature", "")  # an empty field is not silently 0
     page.click("#generate-form button")
     expect(page.locator("#error")).to_contain_text("temperature: Input should be a valid number")
+    page.fill("#generate-temperature", "1")
+    page.fill("#generate-seed", str(2**63 - 1))  # JavaScript's numbers would round it to 2**63
+    page.click("#generate-form button")
+    expect(page.locator("#error")).to_contain_text("seed: the page sends integers up to 2^53 − 1 exactly")
 
 
 def test_rejection_tab_draws_p_the_accepted_draws_and_the_envelope(page, server):

@@ -35,6 +35,13 @@ Density = Callable[[Tensor], Tensor]  # x [N, ...] → p(x) [N]
 Proposal = Callable[[int, "torch.Generator | None"], Tensor]  # (N, generator) → x [N, ...], drawn from q
 
 
+MAX_BATCH = 1 << 20  # proposals drawn at once
+# The number of proposals until the n-th acceptance is negative-binomial with mean n·M; for n = 1 it
+# exceeds k times the mean with probability e^(−k). Requests expecting more than 1/10 of the budget
+# are refused up front, so an accepted one runs out of budget with probability at most e^(−10).
+BUDGET_MARGIN = 10
+
+
 class EnvelopeViolation(UserError):
     """p(x) > M·q(x) at a proposed x: M is not an envelope, and the samples would be wrong."""
 
@@ -67,10 +74,11 @@ def rejection_sample(p: Density, q: Density, propose: Proposal, M: float, n: int
         raise UserError(f"the envelope M must be a positive finite number, got {M}")
     if n < 1:
         raise UserError(f"the number of samples must be at least 1, got {n}")
-    if n * M > max_proposals:  # a normalised p accepts 1/M of the proposals
-        raise UserError(f"{n:,} samples at an acceptance rate of 1/M = {1 / M:.3g} need about {n * M:,.0f} "
-                        f"proposals, more than {max_proposals:,}: use a proposal closer to p")  # fmt: skip
-    batch = batch or max(64, math.ceil(1.2 * n * M))
+    if BUDGET_MARGIN * n * M > max_proposals:  # a normalised p accepts 1/M of the proposals
+        raise UserError(f"{n:,} samples at an acceptance rate of 1/M = {1 / M:.3g} need about {n * M:.3g} "
+                        f"proposals on average, more than 1/{BUDGET_MARGIN} of the budget of {max_proposals:,}: "
+                        "use a proposal closer to p")  # fmt: skip
+    batch = batch or min(MAX_BATCH, max(64, math.ceil(1.2 * n * M)))
     kept: list[Tensor] = []
     have, proposed = 0, 0
     while have < n:

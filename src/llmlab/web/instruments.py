@@ -124,7 +124,7 @@ def rejection(run: Run, prompt: str, proposal_temperature: float = 2.0, samples:
     z = run.model(torch.tensor([ids], device=_device(run)))[0, -1].double().cpu()  # [V]
     p, q = z.softmax(-1), (z / proposal_temperature).softmax(-1)  # [V] each
     M = discrete_envelope(p, q)
-    if math.isinf(M):
+    if not math.isfinite(M):  # inf, or NaN when z / T_q overflows
         raise UserError(f"q = softmax(z / {proposal_temperature:g}) is 0 where p is not, so no envelope M exists: "
                         "use a flatter proposal (a proposal temperature of 1 or more)")  # fmt: skip
     result = rejection_sample_discrete(p, q, M, samples, torch.Generator().manual_seed(seed))

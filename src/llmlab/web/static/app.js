@@ -56,7 +56,11 @@ function numberOrNull(id) {
   if (input.validity?.badInput || (text !== "" && !Number.isFinite(Number(text)))) {
     throw new Error(`${name}: not a finite number`);
   }
-  return text === "" ? null : Number(text);
+  const x = text === "" ? null : Number(text);
+  if (Number.isInteger(x) && !Number.isSafeInteger(x)) { // JSON from JavaScript would round it
+    throw new Error(`${name}: the page sends integers up to 2^53 − 1 exactly; the API takes larger ones`);
+  }
+  return x;
 }
 
 // --- formatting and colour -------------------------------------------------------------------
