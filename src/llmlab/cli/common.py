@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from llmlab import config as cfg_lib
+from llmlab import strict_json
 from llmlab.errors import UserError
 
 
@@ -70,9 +71,7 @@ def refuse_file_as_out(out: str) -> None:
 
 def print_json(obj: dict[str, Any]) -> None:
     """`--json`: one JSON object on one line of stdout."""
-    from llmlab.strict_json import dumps
-
-    print(dumps(obj), flush=True)
+    print(strict_json.dumps(obj), flush=True)
 
 
 def emit(args: argparse.Namespace, obj: dict[str, Any], human: Callable[[], None]) -> None:

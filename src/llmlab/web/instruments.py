@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from llmlab.config import to_dict
-from llmlab.entropy import perplexity
+from llmlab.entropy import entropy_of_probs, perplexity
 from llmlab.errors import UserError
 from llmlab.run_dir import Run, read_metrics
 from llmlab.sampling import encode_prompt
@@ -97,7 +97,7 @@ def attention(run: Run, prompt: str, layer: int = 0) -> dict[str, Any]:
     name = f"blocks.{layer}.attn.hook_pattern"
     _, cache = run.model.run_with_cache(idx, names=[name])
     pattern = cache[name][0].float().cpu()  # [h, S, S]
-    entropy = torch.special.entr(pattern).sum(-1)  # [h, S]
+    entropy = entropy_of_probs(pattern)  # [h, S]
     return {
         "layer": layer, "tokens": token_pieces(run.tokenizer, ids), "pattern": pattern.tolist(),
         "entropy": entropy.tolist(), "mean_entropy": entropy.mean(-1).tolist(),  # [h]
