@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmlab import tying
+from llmlab import gelu, tying
 from llmlab.config import ModelConfig
 from llmlab.hooks import HookedModule, HookPoint
 from llmlab.matvec import Linear
@@ -260,7 +260,7 @@ class MLP(nn.Module):
 ACTIVATIONS = {
     "relu": F.relu,
     "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
+    "gelu_tanh": gelu.gelu_tanh,  # GPT-2's "gelu_new": F.gelu(x, approximate="tanh")
     "swiglu": F.silu,
 }
 

@@ -1,0 +1,59 @@
+"""GPT-2's GELU ("gelu_new"), with a training path that never calls `tanh`.
+
+    GELU(x) = ½x(1 + tanh z),   z = √(2/π)(x + 0.044715x³)
+            = x·σ(2z),          since 1 + tanh z = 2σ(2z)
+
+    GELU'(x) = σ(2z)·(1 + x·(1 − σ(2z))·2z'),   2z' = 2√(2/π)(1 + 3·0.044715x²)
+
+On CPUs without AVX-512, PyTorch's fused `F.gelu(approximate="tanh")` spends most of its time
+inside a vectorised `tanh`, and its backward computes that `tanh` again: forward and backward
+of the tiny shape's [12, 64, 512] take 0.7–1.2 ms each, 17% of a training step
+(`python -m benchmarks.profile_train`). `sigmoid` costs a third of `tanh` there. `GeluTanh`
+computes σ(2z) once in the forward, and stores GELU'(x) instead of x, so its backward is one
+multiplication. It keeps as much memory as `F.gelu`, which stores x: one [..., F] tensor.
+
+`gelu_tanh` takes this path only when it pays and is exact to float32 rounding: a float32 CPU
+tensor that needs a gradient. Everywhere else (inference, other dtypes, CUDA, where the fused
+kernel is one pass) it is `F.gelu`. `tests/test_gelu.py` holds the two equal;
+`python -m benchmarks.bench_activation` measures both, alone and inside a training step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+C, A = math.sqrt(2 / math.pi), 0.044715
+X2_MAX = 400.0  # x² is clamped here in the derivative: σ(2z) is exactly 0 or 1 from |x| = 20 on
+
+
+class GeluTanh(torch.autograd.Function):
+    """x·σ(2z), saving GELU'(x) for the backward. x [...] → [...]."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        x2 = (x * x).clamp_(max=X2_MAX)  # x², clamped so that x·2z' stays finite for |x| < 1e36
+        s = torch.mul(x2, 2 * C * A).add_(2 * C).mul_(x).sigmoid_()  # σ(2z)
+        out = x * s
+        slope = x2.mul_(6 * C * A).add_(2 * C).mul_(x)  # x·2z'
+        slope.addcmul_(slope, s, value=-1).add_(1).mul_(s)  # σ·(1 + x(1 − σ)·2z') = GELU'(x)
+        ctx.save_for_backward(slope)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (slope,) = ctx.saved_tensors
+        return grad * slope
+
+
+def takes_fast_path(x: Tensor) -> bool:
+    return x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GPT-2's GELU, `F.gelu(x, approximate="tanh")`; through `GeluTanh` when training on CPU."""
+    return GeluTanh.apply(x) if takes_fast_path(x) else F.gelu(x, approximate="tanh")
