@@ -24,4 +24,3 @@ def test_a_row_says_by_how_much_it_misses_its_goal():
     assert "missed by 3.8% of the target" in missed.cells()[-1]
     assert Row("x", 1.4, 1.0, "tokens/s", "≥ 1.3×", goal=1.3).shortfall is None
     assert Row("ceiling", 65.0, None, "%", "≥ 70%", goal=70.0).cells()[-1].startswith("missed by 7.1%")
-

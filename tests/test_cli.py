@@ -150,6 +150,7 @@ def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]
         ([*train, "--out", "caf\udce9"], "--out is not valid UTF-8"),
         ([*train, "--init-from", str(run), "--tokenizer", "bpe"], "--init-from brings its run's tokenizer"),
         ([*train, "--init-from", str(run), "--config", str(tmp / "none.toml")], "not --config"),
+        ([*train, "--init-from", str(run), "--preset", "gpt2"], "--init-from keeps its run's model; --preset gpt2"),
         (["trace", "--set", "d_model=1000000", "--set", "n_layers=1", "--seq", "1"], "out of memory"),
         (["count", "--sweep", "seq=8,16", "--out", str(tmp)], "a .png file"),
         (["run", "--minutes", "nan", "--out", str(tmp / "tour")], "--minutes must be a positive finite number"),
@@ -237,3 +238,11 @@ def test_generate_entropy_reports_every_tokens_entropy(capsys, trained_run):
     assert out["mean_entropy"] == pytest.approx(sum(g.entropies) / 12) and out["max_entropy"] == max(g.entropies)
     code, text, _ = run_cli(capsys, *argv, "--color", "always")
     assert code == 0 and "\x1b[48;5;" in text and "entropy" in text.splitlines()[-1]
+
+
+def test_quoted_keeps_a_long_value_to_one_short_line():
+    from llmlab.errors import quoted
+
+    assert quoted("abc") == "'abc'" and quoted("x" * 60) == repr("x" * 60)
+    long = "a\nb" * 10_000
+    assert quoted(long) == f"{long[:30]!r}…{long[-30:]!r} (30,000 characters)" and "\n" not in quoted(long)

@@ -208,6 +208,7 @@ def test_cli_rft_json_write_corpus_and_best_of(capsys, trained_run, tmp_path, ve
 def test_cli_rft_bad_inputs_are_one_line_exit_2(capsys, trained_run, tmp_path, verifiers):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\nnot json\n')
     (tmp_path / "exists.txt").write_text("x")
+    (tmp_path / "unanswered.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n' * 3)
     base = ["rft", str(trained_run), "--task", str(verifiers), "--steps", "2", "--samples", "1"]
     out = ["--out", str(tmp_path / "new")]
     cases = [
@@ -217,6 +218,11 @@ def test_cli_rft_bad_inputs_are_one_line_exit_2(capsys, trained_run, tmp_path, v
         ([*base, *out, "--verifier", "my_verifiers:never"], "round 1 kept no sample"),
         (["rft", str(trained_run), "--task", str(tmp_path / "bad.jsonl"), *out], "bad.jsonl line 2 is not JSON"),
         (["rft", str(trained_run), "--task", "multiplication", *out], "neither a built-in task"),
+        (
+            ["rft", str(trained_run), "--task", str(tmp_path / "unanswered.jsonl"), *out],
+            """3 of the 6 examples of unanswered.jsonl have no "answer" (the first: '2+2=')""",
+        ),
+        (["rft", str(trained_run), "--task", str(tmp_path / "unanswered.jsonl"), "--best-of", "2"], 'have no "answer"'),
         ([*base, *out, "--samples", "0"], "--samples, --rounds and --steps must be at least 1"),
         ([*base, *out, "--lr", "nan"], "--lr must be a positive finite number"),
         (["rft", str(trained_run), "--task", "addition", "--heldout-fraction", "0.5", *out], "applies to a task file"),

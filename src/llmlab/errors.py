@@ -20,3 +20,12 @@ class RunDirError(UserError):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def quoted(text: str, limit: int = 60) -> str:
+    """`repr(text)` for a message, its middle cut to "…" past `limit` characters of text, so that
+    a long prompt quoted in an error still leaves one readable line."""
+    if len(text) <= limit:
+        return repr(text)
+    half = limit // 2
+    return f"{text[:half]!r}…{text[-half:]!r} ({len(text):,} characters)"

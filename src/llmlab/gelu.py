@@ -37,10 +37,10 @@ class GeluTanh(torch.autograd.Function):
     def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
         x2 = (x * x).clamp_(max=X2_MAX)  # x², clamped so that x·2z' stays finite for |x| < 1e36
         s = torch.mul(x2, 2 * C * A).add_(2 * C).mul_(x).sigmoid_()  # σ(2z)
-        out = x * s
-        slope = x2.mul_(6 * C * A).add_(2 * C).mul_(x)  # x·2z'
+        slope = x2.mul_(6 * C * A).add_(2 * C).mul_(x)  # x·2z', in x²'s buffer
         slope.addcmul_(slope, s, value=-1).add_(1).mul_(s)  # σ·(1 + x(1 − σ)·2z') = GELU'(x)
         ctx.save_for_backward(slope)
+        out = s.mul_(x)  # x·σ(2z), in σ's buffer
         return out
 
     @staticmethod

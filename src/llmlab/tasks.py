@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmlab.errors import UserError
+from llmlab.errors import UserError, quoted
 
 Verifier = Callable[[str, str, "str | None"], bool]
 
@@ -68,6 +68,20 @@ def exact_match(prompt: str, completion: str, answer: str | None) -> bool:
     if answer is None:
         raise ValueError("exact_match needs an answer for every example")
     return completion.strip() == answer.strip()
+
+
+def check_answers(task: Task, verifier: Verifier, name: str) -> None:
+    """A UserError, before anything is sampled, if `verifier` compares completions with answers
+    (`exact_match`) and some of the task's examples have none: every one of their samples would
+    otherwise be a verifier error."""
+    if verifier is not exact_match:
+        return
+    missing = [e for e in task.train + task.heldout if e.answer is None]
+    if missing:
+        total = len(task.train) + len(task.heldout)
+        raise UserError(f'{len(missing)} of the {total} examples of {task.name} have no "answer" (the first: '
+                        f'{quoted(missing[0].prompt, 40)}), which {name} compares with; give each line an "answer", '
+                        "or a --verifier that needs none")  # fmt: skip
 
 
 def addition_correct(prompt: str, completion: str, answer: str | None = None) -> bool:

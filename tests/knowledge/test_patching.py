@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -85,11 +87,15 @@ def test_heat_maps_are_written_one_per_kind(tmp_path):
         (Fact("so the {} is", "  ", "x"), "the subject is empty"),
         (Fact("so the {} is", "fox", "x" * 60), "over the context of 48"),
         (Fact("so the {} is", "fox", "é"), "not in this character tokenizer's vocabulary"),
+        (
+            Fact("the fox " * 2500, "cat", "x"),
+            "in the prompt 'the fox the fox the fox the fo'…'e fox the fox the fox the fox ' (20,000 characters), and",
+        ),
     ],
 )
 def test_bad_facts_are_user_errors(fact, message):
     model, tok = random_model()
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("{", r"\{").replace("}", r"\}")):
+    with pytest.raises(UserError, match=re.escape(message)):
         causal_trace(model, tok, fact, samples=1)
 
 

@@ -26,7 +26,7 @@ recipe on the built-in task (2-digit addition; minutes on 2 CPU cores):
 def run(args: argparse.Namespace) -> None:
     """Rejection-sampling fine-tuning: draw N completions per prompt, keep those a verifier
     accepts, fine-tune on them, repeat; reports each round's acceptance rate and held-out pass@1."""
-    from llmlab.tasks import BUILTIN_TASKS, load_task, load_verifier
+    from llmlab.tasks import BUILTIN_TASKS, check_answers, load_task, load_verifier
 
     if args.heldout_fraction is not None and args.task in BUILTIN_TASKS:
         raise UserError(f"--heldout-fraction applies to a task file; {args.task!r} has its own held-out set")
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> None:
         raise UserError("RUN is required (the run to fine-tune), unless --write-corpus is given")
     verifier_name = args.verifier or task.verifier
     verifier = load_verifier(verifier_name)
+    check_answers(task, verifier, verifier_name)
     if args.best_of is not None:
         return _best_of(args, task, verifier)
     if args.out is None:

@@ -21,6 +21,9 @@ def run(args: argparse.Namespace) -> None:
         raise UserError("--init-from brings its run's tokenizer; drop --tokenizer-from, --tokenizer and --vocab-size")
     if args.init_from and args.config:
         raise UserError("--init-from keeps its run's model; give training settings with --set, not --config")
+    if args.init_from and args.preset != "notes":
+        raise UserError(f"--init-from keeps its run's model; --preset {args.preset} would change it (training "
+                        "settings start from the notes preset's; change them with --set)")  # fmt: skip
     model_keys = sorted(set(parse_sets(args.sets)) & set(field_names(ModelConfig)))
     if args.init_from and model_keys:
         raise UserError(f"--init-from keeps its run's model; --set {model_keys[0]} would change it (only training "

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from llmlab.data import read_text_file
-from llmlab.errors import UserError
+from llmlab.errors import UserError, quoted
 from llmlab.model import GPT
 from llmlab.tokenizer import Tokenizer
 
@@ -67,15 +67,15 @@ class Encoded:
 def fill(prompt: str, subject: str) -> tuple[str, int]:
     """The prompt text and the character offset of the subject in it."""
     if not subject.strip():
-        raise UserError(f"the subject is empty (got {subject!r})")
+        raise UserError(f"the subject is empty (got {quoted(subject)})")
     if "{}" in prompt:
         if prompt.count("{}") > 1:
-            raise UserError(f"the prompt template {prompt!r} has more than one {{}}")
+            raise UserError(f"the prompt template {quoted(prompt)} has more than one {{}}")
         return prompt.replace("{}", subject), prompt.index("{}")
     if subject not in prompt:
         raise UserError(
-            f"the subject {subject!r} does not occur in the prompt {prompt!r}, and the prompt is not a template "
-            "(write {} where the subject goes)"
+            f"the subject {quoted(subject)} does not occur in the prompt {quoted(prompt)}, and the prompt is not a "
+            "template (write {} where the subject goes)"
         )
     return prompt, prompt.index(subject)
 
@@ -97,14 +97,15 @@ def encode(tokenizer: Tokenizer, fact: Fact, prefix: str = "", block_size: int |
         if upto[: len(before)] == before and ids[: len(upto)] == upto and len(upto) > len(before):
             break
     else:
-        raise UserError(f"the subject {fact.subject!r} does not form whole tokens in {text!r}")
+        raise UserError(f"the subject {quoted(fact.subject)} does not form whole tokens in {quoted(text)}")
     sep = "" if text[-1:].isspace() or fact.target[:1].isspace() else " "
     full = tokenizer.encode(text + sep + fact.target)
     if full[: len(ids)] != ids:
-        raise UserError(f"the target {fact.target!r} merges with the end of the prompt {text!r} into one token")
+        raise UserError(f"the target {quoted(fact.target)} merges with the end of the prompt {quoted(text)} "
+                        "into one token")  # fmt: skip
     target = full[len(ids) :]
     if not fact.target.strip() or not target:
-        raise UserError(f"the target {fact.target!r} tokenizes to nothing")
+        raise UserError(f"the target {quoted(fact.target)} tokenizes to nothing")
     if block_size is not None and len(ids) + len(target) - 1 > block_size:
         raise UserError(f"the prompt and target are {len(ids) + len(target) - 1} tokens, over the context of "
                         f"{block_size}")  # fmt: skip
