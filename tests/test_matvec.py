@@ -23,7 +23,7 @@ def two_threads():
 
 
 @pytest.mark.parametrize("parts", [2, 3, 4])
-@pytest.mark.parametrize(("N", "bias"), [(1000, True), (1001, False), (7, True)])
+@pytest.mark.parametrize(("N", "bias"), [(1000, True), (1200, False), (1001, False), (7, True)])
 def test_split_matvec_equals_f_linear(parts, N, bias):
     """Reference: F.linear on the same x, W, b (one input row or a few, any leading shape), N not
     divisible by parts too."""
