@@ -24,3 +24,30 @@ def test_a_row_says_by_how_much_it_misses_its_goal():
     assert "missed by 3.8% of the target" in missed.cells()[-1]
     assert Row("x", 1.4, 1.0, "tokens/s", "≥ 1.3×", goal=1.3).shortfall is None
     assert Row("ceiling", 65.0, None, "%", "≥ 70%", goal=70.0).cells()[-1].startswith("missed by 7.1%")
+
+
+def test_make_bench_quick_writes_its_rows_into_an_existing_file(tmp_path, capsys):
+    """`python -m benchmarks.run --quick` end to end (tiny shape, 3 repetitions): its section goes
+    first, another section stays, and each row's ratio is the quotient of its two figures. The
+    figures themselves are BENCHMARKS.md's business, not a test's."""
+    import re
+
+    from benchmarks import run
+    from llmlab.accounting import cpu_has_native_bf16
+
+    out = tmp_path / "B.md"
+    out.write_text("## Speculative decoding\n\nby hand\n")
+    assert run.main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("## Benchmarks on cpu\n") and text.endswith("## Speculative decoding\n\nby hand\n")
+    assert "Produced by `python -m benchmarks.run --quick --out " in text and "- cores: " in text
+    rows = {cells[0]: cells for line in text.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}  # fmt: skip
+    for name in ["training step, tiny, B=12 S=64, fp32", "greedy decoding, tiny, B=1, fp32"]:
+        ours, peer, ratio = float(rows[name][1].replace(",", "")), float(rows[name][2].replace(",", "")), rows[name][4]
+        assert ours > 0 and peer > 0 and re.fullmatch(r"\*\*\d+\.\d\d×\*\*", ratio)
+        assert abs(float(ratio.strip("*×")) - ours / peer) <= 0.006, (name, ours, peer, ratio)
+    assert "same tokens as transformers" in rows["greedy decoding, tiny, B=1, fp32"][6]
+    bf16 = rows["training step, tiny, bf16 autocast vs transformers fp32"]
+    assert (bf16[1] == "not run") == (not cpu_has_native_bf16()), bf16  # emulated bf16 is not timed
+    assert capsys.readouterr().out.strip().startswith("## Benchmarks on cpu")
