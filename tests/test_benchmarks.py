@@ -33,6 +33,7 @@ def test_make_bench_quick_writes_its_rows_into_an_existing_file(tmp_path, capsys
     import re
 
     from benchmarks import run
+
     from llmlab.accounting import cpu_has_native_bf16
 
     out = tmp_path / "B.md"
