@@ -151,6 +151,7 @@ def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]
         ([*train, "--init-from", str(run), "--tokenizer", "bpe"], "--init-from brings its run's tokenizer"),
         ([*train, "--init-from", str(run), "--config", str(tmp / "none.toml")], "not --config"),
         ([*train, "--init-from", str(run), "--preset", "gpt2"], "--init-from keeps its run's model; --preset gpt2"),
+        ([*train, "--init-from", str(run), "--preset", "gpt5"], "unknown preset 'gpt5'"),
         (["trace", "--set", "d_model=1000000", "--set", "n_layers=1", "--seq", "1"], "out of memory"),
         (["count", "--sweep", "seq=8,16", "--out", str(tmp)], "a .png file"),
         (["run", "--minutes", "nan", "--out", str(tmp / "tour")], "--minutes must be a positive finite number"),

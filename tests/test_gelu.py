@@ -4,9 +4,11 @@ differences (torch.autograd.gradcheck)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from llmlab import gelu
 from llmlab.gelu import GeluTanh, gelu_tanh, takes_fast_path
 
 
@@ -77,3 +79,20 @@ def test_the_fast_path_is_taken_only_when_training_float32_on_cpu():
     leaf = x.clone().requires_grad_()
     assert type(gelu_tanh(leaf).grad_fn).__name__ == "GeluTanhBackward"
     assert torch.equal(gelu_tanh(x), reference(x))
+
+
+def test_a_second_derivative_is_an_error_and_without_the_fast_path_equals_torchs(monkeypatch):
+    """Hessian-vector style double backward (create_graph=True): the fast path refuses it rather
+    than drop GELU''; with FAST_PATH off the model's activation is F.gelu, whose result it equals."""
+    g = torch.Generator().manual_seed(2)
+    x, w1, w2 = (torch.randn(*s, generator=g).requires_grad_() for s in [(3, 4), (5, 4), (2, 5)])
+
+    def second(act) -> torch.Tensor:
+        loss = F.linear(act(F.linear(x, w1)), w2).pow(2).sum()
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), w1)[0]
+
+    with pytest.raises(RuntimeError, match="first-order only; for second derivatives set llmlab.gelu.FAST_PATH"):
+        second(gelu_tanh)
+    monkeypatch.setattr(gelu, "FAST_PATH", False)
+    torch.testing.assert_close(second(gelu_tanh), second(reference))

@@ -10,11 +10,15 @@ inside a vectorised `tanh`, and its backward computes that `tanh` again: forward
 of the tiny shape's [12, 64, 512] take 0.7–1.2 ms each, 17% of a training step
 (`python -m benchmarks.profile_train`). `sigmoid` costs a third of `tanh` there. `GeluTanh`
 computes σ(2z) once in the forward, and stores GELU'(x) instead of x, so its backward is one
-multiplication. It keeps as much memory as `F.gelu`, which stores x: one [..., F] tensor.
+multiplication. It stores as much for the backward as `F.gelu`, which stores x: one [..., F]
+tensor (during the forward one buffer more is alive).
 
-`gelu_tanh` takes this path only when it pays and is exact to float32 rounding: a float32 CPU
-tensor that needs a gradient. Everywhere else (inference, other dtypes, CUDA, where the fused
-kernel is one pass) it is `F.gelu`. `tests/test_gelu.py` holds the two equal;
+`gelu_tanh` takes this path only where it pays and its float32 error stays within a few
+roundings (gradients within about twice `F.gelu`'s own error, and better in the negative tail):
+a float32 CPU tensor that needs a gradient, with `FAST_PATH` on. Everywhere else (inference,
+other dtypes, CUDA, where the fused kernel is one pass) it is `F.gelu`. The path is first-order
+only, having no x to differentiate again: a second derivative through it (`create_graph=True`)
+is an error that says to set `llmlab.gelu.FAST_PATH = False`. `tests/test_gelu.py` holds the two equal;
 `python -m benchmarks.bench_activation` measures both, alone and inside a training step.
 """
 
@@ -28,6 +32,7 @@ from torch import Tensor
 
 C, A = math.sqrt(2 / math.pi), 0.044715
 X2_MAX = 400.0  # x² is clamped here in the derivative: σ(2z) is exactly 0 or 1 from |x| = 20 on
+FAST_PATH = True  # False: always F.gelu (for second derivatives, or to compare)
 
 
 class GeluTanh(torch.autograd.Function):
@@ -44,14 +49,17 @@ class GeluTanh(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative would silently lack GELU''
+            raise RuntimeError("llmlab.gelu.GeluTanh is first-order only; for second derivatives set "
+                               "llmlab.gelu.FAST_PATH = False, which trains with F.gelu")  # fmt: skip
         (slope,) = ctx.saved_tensors
         return grad * slope
 
 
 def takes_fast_path(x: Tensor) -> bool:
-    return x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+    return (FAST_PATH and x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == torch.float32)  # fmt: skip
 
 
 def gelu_tanh(x: Tensor) -> Tensor:

@@ -26,9 +26,9 @@ rows of GPT-2's matrices here, and the gain fades towards 64 rows (`bench_matvec
 `rows` columns). Its output [parts, M, N/parts] is copied once into [M, N].
 
 A token's products are small enough that Python's share counts: for one row and a weight whose
-rows split evenly (all of GPT-2's but the output layer's 50,257), the batch's output is already
-y's layout, and the call skips the buffer and the slicing, about 20 µs of 140 for GPT-2's
-[2304, 768] W^QKV and 3-4% of a 124M token.
+rows split evenly (on 2 threads, all of GPT-2's but the output layer's 50,257), the batch's
+output is already y's layout, and the call skips the buffer and the slicing, about 20 µs of
+140 for GPT-2's [2304, 768] W^QKV and 3-4% of a 124M token.
 """
 
 from __future__ import annotations

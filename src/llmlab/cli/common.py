@@ -21,7 +21,10 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message if self.prog == "llmlab" else f"{self.prog}: {message}")
 
 
-def add_config_args(p: argparse.ArgumentParser, default_preset: str = "notes") -> None:
+DEFAULT_PRESET = "notes"
+
+
+def add_config_args(p: argparse.ArgumentParser, default_preset: str = DEFAULT_PRESET) -> None:
     g = p.add_argument_group("model and training configuration")
     g.add_argument(
         "--preset", default=default_preset, help=f"one of: {', '.join(cfg_lib.PRESETS)} (default: %(default)s)"

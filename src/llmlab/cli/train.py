@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from llmlab.cli.common import add_config_args, emit, resolve_config, table
+from llmlab import config as cfg_lib
+from llmlab.cli.common import DEFAULT_PRESET, add_config_args, emit, resolve_config, table
 from llmlab.config import ModelConfig, field_names, parse_sets
 from llmlab.errors import UserError
 
@@ -21,9 +22,10 @@ def run(args: argparse.Namespace) -> None:
         raise UserError("--init-from brings its run's tokenizer; drop --tokenizer-from, --tokenizer and --vocab-size")
     if args.init_from and args.config:
         raise UserError("--init-from keeps its run's model; give training settings with --set, not --config")
-    if args.init_from and args.preset != "notes":
+    if args.init_from and args.preset != DEFAULT_PRESET:
+        cfg_lib.preset(args.preset)  # an unknown name is that error first
         raise UserError(f"--init-from keeps its run's model; --preset {args.preset} would change it (training "
-                        "settings start from the notes preset's; change them with --set)")  # fmt: skip
+                        f"settings start from the {DEFAULT_PRESET} preset's; change them with --set)")  # fmt: skip
     model_keys = sorted(set(parse_sets(args.sets)) & set(field_names(ModelConfig)))
     if args.init_from and model_keys:
         raise UserError(f"--init-from keeps its run's model; --set {model_keys[0]} would change it (only training "
