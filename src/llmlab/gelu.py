@@ -18,8 +18,8 @@ roundings (gradients within about twice `F.gelu`'s own error, and better in the 
 a float32 CPU tensor that needs a gradient, with `FAST_PATH` on. Everywhere else (inference,
 other dtypes, CUDA, where the fused kernel is one pass) it is `F.gelu`. The path is first-order
 only, having no x to differentiate again: a second derivative through it (`create_graph=True`)
-is an error that says to set `llmlab.gelu.FAST_PATH = False`. `tests/test_gelu.py` holds the two equal;
-`python -m benchmarks.bench_activation` measures both, alone and inside a training step.
+is an error that says to set `llmlab.gelu.FAST_PATH = False`. `tests/test_gelu.py` holds the
+two equal; `python -m benchmarks.bench_activation` measures both, alone and in a training step.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 C, A = math.sqrt(2 / math.pi), 0.044715
-X2_MAX = 400.0  # x² is clamped here in the derivative: σ(2z) is exactly 0 or 1 from |x| = 20 on
+X2_MAX = 400.0  # x² is clamped here: σ(2z) is exactly 0 or 1 from |x| = 20 on, in float32
 FAST_PATH = True  # False: always F.gelu (for second derivatives, or to compare)
 
 
@@ -45,8 +45,7 @@ class GeluTanh(torch.autograd.Function):
         slope = x2.mul_(6 * C * A).add_(2 * C).mul_(x)  # x·2z', in x²'s buffer
         slope.addcmul_(slope, s, value=-1).add_(1).mul_(s)  # σ·(1 + x(1 − σ)·2z') = GELU'(x)
         ctx.save_for_backward(slope)
-        out = s.mul_(x)  # x·σ(2z), in σ's buffer
-        return out
+        return s.mul_(x)  # x·σ(2z), in σ's buffer
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
