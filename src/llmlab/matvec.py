@@ -27,8 +27,8 @@ rows of GPT-2's matrices here, and the gain fades towards 64 rows (`bench_matvec
 
 A token's products are small enough that Python's share counts: for one row and a weight whose
 rows split evenly (on 2 threads, all of GPT-2's but the output layer's 50,257), the batch's
-output is already y's layout, and the call skips the buffer and the slicing, about 20 µs of
-140 for GPT-2's [2304, 768] W^QKV and 3-4% of a 124M token.
+output is already y's layout, and the call skips the buffer and the slicing (measured once
+against the general path: about 20 of 140 µs for GPT-2's [2304, 768] W^QKV, 3-4% of a token).
 """
 
 from __future__ import annotations
