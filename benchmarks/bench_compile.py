@@ -49,8 +49,7 @@ def decoding(reps: int) -> Row:
 
     def decoder(model: torch.nn.Module):
         def run() -> torch.Tensor:
-            with torch.inference_mode():
-                return torch.stack([t for t, _ in generate_ids(model, idx, bench_decode.NEW, SamplingConfig(0.0))], 1)
+            return torch.stack([t for t, _ in generate_ids(model, idx, bench_decode.NEW, SamplingConfig(0.0))], 1)
 
         return run
 

@@ -49,16 +49,15 @@ def bench(
     greedy = SamplingConfig(0.0)
 
     def decoder(model: torch.nn.Module) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
-            with torch.inference_mode():
-                out = torch.stack([t for t, _ in generate_ids(model, idx, NEW, greedy)], 1)
+        def run() -> torch.Tensor:  # as users call it: generate_ids enters inference_mode itself
+            out = torch.stack([t for t, _ in generate_ids(model, idx, NEW, greedy)], 1)
             sync(idx.device)
             return out
 
         return run
 
     def hf_run() -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode():  # generate's own no_grad is slower on small models: the peer gets the better
             out = hf.generate(idx, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, use_cache=True)
         sync(idx.device)
         return out[:, PROMPT:]

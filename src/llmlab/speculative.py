@@ -176,7 +176,7 @@ def correct(p: Tensor, q: Tensor, x: Tensor, ok: Tensor, m: int,
 # --- the loop -------------------------------------------------------------------------------
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as `generate_ids`
 def speculative_ids(target: GPT, draft: GPT, idx: Tensor, max_new_tokens: int, gamma: int = 4,
                     cfg: SamplingConfig = DEFAULT_SAMPLING, generator: torch.Generator | None = None,
                     stats: SpeculativeStats | None = None) -> Iterator[tuple[Tensor, Tensor]]:  # fmt: skip
