@@ -119,29 +119,39 @@ def test_colour_by_surprisal_recolours_the_same_answer(page, server):
     assert "nats of surprisal" in page.inner_text("#score-legend")
 
 
-def test_bad_input_shows_the_servers_one_line_error(page):
+def test_bad_input_shows_the_servers_one_line_error_in_its_own_tab(page):
+    score_error, generate_error = 'p.error[data-for="score-form"]', 'p.error[data-for="generate-form"]'
     page.fill("#score-text", TEXT)
     page.click("#score-form button")  # an answer on screen
     expect(page.locator("#score-totals tr")).to_have_count(7)
     page.fill("#score-text", "d")
     page.click("#score-form button")
-    expect(page.locator("#error")).to_be_visible()
-    assert "single token" in page.inner_text("#error")
+    expect(page.locator(score_error)).to_be_visible()
+    assert "single token" in page.inner_text(score_error)
     assert page.locator("#score-tokens span").count() == 0 and page.locator("#score-totals tr").count() == 0
     page.fill("#score-temperature", "1e400")  # Infinity in JavaScript: refused before it is sent as null
     page.click("#score-form button")
-    expect(page.locator("#error")).to_have_text("temperature: not a finite number")
-    page.click("button[data-tab=generate]")
+    expect(page.locator(score_error)).to_have_text("temperature: not a finite number")
+    page.click("button[data-tab=generate]")  # the entropy tab's error stays there, out of sight
+    expect(page.locator(score_error)).to_be_hidden()
+    expect(page.locator(generate_error)).to_be_hidden()
+    expect(page.locator("#error")).to_be_hidden()
     page.fill("#generate-temperature", "-1")
     page.click("#generate-form button")
-    expect(page.locator("#error")).to_contain_text("temperature must be a finite number >= 0")
+    expect(page.locator(generate_error)).to_contain_text("temperature must be a finite number >= 0")
     page.fill("#generate-temperature", "")  # an empty field is not silently 0
     page.click("#generate-form button")
-    expect(page.locator("#error")).to_contain_text("temperature: Input should be a valid number")
+    expect(page.locator(generate_error)).to_contain_text("temperature: Input should be a valid number")
     page.fill("#generate-temperature", "1")
     page.fill("#generate-seed", str(2**63 - 1))  # JavaScript's numbers would round it to 2**63
     page.click("#generate-form button")
-    expect(page.locator("#error")).to_contain_text("seed: the page sends integers up to 2^53 − 1 exactly")
+    expect(page.locator(generate_error)).to_contain_text("seed: the page sends integers up to 2^53 − 1 exactly")
+    page.fill("#generate-seed", "1")
+    page.click("#generate-form button")  # a good request clears its tab's error
+    expect(page.locator("#generate-output span").first).to_be_visible()
+    expect(page.locator(generate_error)).to_be_hidden()
+    page.click("button[data-tab=entropy]")
+    expect(page.locator(score_error)).to_have_text("temperature: not a finite number")
 
 
 def test_rejection_tab_draws_p_the_accepted_draws_and_the_envelope(page, server):

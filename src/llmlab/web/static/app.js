@@ -24,9 +24,15 @@ async function api(path, body) {
   return data;
 }
 
-function showError(message) {
-  $("error").textContent = message;
-  $("error").hidden = false;
+// Each form (and the count tab) has its own error line, so a message stays with the tab it is about;
+// #error above the tabs is the page's own (the run could not be read).
+function errorLine(key) {
+  return document.querySelector(`p.error[data-for="${key}"]`);
+}
+
+function showError(message, line = $("error")) {
+  line.textContent = message;
+  line.hidden = false;
 }
 
 // outputs: what the form draws, cleared first, so an error never stands beside an earlier answer
@@ -36,12 +42,13 @@ function onSubmit(formId, handler, outputs) {
     event.preventDefault();
     const button = form.querySelector("button");
     button.disabled = true;
-    $("error").hidden = true;
+    const line = errorLine(formId);
+    line.hidden = true;
     for (const id of outputs) $(id).innerHTML = "";
     try {
       await handler();
     } catch (e) {
-      showError(e.message);
+      showError(e.message, line);
     } finally {
       button.disabled = false;
     }
@@ -435,9 +442,10 @@ function openTab(name) {
   for (const s of document.querySelectorAll(".tab")) s.classList.toggle("active", s.id === name);
   if (LOAD_ON_OPEN[name] && !opened.has(name)) {
     opened.add(name);
+    errorLine(name).hidden = true;
     LOAD_ON_OPEN[name]().catch((e) => {
       opened.delete(name); // opening the tab again retries
-      showError(e.message);
+      showError(e.message, errorLine(name));
     });
   }
 }
