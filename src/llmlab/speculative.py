@@ -184,7 +184,8 @@ def speculative_ids(target: GPT, draft: GPT, idx: Tensor, max_new_tokens: int, g
     (ids [B], p [B, V]) per position, p being the target distribution the token follows.
 
     `stats` (optional) is filled in as the rounds go. Both models keep a KV cache over the
-    whole generation, so S₀ + max_new_tokens must fit both contexts.
+    whole generation, so S₀ + max_new_tokens must fit both contexts. Like `generate_ids` it runs
+    under `torch.inference_mode`: what it yields, and what hooks see, are inference tensors.
     """
     check_pair(target, draft, gamma, idx.shape[1] + max_new_tokens)
     stats = stats if stats is not None else SpeculativeStats(gamma)
