@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import socket
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -107,6 +108,41 @@ def test_generate_equals_the_cli(client, capsys, trained_run, sampling):
     for key in ("prompt", "text", "token_ids", "token_texts", "entropies", "mean_entropy", "max_entropy"):
         assert got[key] == cli[key], key
     assert len(got["token_ids"]) == 24 and "".join(got["token_texts"]) == got["text"]
+
+
+def stream(client: TestClient, body: dict) -> list[dict]:
+    response = client.post("/api/generate/stream", json=body)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/x-ndjson"
+    return [json.loads(line) for line in response.text.splitlines()]
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.2, "top_k": 5, "seed": 7}])
+def test_the_stream_is_generate_a_token_at_a_time(client, sampling):
+    """Reference: /api/generate (itself equal to the CLI) on the same request: the last line is
+    its answer, and the lines before are its tokens, entropies and token texts, in order."""
+    body = {"prompt": "def f1", "max_new_tokens": 24, "seed": 1337} | sampling
+    whole = post(client, "/api/generate", body)
+    *tokens, last = stream(client, body)
+    assert last == {"done": whole}
+    assert [t["token_id"] for t in tokens] == whole["token_ids"]
+    assert [t["entropy"] for t in tokens] == whole["entropies"]
+    assert [t["text"] for t in tokens] == whole["token_texts"]
+    assert post(client, "/api/generate", body) == whole  # the stream released the lock
+
+
+def test_a_stream_left_after_one_line_frees_the_model(client):
+    """A reader that goes away mid-stream must not keep the model's lock: the next request is
+    answered (within 60 s; a held lock would make it wait forever)."""
+    with client.stream("POST", "/api/generate/stream", json={"prompt": "def", "max_new_tokens": 1000}) as r:
+        first = json.loads(next(r.iter_lines()))
+    assert set(first) == {"token_id", "text", "entropy"}
+    answered: list[int] = []
+    request = {"prompt": "def", "max_new_tokens": 3}  # through the lock, as every model request goes
+    after = threading.Thread(target=lambda: answered.append(client.post("/api/generate", json=request).status_code),
+                             daemon=True)  # fmt: skip
+    after.start()
+    after.join(60)
+    assert answered == [200]
 
 
 def test_rejection_sampling_draws_the_models_next_token_distribution(client, run):
@@ -230,6 +266,9 @@ BAD = [
     ("/api/generate", {"prompt": "def", "max_new_tokens": 5000}, "max_new_tokens: Input should be less than"),
     ("/api/generate", {"prompt": "def", "seed": "one"}, "seed: Input should be a valid integer"),
     ("/api/generate", {"prompt": "def", "seed": 2**70}, "seed: Input should be less than or equal to 9223"),
+    ("/api/generate/stream", {"prompt": "x" * 33}, "the prompt is 33 tokens long, but the model's context is 32"),
+    ("/api/generate/stream", {"prompt": "def", "top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
+    ("/api/generate/stream", {"prompt": "def", "max_new_tokens": 5000}, "max_new_tokens: Input should be less than"),
     ("/api/generate", {"prompt": "def", "seed": -1}, "seed: Input should be greater than or equal to 0"),
     ("/api/rejection", {"prompt": "def", "proposal_temperature": 0}, "proposal_temperature must be a positive finite"),
     ("/api/rejection", {"prompt": "def", "samples": 0}, "samples: Input should be greater than or equal to 1"),

@@ -148,7 +148,7 @@ def test_bad_input_shows_the_servers_one_line_error_in_its_own_tab(page):
     expect(page.locator(generate_error)).to_contain_text("seed: the page sends integers up to 2^53 − 1 exactly")
     page.fill("#generate-seed", "1")
     page.click("#generate-form button")  # a good request clears its tab's error
-    expect(page.locator("#generate-output span").first).to_be_visible()
+    expect(page.locator("#generate-figures tr")).to_have_count(2)
     expect(page.locator(generate_error)).to_be_hidden()
     page.click("button[data-tab=entropy]")
     expect(page.locator(score_error)).to_have_text("temperature: not a finite number")
@@ -172,18 +172,38 @@ def test_rejection_tab_draws_p_the_accepted_draws_and_the_envelope(page, server)
     assert f"1/M = {r['expected_acceptance']:.4f} expected" in figures
 
 
-def test_generate_shows_the_prompt_then_each_new_token(page, server):
+def test_generate_streams_the_new_tokens_then_colours_each(page, server):
+    posted: list[str] = []
+    page.on("request", lambda request: posted.append(request.url) if request.method == "POST" else None)
     page.click("button[data-tab=generate]")
     page.fill("#generate-prompt", "def f1")
     page.fill("#generate-max", "20")
     page.fill("#generate-temperature", "0")
     page.click("#generate-form button")
     expect(page.locator("#generate-figures tr")).to_have_count(2)
+    assert posted == [server.rstrip("/") + "/api/generate/stream"]
+    assert page.locator("#generate-output span.pending").count() == 0  # the last line redrew them all
     r = api(server, "/api/generate", {"prompt": "def f1", "max_new_tokens": 20, "temperature": 0, "seed": 1337})
     assert page.inner_text("#generate-output") == "def f1" + r["text"]
     new = page.locator("#generate-output span.token:not(.context)")
     assert new.count() == 20
     assert [float(v) for v in new.evaluate_all("els => els.map(e => e.dataset.value)")] == pytest.approx(r["entropies"])
+
+
+def test_leaving_a_page_mid_stream_frees_the_model(browser, server):
+    """A real server whose reader goes away mid-generation answers the next page at once (with
+    the lock held across the stream, /api/run would wait for the garbage collector)."""
+    first = browser.new_page()
+    first.goto(server)
+    first.click("button[data-tab=generate]")
+    first.fill("#generate-max", "1000")
+    first.click("#generate-form button")
+    expect(first.locator("#generate-output span.pending").first).to_be_visible()
+    first.close()
+    second = browser.new_page()
+    second.goto(server)
+    expect(second.locator("#run-summary")).to_contain_text("parameters")
+    second.close()
 
 
 def test_attention_draws_every_head_masked_above_the_diagonal(page, server):

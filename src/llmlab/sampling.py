@@ -161,6 +161,20 @@ class Generation:
     entropies: list[float]  # H(p) in nats of the distribution each token was drawn from (notes §一)
 
 
+def stream_tokens(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200,
+                  cfg: SamplingConfig = SamplingConfig(), seed: int | None = None, use_cache: bool = True,
+                  steps: Steps | None = None) -> Iterator[tuple[int, float]]:  # fmt: skip
+    """The new tokens of one continuation of `prompt` as they are drawn: (token id, entropy in
+    nats of the distribution it was drawn from). The prompt is checked now, before the first
+    token; `generate_text` assembles the same steps into text."""
+    ids = encode_prompt(tokenizer, prompt, model.cfg.block_size)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    idx = torch.tensor([ids], device=device)
+    stream = steps(idx, generator) if steps else generate_ids(model, idx, max_new_tokens, cfg, generator, use_cache)
+    return ((int(nxt[0]), float(torch.special.entr(probs[0]).sum())) for nxt, probs in stream)  # −Σ p log p
+
+
 def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200,
                   cfg: SamplingConfig = SamplingConfig(), seed: int | None = None,
                   stop: Sequence[str] = (), use_cache: bool = True,
@@ -169,18 +183,14 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens:
     not included). `on_text(piece)` receives the text as it is produced, for streaming.
     `steps(idx, generator)`, if given, replaces plain decoding's `generate_ids` as the source of
     (ids, probs) steps (speculative decoding passes its own)."""
-    ids = encode_prompt(tokenizer, prompt, model.cfg.block_size)
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    idx = torch.tensor([ids], device=device)
+    tokens = stream_tokens(model, tokenizer, prompt, max_new_tokens, cfg, seed, use_cache, steps)
     out: list[int] = []
     entropies: list[float] = []
     text, emitted, shown = "", 0, 0
     hold = max((len(s) - 1 for s in stop), default=0)  # a tail that may still grow into a stop string
-    stream = steps(idx, generator) if steps else generate_ids(model, idx, max_new_tokens, cfg, generator, use_cache)
-    for nxt, probs in stream:
-        out.append(int(nxt[0]))
-        entropies.append(float(torch.special.entr(probs[0]).sum()))  # −Σ p log p, with 0·log 0 = 0
+    for token, entropy in tokens:
+        out.append(token)
+        entropies.append(entropy)
         piece, emitted = decode_stream(tokenizer, out, emitted)
         text += piece
         hit = _first_stop(text, stop)

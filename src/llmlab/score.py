@@ -177,13 +177,18 @@ def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
     that ends inside a multi-byte character gets "" and the token completing it gets the character."""
     pieces, start = [], 0
     for i in range(len(ids)):
-        text = tokenizer.decode(ids[start : i + 1])
-        if text.endswith("\ufffd") and i - start < 3:  # a UTF-8 character spans at most 4 bytes
-            pieces.append("")
-            continue
-        pieces.append(text)
-        start = i + 1
+        piece, start = next_piece(tokenizer, ids, start, i)
+        pieces.append(piece)
     return pieces
+
+
+def next_piece(tokenizer: Tokenizer, ids: Sequence[int], start: int, i: int) -> tuple[str, int]:
+    """(the text of token i, where the next piece starts), the pieces before it ending at `start`:
+    `token_pieces` one token at a time, for text that arrives as it is generated."""
+    text = tokenizer.decode(ids[start : i + 1])
+    if text.endswith("\ufffd") and i - start < 3:  # a UTF-8 character spans at most 4 bytes
+        return "", start
+    return text, i + 1
 
 
 def score_tokens(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], temperature: float = 1.0,

@@ -5,6 +5,7 @@
     GET  /api/count        parameters, FLOPs, memory
     POST /api/score        {"text", "temperature", "top_k"}
     POST /api/generate     {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
+    POST /api/generate/stream  the same, answered as JSON lines, one per new token, then {"done": …}
     POST /api/rejection    {"prompt", "proposal_temperature", "samples", "seed"}
     POST /api/attention    {"prompt", "layer"}
     POST /api/trace        {"prompt"}
@@ -21,13 +22,13 @@ commands do.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
@@ -151,6 +152,28 @@ def create_app(run: Run) -> FastAPI:
     @app.post("/api/generate")
     def generate(r: GenerateRequest) -> dict[str, Any]:
         return locked(instruments.generate, r.prompt, r.max_new_tokens, r.temperature, r.top_k, r.top_p, r.seed)
+
+    @app.post("/api/generate/stream")
+    def generate_stream(r: GenerateRequest) -> StreamingResponse:
+        lines = instruments.generate_stream(run, r.prompt, r.max_new_tokens, r.temperature, r.top_k, r.top_p, r.seed)
+
+        def body() -> Iterator[str]:
+            # The lock is held for each token's step, never across a yield: a reader that goes away
+            # leaves this generator unfinished until the garbage collector finds it, and it must
+            # not keep the model from the next request meanwhile. Other requests run between tokens.
+            while True:
+                with lock:
+                    try:
+                        line = next(lines)
+                    except StopIteration:
+                        return
+                    except UserError as e:  # the status line has gone out: the error is the last line
+                        line = {"error": " ".join(str(e).split())}
+                yield dumps(line) + "\n"
+                if "error" in line:
+                    return
+
+        return StreamingResponse(body(), media_type="application/x-ndjson")
 
     @app.post("/api/rejection")
     def rejection(r: RejectionRequest) -> dict[str, Any]:

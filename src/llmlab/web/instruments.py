@@ -20,6 +20,7 @@ None of them prints or exits; bad input raises `UserError`, which the server ans
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -69,12 +70,42 @@ def generate(run: Run, prompt: str, max_new_tokens: int = 100, temperature: floa
              top_p: float | None = None, seed: int = 1337) -> dict[str, Any]:  # fmt: skip
     """One sample of `llmlab generate RUN --entropy --json`: text, token ids, each token's entropy."""
     from llmlab.sampling import SamplingConfig, generate_text
-    from llmlab.score import generation_json
 
     sampling = SamplingConfig(temperature, top_k, top_p)
     g = generate_text(run.model, run.tokenizer, prompt, max_new_tokens, sampling, seed=seed)
-    return {"prompt": prompt, "text": g.text, "token_ids": g.token_ids,
-            **generation_json(run.tokenizer, g.token_ids, g.entropies)}  # fmt: skip
+    return _generation(run, prompt, g.text, g.token_ids, g.entropies)
+
+
+def _generation(run: Run, prompt: str, text: str, ids: Sequence[int], entropies: Sequence[float]) -> dict[str, Any]:
+    from llmlab.score import generation_json
+
+    return {"prompt": prompt, "text": text, "token_ids": list(ids), **generation_json(run.tokenizer, ids, entropies)}
+
+
+def generate_stream(run: Run, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None,
+                    seed: int = 1337) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """`generate`, one line per new token as it is drawn, {"token_id", "text", "entropy"}, then
+    {"done": <what `generate` returns>}. The request is checked now; the model runs only as the
+    lines are read (by whoever holds the model's lock)."""
+    from llmlab.sampling import SamplingConfig, stream_tokens
+    from llmlab.score import next_piece
+
+    sampling = SamplingConfig(temperature, top_k, top_p)
+    tokens = stream_tokens(run.model, run.tokenizer, prompt, max_new_tokens, sampling, seed=seed)
+
+    def lines() -> Iterator[dict[str, Any]]:
+        ids: list[int] = []
+        entropies: list[float] = []
+        start = 0
+        for token, entropy in tokens:
+            ids.append(token)
+            entropies.append(entropy)
+            piece, start = next_piece(run.tokenizer, ids, start, len(ids) - 1)
+            yield {"token_id": token, "text": piece, "entropy": entropy}
+        yield {"done": _generation(run, prompt, run.tokenizer.decode(ids), ids, entropies)}
+
+    return lines()
 
 
 @torch.no_grad()

@@ -30,6 +30,38 @@ function errorLine(key) {
   return document.querySelector(`p.error[data-for="${key}"]`);
 }
 
+// A streamed answer: JSON lines, each handed to onLine as it arrives; a line {"error"} ends it as an error.
+async function apiStream(path, body, onLine) {
+  const response = await fetch(path, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  if (!response.ok) { // refused before it started: one JSON object, as api() reads it
+    const text = await response.text();
+    let data = null;
+    try {
+      data = JSON.parse(text);
+    } catch {
+      throw new Error(`${response.status} ${response.statusText}: ${text.slice(0, 200)}`);
+    }
+    throw new Error(data.error || `${response.status} ${response.statusText}`);
+  }
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffered = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffered += value;
+    const lines = buffered.split("\n");
+    buffered = lines.pop();
+    for (const line of lines) {
+      if (!line) continue;
+      const data = JSON.parse(line);
+      if (data.error) throw new Error(data.error);
+      onLine(data);
+    }
+  }
+}
+
 function showError(message, line = $("error")) {
   line.textContent = message;
   line.hidden = false;
@@ -253,14 +285,27 @@ function bars(tokens, M) {
   return root;
 }
 
-// --- generation: POST /api/generate -------------------------------------------------------------
+// --- generation: POST /api/generate/stream -------------------------------------------------------
 
+// Tokens appear as they are drawn, uncoloured; the last line is /api/generate's answer, drawn whole.
 async function generate() {
-  const r = await api("/api/generate", {
+  const request = {
     prompt: $("generate-prompt").value, max_new_tokens: numberOrNull("generate-max"),
     temperature: numberOrNull("generate-temperature"), top_k: numberOrNull("generate-top-k"),
     top_p: numberOrNull("generate-top-p"), seed: numberOrNull("generate-seed"),
+  };
+  const out = $("generate-output");
+  out.append(token(request.prompt, "token context", null, "the prompt"));
+  let r = null;
+  await apiStream("/api/generate/stream", request, (line) => {
+    if (line.done) r = line.done;
+    else out.append(token(line.text, "token pending", null, `id ${line.token_id} · H(p) ${fixed(line.entropy, 3)} nats`));
   });
+  if (r === null) throw new Error("the stream ended without its answer");
+  drawGeneration(r);
+}
+
+function drawGeneration(r) {
   const out = $("generate-output");
   out.innerHTML = "";
   out.append(token(r.prompt, "token context", null, "the prompt"));
