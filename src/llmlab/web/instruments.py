@@ -7,6 +7,7 @@ own), so what the page shows is what the tests check:
     run_info    the run: config, parameter count, tokenizer, loss curve       (`train`'s metrics.csv)
     score       per-token surprisal, entropy, rank, alternatives; totals       `score RUN --text T --json`
     generate    a continuation, each new token with the entropy it was drawn from  `generate --entropy --json`
+    generate_stream  the same, a line per token as it is drawn, then generate's answer
     rejection   the next token drawn by rejection sampling from a flatter proposal  `llmlab.rejection`
     attention   softmax(QKᵀ/√D + M) of every head of one layer, [h, S, S]     `hook_pattern`, as `trace` sees it
     trace       every tensor's shape in the notes' letters                     `trace RUN --prompt P --json`
