@@ -8,11 +8,14 @@ let RUN = null; // GET /api/run
 
 // --- talking to the server -------------------------------------------------------------------
 
-async function api(path, body) {
-  const init = body === undefined ? {} : {
+function request(body) {
+  return body === undefined ? {} : {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   };
-  const response = await fetch(path, init);
+}
+
+// A whole answer as JSON; an error answer is {"error": one line}.
+async function answer(response) {
   const text = await response.text();
   let data = null;
   try {
@@ -24,27 +27,14 @@ async function api(path, body) {
   return data;
 }
 
-// Each form (and the count tab) has its own error line, so a message stays with the tab it is about;
-// #error above the tabs is the page's own (the run could not be read).
-function errorLine(key) {
-  return document.querySelector(`p.error[data-for="${key}"]`);
+async function api(path, body) {
+  return answer(await fetch(path, request(body)));
 }
 
 // A streamed answer: JSON lines, each handed to onLine as it arrives; a line {"error"} ends it as an error.
 async function apiStream(path, body, onLine) {
-  const response = await fetch(path, {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-  });
-  if (!response.ok) { // refused before it started: one JSON object, as api() reads it
-    const text = await response.text();
-    let data = null;
-    try {
-      data = JSON.parse(text);
-    } catch {
-      throw new Error(`${response.status} ${response.statusText}: ${text.slice(0, 200)}`);
-    }
-    throw new Error(data.error || `${response.status} ${response.statusText}`);
-  }
+  const response = await fetch(path, request(body));
+  if (!response.ok) await answer(response); // refused before it started: throws its one line
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffered = "";
   for (;;) {
@@ -60,6 +50,12 @@ async function apiStream(path, body, onLine) {
       onLine(data);
     }
   }
+}
+
+// Each form (and the count tab) has its own error line, so a message stays with the tab it is about;
+// #error above the tabs is the page's own (the run could not be read).
+function errorLine(key) {
+  return document.querySelector(`p.error[data-for="${key}"]`);
 }
 
 function showError(message, line = $("error")) {
