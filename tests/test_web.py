@@ -445,6 +445,26 @@ def test_a_bug_is_a_one_line_500(run, monkeypatch):
     assert r.status_code == 500 and r.json() == {"error": "internal error: RuntimeError: something went wrong"}
 
 
+def test_a_bug_mid_stream_is_its_last_line_and_frees_the_model(run, monkeypatch):
+    """After the 200 has gone out an error can only be a line: the 500's wording, then the end."""
+    from llmlab.model import GPT
+
+    real, calls = GPT.forward, []
+
+    def breaks_on_the_third_call(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("kaboom\nagain")
+        return real(self, *args, **kwargs)
+
+    client = TestClient(create_app(run), raise_server_exceptions=False)
+    monkeypatch.setattr(GPT, "forward", breaks_on_the_third_call)
+    *tokens, last = stream(client, {"prompt": "def", "max_new_tokens": 10})
+    assert len(tokens) == 2 and last == {"error": "internal error: RuntimeError: kaboom again"}
+    monkeypatch.setattr(GPT, "forward", real)
+    assert len(post(client, "/api/generate", {"prompt": "def", "max_new_tokens": 3})["token_ids"]) == 3
+
+
 def test_the_page_loads_nothing_from_the_network():
     """Every script, style and request of the page is relative to the server."""
     from llmlab.web.app import STATIC

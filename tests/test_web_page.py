@@ -139,6 +139,7 @@ def test_bad_input_shows_the_servers_one_line_error_in_its_own_tab(page):
     page.fill("#generate-temperature", "-1")
     page.click("#generate-form button")
     expect(page.locator(generate_error)).to_contain_text("temperature must be a finite number >= 0")
+    assert page.locator("#generate-output span").count() == 0  # not even the prompt beside the error
     page.fill("#generate-temperature", "")  # an empty field is not silently 0
     page.click("#generate-form button")
     expect(page.locator(generate_error)).to_contain_text("temperature: Input should be a valid number")

@@ -15,8 +15,8 @@
 Bad input (an unknown field, a wrong type, a prompt beyond the context, malformed JSON) is
 answered 400 with {"error": "<one line>"}; the page shows that line. Types are strict: "5" is not
 an integer. A float that is inf or NaN (a perplexity beyond the largest float) is sent as null,
-as `--json` prints it. One lock serialises the model: requests run one at a time, as the
-commands do.
+as `--json` prints it. One lock serialises the model: its computations run one at a time, as
+the commands do; a stream takes the lock for each token, so other requests run between its tokens.
 """
 
 from __future__ import annotations
@@ -167,8 +167,8 @@ def create_app(run: Run) -> FastAPI:
                         line = next(lines)
                     except StopIteration:
                         return
-                    except UserError as e:  # the status line has gone out: the error is the last line
-                        line = {"error": " ".join(str(e).split())}
+                    except Exception as e:  # the 200 has gone out: the error is the last line, as the handlers word it
+                        line = {"error": error_message(e)}
                 yield dumps(line) + "\n"
                 if "error" in line:
                     return
@@ -203,7 +203,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UserError)
     def user_error(request: Request, e: UserError) -> JSONResponse:
-        return JSONResponse({"error": " ".join(str(e).split())}, status_code=400)
+        return JSONResponse({"error": error_message(e)}, status_code=400)
 
     @app.exception_handler(RequestValidationError)
     def bad_request(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -222,7 +222,13 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     def bug(request: Request, e: Exception) -> JSONResponse:  # still one line, for the page to show
-        return JSONResponse({"error": f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"}, 500)
+        return JSONResponse({"error": error_message(e)}, 500)
+
+
+def error_message(e: Exception) -> str:
+    """One line: a UserError's message, or "internal error: <type>: <message>" for a bug."""
+    text = " ".join(str(e).split())
+    return text if isinstance(e, UserError) else f"internal error: {type(e).__name__}: {text}"
 
 
 def validation_message(errors: Any) -> str:

@@ -291,13 +291,20 @@ async function generate() {
     top_p: numberOrNull("generate-top-p"), seed: numberOrNull("generate-seed"),
   };
   const out = $("generate-output");
-  out.append(token(request.prompt, "token context", null, "the prompt"));
   let r = null;
-  await apiStream("/api/generate/stream", request, (line) => {
-    if (line.done) r = line.done;
-    else out.append(token(line.text, "token pending", null, `id ${line.token_id} · H(p) ${fixed(line.entropy, 3)} nats`));
-  });
-  if (r === null) throw new Error("the stream ended without its answer");
+  try {
+    await apiStream("/api/generate/stream", request, (line) => {
+      if (line.done) r = line.done;
+      else {
+        if (!out.childElementCount) out.append(token(request.prompt, "token context", null, "the prompt"));
+        out.append(token(line.text, "token pending", null, `id ${line.token_id} · H(p) ${fixed(line.entropy, 3)} nats`));
+      }
+    });
+    if (r === null) throw new Error("the stream ended without its answer");
+  } catch (e) {
+    out.innerHTML = ""; // no part of an answer beside the error
+    throw e;
+  }
   drawGeneration(r);
 }
 
