@@ -24,7 +24,7 @@ from llmlab.errors import TrainingDiverged, UserError
 from llmlab.model import GPT
 from llmlab.run_dir import load_run, load_train_state, read_metrics
 from llmlab.train import lr_at, make_optimizer, train
-from tests.conftest import TINY_TRAIN, TINY_VARIANTS, make_corpus
+from tests.conftest import TINY_TRAIN, TINY_VARIANTS, make_corpus, run_cli
 
 CFG = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=2000)
 
@@ -106,6 +106,26 @@ def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tmp_pa
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert resumed.val_loss == straight.val_loss
+
+
+def test_cli_resume_keeps_the_saved_schedule(tmp_path, corpus_file, monkeypatch, capsys):
+    """`llmlab train --out RUN --resume` without --max-steps finishes the saved run: its losses
+    equal an uninterrupted run's. (It used to take the preset's max_steps, 2000, and with it a
+    different learning-rate schedule.)"""
+    args = ["--data", str(corpus_file), "--max-steps", "10", "--json"] + [f"--set={kv}" for kv in (
+        "n_layers=1", "d_model=32", "n_heads=4", "block_size=16", "batch_size=4", "eval_interval=4",
+        "eval_iters=1", "warmup_steps=2")]  # fmt: skip
+    assert run_cli(capsys, "train", "--out", str(tmp_path / "a"), *args)[0] == 0
+    with interrupt_after(6) as flag:
+        monkeypatch.setattr(train_lib, "_interrupt_flag", flag)
+        assert run_cli(capsys, "train", "--out", str(tmp_path / "b"), *args)[0] == 0
+    monkeypatch.undo()
+    code, out, _ = run_cli(capsys, "train", "--out", str(tmp_path / "b"), "--resume", "--json")
+    assert code == 0 and json.loads(out)["steps"] == 10
+    a, b = read_metrics(tmp_path / "a" / "metrics.csv"), read_metrics(tmp_path / "b" / "metrics.csv")
+    assert [(r["lr"], r["train_loss"]) for r in a] == [(r["lr"], r["train_loss"]) for r in b]
+    code, out, _ = run_cli(capsys, "train", "--out", str(tmp_path / "b"), "--resume", "--max-steps", "12", "--json")
+    assert code == 0 and json.loads(out)["steps"] == 12  # a given --max-steps still extends it
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file, monkeypatch):

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from llmlab import config as cfg_lib
 from llmlab.cli.common import DEFAULT_PRESET, add_config_args, emit, resolve_config, table
 from llmlab.config import ModelConfig, field_names, parse_sets
 from llmlab.errors import UserError
+from llmlab.run_dir import check_run_dir, read_config
+
+if TYPE_CHECKING:
+    from llmlab.train import TrainResult
 
 
 def run(args: argparse.Namespace) -> None:
     """Train a model on a text source and write its run directory (--out)."""
     from llmlab.train import train
 
-    if args.resume and (args.sets or args.config or args.tokenizer or args.tokenizer_from or args.init_from
-                        or args.data is not None):  # fmt: skip
-        raise UserError("--resume continues the saved configuration and data; only --max-steps, --max-minutes "
-                        "and --device may change")  # fmt: skip
+    if args.resume:
+        return resume(args)
     if args.init_from and (args.tokenizer_from or args.tokenizer or args.vocab_size):
         raise UserError("--init-from brings its run's tokenizer; drop --tokenizer-from, --tokenizer and --vocab-size")
     if args.init_from and args.config:
@@ -31,9 +34,30 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"--init-from keeps its run's model; --set {model_keys[0]} would change it (only training "
                         "settings may be set)")  # fmt: skip
     preset = resolve_config(args)
-    result = train(preset.model, preset.train, args.data or "stdlib", args.out, resume=args.resume,
-                   tokenizer_from=args.tokenizer_from, init_from=args.init_from, progress=not args.json,
-                   extra={"preset": args.preset})  # fmt: skip
+    report(args, train(preset.model, preset.train, args.data or "stdlib", args.out,
+                       tokenizer_from=args.tokenizer_from, init_from=args.init_from, progress=not args.json,
+                       extra={"preset": args.preset}))  # fmt: skip
+
+
+RESUME_FIXED = ("sets", "config", "tokenizer", "vocab_size", "tokenizer_from", "init_from", "data", "seed", "dtype",
+                "compile")  # fmt: skip
+
+
+def resume(args: argparse.Namespace) -> None:
+    """--resume: the saved configuration, with only --max-steps, --max-minutes and --device changed
+    where they are given (the schedule's length is the saved one unless --max-steps says otherwise)."""
+    from llmlab.train import train
+
+    if any(getattr(args, name) not in (None, []) for name in RESUME_FIXED) or args.preset != DEFAULT_PRESET:
+        raise UserError("--resume continues the saved configuration and data; only --max-steps, --max-minutes "
+                        "and --device may change")  # fmt: skip
+    model_cfg, saved, _ = read_config(check_run_dir(args.out))
+    given = {"max_steps": args.max_steps, "max_minutes": args.max_minutes, "device": args.device}
+    _, train_cfg = cfg_lib.apply_overrides(model_cfg, saved, {k: v for k, v in given.items() if v is not None})
+    report(args, train(model_cfg, train_cfg, "stdlib", args.out, resume=True, progress=not args.json))
+
+
+def report(args: argparse.Namespace, result: TrainResult) -> None:
     emit(args, result.to_json(), lambda: table([
         ("run directory", result.run_dir),
         ("steps", f"{result.steps} (stopped by {result.stopped_by})"),
