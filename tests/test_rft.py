@@ -197,6 +197,11 @@ def test_cli_rft_json_write_corpus_and_best_of(capsys, trained_run, tmp_path, ve
                            "--json")  # fmt: skip
     result = json.loads(out)
     assert code == 0 and result["rounds"][0]["drawn"] == 48 and "rate" in result["baseline"]
+    code, out, err = run_cli(capsys, "rft", str(trained_run), "--task", str(verifiers), "--verifier",
+                             "my_verifiers:digit", "--samples", "2", "--steps", "3", "--out", str(tmp_path / "o2"))
+    assert code == 0 and [line.split()[:2] for line in out.splitlines()] == [["round", "0"], ["round", "1"],
+                                                                           ["run", "directory"]]  # the table only
+    assert "round 1: kept" in err  # the progress is on stderr
     corpus = tmp_path / "addition.txt"
     code, out, _ = run_cli(capsys, "rft", "--task", "addition", "--write-corpus", str(corpus))
     assert code == 0 and corpus.read_text() == addition_task().corpus()
@@ -236,7 +241,8 @@ def test_cli_rft_bad_inputs_are_one_line_exit_2(capsys, trained_run, tmp_path, v
     ]
     for argv, message in cases:
         code, _, err = run_cli(capsys, *argv)
-        assert code == 2 and err.startswith("llmlab: error: ") and err.count("\n") == 1, (argv, err)
-        assert message in err, (argv, err)
+        *progress, last = err.splitlines()  # a round's progress lines may come before the error
+        assert code == 2 and last.startswith("llmlab: error: ") and message in last, (argv, err)
+        assert all(line.startswith("round ") for line in progress), (argv, err)
     assert not (tmp_path / "new" / "config.json").exists()
     assert not (tmp_path / "new").exists() or not any((tmp_path / "new").rglob("kept-*.txt"))

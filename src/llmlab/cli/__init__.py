@@ -15,7 +15,7 @@ from types import ModuleType
 
 from llmlab.cli import count, export_hf, generate, import_hf, knowledge, rft, score, serve, tour, train
 from llmlab.cli import trace as trace_cmd
-from llmlab.cli.common import Parser
+from llmlab.cli.common import Parser, help_texts
 from llmlab.errors import UserError
 
 COMMANDS: dict[str, ModuleType] = {
@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="llmlab", description="See and test how a large language model works.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, command in COMMANDS.items():
-        doc = (command.run.__doc__ or "").strip()
-        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc)
+        summary, doc = help_texts(command.run)
+        p = sub.add_parser(name, help=summary, description=doc)
         command.add_args(p)
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         p.set_defaults(handler=command.run)

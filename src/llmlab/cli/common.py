@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -64,6 +65,13 @@ def resolve_config(args: argparse.Namespace) -> cfg_lib.Preset:
     }  # fmt: skip
     overrides = {k: v for k, v in flags.items() if v is not None} | cfg_lib.parse_sets(args.sets)
     return cfg_lib.Preset(*cfg_lib.apply_overrides(preset.model, preset.train, overrides))
+
+
+def help_texts(fn: Callable[..., Any]) -> tuple[str | None, str]:
+    """(the one-line help in a command list, the description of its --help) from fn's docstring:
+    the first paragraph joined into one line, and the whole docstring dedented."""
+    doc = inspect.cleandoc(fn.__doc__ or "")
+    return " ".join(doc.split("\n\n")[0].split()) or None, doc
 
 
 def refuse_file_as_out(out: str) -> None:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from llmlab.cli.common import Parser, emit, refuse_file_as_out, table
+from llmlab.cli.common import Parser, emit, help_texts, refuse_file_as_out, table
 from llmlab.errors import UserError
 
 
@@ -186,8 +186,8 @@ def _fmt(v: Any) -> str:
 def add_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="knowledge", metavar="ACTION", parser_class=Parser)
     for name, fn in (("locate", locate), ("neurons", neurons), ("edit", edit), ("eval", evaluate)):
-        doc = (fn.__doc__ or "").strip()
-        s = sub.add_parser(name, help=doc.splitlines()[0], description=doc)
+        summary, doc = help_texts(fn)
+        s = sub.add_parser(name, help=summary, description=doc)
         s.add_argument("run", metavar="RUN", help="a run directory written by `llmlab train`")
         s.add_argument("--device", help="cpu (default), cuda, mps")
         s.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object")

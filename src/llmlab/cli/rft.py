@@ -47,15 +47,19 @@ def run(args: argparse.Namespace) -> None:
 
     cfg = RFTConfig(args.samples, args.rounds, args.prompts, args.steps, args.lr, SamplingConfig(args.temperature),
                     SamplingConfig(args.eval_temperature), seed=args.seed)  # fmt: skip
-    log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
-    result = rft(args.run, task, verifier, verifier_name, args.out, cfg, log)
+    result = rft(args.run, task, verifier, verifier_name, args.out, cfg, _progress)
     rows = [("round 0 (start)", f"held-out pass@1 {_fmt(result.baseline)}")]
     for r in result.rounds:
         errors = f", {r.verifier_errors} verifier errors" if r.verifier_errors else ""
         rows.append((f"round {r.round}", f"kept {r.kept:,} of {r.drawn:,} ({r.acceptance_rate:.1%}{errors}); "
                                          f"held-out pass@1 {_fmt(r.heldout)}"))  # fmt: skip
     rows.append(("run directory", result.out))
-    emit(args, result.to_json(), lambda: (print(), table(rows)))
+    emit(args, result.to_json(), lambda: table(rows))
+
+
+def _progress(line: str) -> None:
+    """Each round's progress goes to stderr, with or without --json: stdout holds the result."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _write_corpus(args: argparse.Namespace, task: Task) -> None:
