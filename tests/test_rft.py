@@ -197,10 +197,11 @@ def test_cli_rft_json_write_corpus_and_best_of(capsys, trained_run, tmp_path, ve
                            "--json")  # fmt: skip
     result = json.loads(out)
     assert code == 0 and result["rounds"][0]["drawn"] == 48 and "rate" in result["baseline"]
-    code, out, err = run_cli(capsys, "rft", str(trained_run), "--task", str(verifiers), "--verifier",
-                             "my_verifiers:digit", "--samples", "2", "--steps", "3", "--out", str(tmp_path / "o2"))
-    assert code == 0 and [line.split()[:2] for line in out.splitlines()] == [["round", "0"], ["round", "1"],
-                                                                           ["run", "directory"]]  # the table only
+    argv = ["rft", str(trained_run), "--task", str(verifiers), "--verifier", "my_verifiers:digit", "--samples", "2",
+            "--steps", "3", "--out", str(tmp_path / "o2")]  # fmt: skip
+    code, out, err = run_cli(capsys, *argv)
+    table = [line.split()[:2] for line in out.splitlines()]
+    assert code == 0 and table == [["round", "0"], ["round", "1"], ["run", "directory"]]  # the table only
     assert "round 1: kept" in err  # the progress is on stderr
     corpus = tmp_path / "addition.txt"
     code, out, _ = run_cli(capsys, "rft", "--task", "addition", "--write-corpus", str(corpus))
