@@ -21,7 +21,7 @@ from llmlab.sampling import (
     top_k_filter,
     top_p_filter,
 )  # fmt: skip
-from llmlab.tokenizer import CharTokenizer
+from llmlab.tokenizer import BPETokenizer, CharTokenizer
 from tests.conftest import TINY_VARIANTS
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
@@ -153,6 +153,28 @@ def test_stop_strings_cut_the_text_and_streaming_matches_the_result():
     g = generate_text(model, tok, "ab", 40, SamplingConfig(0.0), stop=[stop], on_text=pieces.append)
     assert g.text == full[: full.find(stop)]
     assert "".join(pieces) == g.text
+    assert tok.decode(g.token_ids) == g.text and len(g.entropies) == len(g.token_ids)  # no token of the stop string
+
+
+def test_a_stop_string_inside_a_bpe_token_keeps_the_token_that_completes_the_text():
+    text = "def f(x):\n    return x + 1\n" * 20
+    tok = BPETokenizer.train(text, vocab_size=300)
+    model = GPT(replace(TINY_VARIANTS["notes"], vocab_size=tok.vocab_size, block_size=16)).eval()
+    drawn = tok.encode("x):\n    return")  # what a fixed `steps` draws, token by token
+    pieces = [tok.decode([t]) for t in drawn]
+    k = next(i for i, p in enumerate(pieces) if len(p) >= 2)  # the first token of several characters
+    before = "".join(pieces[:k])
+    stop = pieces[k][1:] + "".join(pieces[k + 1 :])  # starts inside token k
+
+    def steps(idx, generator):
+        for t in drawn:
+            probs = torch.zeros(1, tok.vocab_size)
+            probs[0, t] = 1.0
+            yield torch.tensor([t]), probs
+
+    g = generate_text(model, tok, "de", 20, stop=[stop], steps=steps)
+    assert g.text == before + pieces[k][0]
+    assert g.token_ids == drawn[: k + 1] and g.entropies == [0.0] * (k + 1)
 
 
 def test_batched_prompts_equal_one_by_one_generation():

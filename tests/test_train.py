@@ -125,7 +125,13 @@ def test_cli_resume_keeps_the_saved_schedule(tmp_path, corpus_file, monkeypatch,
     a, b = read_metrics(tmp_path / "a" / "metrics.csv"), read_metrics(tmp_path / "b" / "metrics.csv")
     assert [(r["lr"], r["train_loss"]) for r in a] == [(r["lr"], r["train_loss"]) for r in b]
     code, out, _ = run_cli(capsys, "train", "--out", str(tmp_path / "b"), "--resume", "--max-steps", "12", "--json")
-    assert code == 0 and json.loads(out)["steps"] == 12  # a given --max-steps still extends it
+    assert code == 0 and json.loads(out)["steps"] == 12  # a given --max-steps still extends it,
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["train"]["max_steps"] == 12  # for good
+    summary = (tmp_path / "b" / "summary.json").read_text()
+    code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "b"), "--resume")
+    assert code == 2 and err == f"llmlab: error: the run in {tmp_path / 'b'} has done its 12 steps; resume with " \
+        "--max-steps above 12 to train further\n"  # fmt: skip
+    assert (tmp_path / "b" / "summary.json").read_text() == summary  # nothing rewritten
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file, monkeypatch):

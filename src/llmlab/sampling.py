@@ -180,7 +180,10 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens:
                   stop: Sequence[str] = (), use_cache: bool = True,
                   on_text: Callable[[str], None] | None = None, steps: Steps | None = None) -> Generation:  # fmt: skip
     """Continue `prompt`. Stops after `max_new_tokens` or at the first stop string (which is
-    not included). `on_text(piece)` receives the text as it is produced, for streaming.
+    not included in the text, nor are the tokens drawn after the one that completes the text:
+    `token_ids` and `entropies` hold the tokens that produced `text`; with BPE the last of them
+    may also hold the stop string's first characters). `on_text(piece)` receives the text as it
+    is produced, for streaming.
     `steps(idx, generator)`, if given, replaces plain decoding's `generate_ids` as the source of
     (ids, probs) steps (speculative decoding passes its own)."""
     tokens = stream_tokens(model, tokenizer, prompt, max_new_tokens, cfg, seed, use_cache, steps)
@@ -203,6 +206,10 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens:
         hit = _first_stop(text, stop)
         text = text if hit is None else text[:hit]
     _emit(on_text, text, shown, len(text))
+    if hit is not None:  # drop the tokens that hold only the stop string
+        while out and len(tokenizer.decode(out[:-1])) >= len(text):
+            out.pop()
+            entropies.pop()
     return Generation(prompt, text, out, entropies)
 
 

@@ -253,6 +253,16 @@ def compiled_or_eager(forward: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _check_unfinished(out: Path, cfg: TrainConfig, state: dict[str, Any]) -> None:
+    """A resume with nothing left to do is an error that says how to train further."""
+    if state["step"] >= cfg.max_steps:
+        raise UserError(f"the run in {out} has done its {cfg.max_steps} steps; resume with --max-steps above "
+                        f"{state['step']} to train further")  # fmt: skip
+    if cfg.max_minutes and state["elapsed"] >= 60 * cfg.max_minutes:
+        raise UserError(f"the run in {out} has used its {cfg.max_minutes:g} minutes; resume with a larger "
+                        "--max-minutes to train further")  # fmt: skip
+
+
 def _autocast(device: torch.device, cfg: TrainConfig) -> Any:
     if cfg.dtype == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -281,6 +291,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | 
         train_cfg = replace(run.train_cfg, max_steps=train_cfg.max_steps, max_minutes=train_cfg.max_minutes,
                             device=train_cfg.device)  # fmt: skip
         model, model_cfg, state = run.model, run.model_cfg, load_train_state(out)
+        _check_unfinished(out, train_cfg, state)
+        if d.main and train_cfg != run.train_cfg:  # a longer schedule is the run's from now on
+            write_json(out / "config.json", config_json(model_cfg, train_cfg, **run.meta))
         splits, loop = _start(model, model_cfg, train_cfg, out, d, state)
         stopped_by = loop.run(progress)
     else:
