@@ -99,6 +99,9 @@ def _speculative(args: argparse.Namespace, prompt: str, sampling: Any) -> None:
         raise UserError(f"--gamma (draft tokens per round) must be at least 1, got {gamma}")
     used = len(encode_prompt(target.tokenizer, prompt, target.model_cfg.block_size))
     room = min(target.model_cfg.block_size, draft.model_cfg.block_size) - used
+    if room == 0 and args.max_new_tokens != 0:
+        raise UserError(f"the prompt fills the context ({used} tokens) and speculative decoding needs a cache with "
+                        "room for new tokens; shorten the prompt, or decode plainly (without --draft)")  # fmt: skip
     n = min(200, room) if args.max_new_tokens is None else args.max_new_tokens
     check_pair(target.model, draft.model, gamma, used + n)  # before anything is printed
     if args.compare:  # warm up both paths so that neither timing pays for first-call set-up

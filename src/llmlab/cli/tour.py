@@ -16,6 +16,9 @@ def run(args: argparse.Namespace) -> None:
     from llmlab.report import run_tour
 
     refuse_file_as_out(args.out)
+    if (Path(args.out) / "config.json").is_file():
+        raise UserError(f"--out {args.out} holds a run written by `llmlab train`; the tour writes runs of its own "
+                        "inside its --out: choose another")  # fmt: skip
     if args.minutes is not None and not 0 < args.minutes < math.inf:  # also NaN
         raise UserError(f"--minutes must be a positive finite number, got {args.minutes}")
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> None:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/tour", metavar="DIR", help="where the tour writes (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="a shorter tour: about a minute and a half")
+    p.add_argument("--quick", action="store_true", help="a shorter tour: about a minute and a quarter")
     p.add_argument("--data", default="stdlib", help="the text to train on (default: stdlib)")
     p.add_argument("--minutes", type=float, help="training time for the notes' model (default: 4, --quick 0.6)")
     p.add_argument("--retrain", action="store_true", help="train again even if DIR holds the tour's model")
