@@ -151,6 +151,7 @@ def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]
         (["trace", str(run), "--prompt", "caf\udce9"], "--prompt is not valid UTF-8"),
         (["count", "--sweep", "seq=8,16", "--repeats", "0"], "--repeats must be at least 1"),
         (["count", "--repeats", "2"], "--repeats and --out are options of --sweep"),
+        (["count", str(corrupt)], "model.safetensors is corrupt"),
         ([*train, "--out", "caf\udce9"], "--out is not valid UTF-8"),
         ([*train, "--init-from", str(run), "--tokenizer", "bpe"], "--init-from brings its run's tokenizer"),
         ([*train, "--init-from", str(run), "--config", str(tmp / "none.toml")], "not --config"),

@@ -51,10 +51,10 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, str, int]:
     if args.run and (args.preset or args.config):
         raise UserError("give a run directory or --preset/--config, not both")
     if args.run:
-        from llmlab.run_dir import check_run_dir, read_config
+        from llmlab.run_dir import load_run
 
-        model_cfg, train_cfg, _ = read_config(check_run_dir(args.run))
-        base, source = cfg_lib.Preset(model_cfg, train_cfg), str(args.run)
+        loaded = load_run(args.run)  # the weights too: a corrupt run, or one they do not fit, is an error here too
+        base, source = cfg_lib.Preset(loaded.model_cfg, loaded.train_cfg), str(args.run)
     else:
         base, source = cfg_lib.preset(args.preset or "notes"), f"preset {args.preset or 'notes'}"
         if args.config:
