@@ -9,7 +9,6 @@ from llmlab import config as cfg_lib
 from llmlab.cli.common import DEFAULT_PRESET, add_config_args, emit, resolve_config, table
 from llmlab.config import ModelConfig, field_names, parse_sets
 from llmlab.errors import UserError
-from llmlab.run_dir import check_run_dir, read_config
 
 if TYPE_CHECKING:
     from llmlab.train import TrainResult
@@ -46,6 +45,7 @@ RESUME_FIXED = ("sets", "config", "tokenizer", "vocab_size", "tokenizer_from", "
 def resume(args: argparse.Namespace) -> None:
     """--resume: the saved configuration, with only --max-steps, --max-minutes and --device changed
     where they are given (the schedule's length is the saved one unless --max-steps says otherwise)."""
+    from llmlab.run_dir import check_run_dir, read_config
     from llmlab.train import train
 
     if any(getattr(args, name) not in (None, []) for name in RESUME_FIXED) or args.preset != DEFAULT_PRESET:
