@@ -16,8 +16,8 @@ The lookup's backward always runs after the head's, because the head reads what 
 produced; the gradient autograd accumulates is the same sum (tested against plain autograd). On
 the CPU the head also computes its product as (W·hᵀ)ᵀ: MKL multiplies [V, H]·[H, B·S] about 1.4×
 faster than [B·S, H]·[H, V] here. Together they make a GPT-2 124M training step (B = 1,
-S = 256) 1.38× as fast on this project's 2-core machine: 140 against 102 tokens/s
-(`python -m benchmarks.bench_tying`).
+S = 256) 1.09–1.41× as fast on this project's 2-core machine (`python -m benchmarks.bench_tying`:
+1.41×, 109 against 78 tokens/s, on 2026-12-01; 1.09× inside that day's `make bench`).
 
 It pays only where [V, H] is large, so the model takes this path for matrices of at least
 `MIN_ELEMENTS` (at nanoGPT's V = 65, H = 128 the two autograd.Functions cost as much as they
