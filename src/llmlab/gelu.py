@@ -9,9 +9,9 @@ On CPUs without AVX-512, PyTorch's fused `F.gelu(approximate="tanh")` spends mos
 inside a vectorised `tanh`, and its backward computes that `tanh` again: forward and backward
 of the tiny shape's [12, 64, 512] take 0.7–1.2 ms each, 17% of a training step's operator
 time (`python -m benchmarks.profile_train`, before this module). `sigmoid` costs a third of
-`tanh` there. `GeluTanh` computes σ(2z) once in the forward, and stores GELU'(x) instead of x, so its backward is one
-multiplication. It stores as much for the backward as `F.gelu`, which stores x: one [..., F]
-tensor (during the forward one buffer more is alive).
+`tanh` there. `GeluTanh` computes σ(2z) once in the forward, and stores GELU'(x) instead of
+x, so its backward is one multiplication. It stores as much for the backward as `F.gelu`,
+which stores x: one [..., F] tensor (during the forward one buffer more is alive).
 
 `gelu_tanh` takes this path only where it pays and its float32 error stays within a few
 roundings (gradients within about twice `F.gelu`'s own error, and better in the negative tail):
