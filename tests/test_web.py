@@ -214,6 +214,31 @@ def test_trace_count_and_locate_equal_the_cli(client, capsys, trained_run):
     assert got["p_clean"] > got["p_corrupt"]
 
 
+def test_edit_equals_the_cli_and_leaves_the_served_model_unchanged(client, run, capsys, trained_run, tmp_path):
+    """Reference: `llmlab knowledge edit --json` on the same fact (less the run it writes), greedy
+    decoding by the source run and by the edited run it wrote, and the served weights before the
+    request, bit for bit."""
+    from llmlab.sampling import SamplingConfig, generate_text
+
+    fact = {"prompt": "def f4(x, y):\n    return x {} y", "subject": "-", "target": "+"}
+    weights = {k: v.clone() for k, v in run.model.state_dict().items()}
+    got = post(client, "/api/edit", fact | {"method": "rome", "site": "answer", "new_tokens": 8})
+    argv = ["knowledge", "edit", str(trained_run), "--method", "rome", "--set", "site=answer", "--prompt",
+            fact["prompt"], "--subject", "-", "--target", "+", "--out", str(tmp_path / "edited")]  # fmt: skip
+    cli = cli_json(capsys, *argv)
+    timing = {"seconds", "stats_seconds"}
+    assert {k: v for k, v in got.items() if k not in timing | {"site", "text", "before", "after"}} == {
+        k: v for k, v in cli.items() if k not in timing | {"run", "source"}}  # fmt: skip
+    assert got["p_target_after"] > 3 * got["p_target_before"] and got["reliability"] == 1.0  # '+' is now the argmax
+    assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in weights.items())  # undone
+    greedy = SamplingConfig(0.0)
+    assert got["text"] == "def f4(x, y):\n    return x - y"
+    assert got["before"] == generate_text(run.model, run.tokenizer, got["text"], 8, greedy).text
+    edited = load_run(tmp_path / "edited")
+    assert got["after"] == generate_text(edited.model, edited.tokenizer, got["text"], 8, greedy).text
+    assert got["after"].startswith(" +") and not got["before"].startswith(" +")
+
+
 def test_count_is_the_real_models_parameters_and_measured_flops(client, run):
     """Reference: the model's own parameters, and PyTorch's FlopCounterMode on a real forward pass
     of B × S random tokens with the run's weights (the report measures a meta-device copy). The
@@ -295,6 +320,12 @@ BAD = [
     ("/api/locate", LOCATE | {"noise": -1}, "noise must be a number from 0 to 100"),
     ("/api/locate", LOCATE | {"noise": 1e308}, "noise must be a number from 0 to 100"),
     ("/api/locate", LOCATE | {"seed": 2**64}, "seed: Input should be less than or equal to 9223"),
+    ("/api/edit", {"prompt": "def f", "subject": "g", "target": "x"}, "does not occur in the prompt"),
+    ("/api/edit", LOCATE | {"target": ""}, "the target '' tokenizes to nothing"),
+    ("/api/edit", LOCATE | {"method": "grace"}, "unknown editing method 'grace' (choose from: ft-l, rome, memit)"),
+    ("/api/edit", LOCATE | {"site": "middle"}, "unknown site 'middle'"),
+    ("/api/edit", LOCATE | {"new_tokens": 101}, "new_tokens: Input should be less than or equal to 100"),
+    ("/api/edit", LOCATE | {"prompt": "x" * 40 + "{}"}, "tokens long, but the model's context is 32"),
     ("/api/neurons", {"prompt": ""}, "the prompt is empty"),
     ("/api/neurons", {"prompt": "def", "position": 3}, "position 3 is outside the prompt's 3 tokens"),
     ("/api/neurons", {"prompt": "def", "top": 0}, "top: Input should be greater than or equal to 1"),
@@ -404,7 +435,8 @@ def test_attention_maps_and_causal_traces_have_size_limits(client, monkeypatch):
 
 
 def test_a_bios_run_offers_a_fact_of_its_world(run):
-    """Reference: the bios world rebuilt from the run's data spec: its first person's birth date."""
+    """Reference: the bios world rebuilt from the run's data spec: its first person's birth date
+    to trace, and birth city to edit."""
     from dataclasses import replace
 
     from llmlab import bios
@@ -417,6 +449,10 @@ def test_a_bios_run_offers_a_fact_of_its_world(run):
     assert (fact["subject"], fact["target"]) == (person.name, person.facts[bios.BASE_ATTRIBUTES[0]])
     text, start = fill(fact["prompt"], fact["subject"])
     assert text[start:].startswith(person.name) and text.endswith(("on", "in", "at", "as", "by", "for"))
+    edit = instruments.run_info(replace(run, meta={"data": spec}))["example_edit"]  # its birth city, moved
+    assert edit["subject"] == person.name and edit["prompt"] == bios.prompt(person, "birth_city")
+    assert edit["target"] in bios.CITIES and edit["target"] != person.facts["birth_city"]
+    assert instruments.run_info(run)["example_edit"] is None  # not a bios run
 
 
 def test_a_run_without_metrics_and_a_diverged_one(run, tmp_path):

@@ -272,6 +272,26 @@ def test_knowledge_tab_draws_the_indirect_effects_and_the_memories(page, server)
     assert cells.nth(2).inner_text() == f"{first['activation']:.3f}"
 
 
+def test_knowledge_tab_edits_a_fact_and_shows_the_model_before_and_after(page, server):
+    """Reference: the API's answer for the same edit (each request edits, scores and undoes)."""
+    page.click("button[data-tab=knowledge]")
+    fact = {"prompt": "return x {} y", "subject": "-", "target": "+"}
+    page.fill("#edit-prompt", fact["prompt"])
+    page.fill("#edit-subject", fact["subject"])
+    page.fill("#edit-target", fact["target"])
+    page.select_option("#edit-method", "rome")
+    page.select_option("#edit-site", "answer")
+    page.click("#edit-form button")
+    expect(page.locator("#edit-texts p")).to_have_count(2)
+    edited = api(server, "/api/edit", fact | {"method": "rome", "site": "answer"})
+    figures = page.inner_text("#edit-figures")
+    assert f"{edited['p_target_before']:.4f} → {edited['p_target_after']:.4f}" in figures
+    assert f"reliability\t{100 * edited['reliability']:.1f}%" in figures
+    assert page.inner_text("#edit-texts p[data-when=before]") == "before: " + edited["text"] + edited["before"]
+    assert page.inner_text("#edit-texts p[data-when=after]") == "after: " + edited["text"] + edited["after"]
+    assert edited["after"] != edited["before"]
+
+
 def test_training_tab_draws_every_step_and_evaluation(page, server):
     page.click("button[data-tab=training]")
     info = api(server, "/api/run")

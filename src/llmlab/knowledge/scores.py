@@ -291,6 +291,15 @@ def edit_run(source: str | Path, out: str | Path, method: str, facts: Sequence[F
     if not out.parent.is_dir():
         raise UserError(f"the folder {str(out.parent)!r} for --out does not exist")
     run = load_run(source, device)
+    report, params, stats = edit_and_score(run, method, facts, params)
+    write_edited_run(run, out, method, params, facts, stats if method != "ft-l" else None)
+    return {"run": str(out), "source": str(run.path), **report}
+
+
+def edit_and_score(run: Run, method: str, facts: Sequence[Fact], params: edit.EditParams | None,
+                   ) -> tuple[dict[str, Any], edit.EditParams, edit.KeyStatistics]:  # fmt: skip
+    """Edit `run.model` in place and score the edits (what `knowledge edit` reports, without
+    writing a run): → (report, the resolved parameters, the key statistics used)."""
     world = bios.world_of(run.meta.get("data", ""))
     rng = random.Random(0)
     cases = [case_for(world, f, rng) for f in facts]
@@ -302,13 +311,12 @@ def edit_run(source: str | Path, out: str | Path, method: str, facts: Sequence[F
     p_before = _probabilities(run.model, run.tokenizer, facts)
     result = edit.apply_edits(run.model, method, requests, stats, params)
     scores = [score_case(run.model, run.tokenizer, c, b) for c, b in zip(cases, before, strict=True)]
-    write_edited_run(run, out, method, params, facts, stats if method != "ft-l" else None)
-    return {
-        "run": str(out), "source": str(run.path), "method": method, "layers": list(params.layers or ()),
-        "edits": len(facts), "seconds": result.seconds, "stats_seconds": stats.seconds,
-        "p_target_before": _mean(p_before), "p_target_after": _mean(_probabilities(run.model, run.tokenizer, facts)),
-        **summarise(scores),
+    report = {
+        "method": method, "layers": list(params.layers or ()), "edits": len(facts), "seconds": result.seconds,
+        "stats_seconds": stats.seconds, "p_target_before": _mean(p_before),
+        "p_target_after": _mean(_probabilities(run.model, run.tokenizer, facts)), **summarise(scores),
     }  # fmt: skip
+    return report, params, stats
 
 
 def write_edited_run(run: Run, out: Path, method: str, params: edit.EditParams, facts: Sequence[Fact],

@@ -11,6 +11,7 @@
     POST /api/trace        {"prompt"}
     POST /api/locate       {"prompt", "subject", "target", "noise", "samples", "seed"}
     POST /api/neurons      {"prompt", "position", "top", "tokens"}
+    POST /api/edit         {"prompt", "subject", "target", "method", "site", "new_tokens"}: edited, scored, undone
 
 Bad input (an unknown field, a wrong type, a prompt beyond the context, malformed JSON) is
 answered 400 with {"error": "<one line>"}; the page shows that line. Types are strict: "5" is not
@@ -115,6 +116,15 @@ class NeuronsRequest(Body):
     tokens: int = Field(5, ge=1, le=50)
 
 
+class EditRequest(Body):
+    prompt: str
+    subject: str
+    target: str
+    method: str = "rome"
+    site: str = "subject"
+    new_tokens: int = Field(20, ge=0, le=100)
+
+
 def create_app(run: Run) -> FastAPI:
     """The app for one run; the model stays loaded for the life of the server."""
     # no /docs: FastAPI's documentation pages would fetch their scripts from a CDN
@@ -194,6 +204,10 @@ def create_app(run: Run) -> FastAPI:
     @app.post("/api/neurons")
     def neurons(r: NeuronsRequest) -> dict[str, Any]:
         return locked(instruments.neurons, r.prompt, r.position, r.top, r.tokens)
+
+    @app.post("/api/edit")
+    def edit(r: EditRequest) -> dict[str, Any]:
+        return locked(instruments.edit, r.prompt, r.subject, r.target, r.method, r.site, r.new_tokens)
 
     return app
 

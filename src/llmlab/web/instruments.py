@@ -14,6 +14,7 @@ own), so what the page shows is what the tests check:
     count       parameters, FLOPs and memory, exact and measured               `count RUN --json`
     locate      causal tracing of one fact: indirect effects [S, L]            `knowledge locate --json`
     neurons     the FFN's most active memories and the tokens they promote     `knowledge neurons --json`
+    edit        one fact written by ROME, MEMIT or FT-L, scored, then undone   `knowledge edit --json`
 
 None of them prints or exits; bad input raises `UserError`, which the server answers as one line.
 """
@@ -50,6 +51,7 @@ def run_info(run: Run) -> dict[str, Any]:
         "params": sum(p.numel() for p in run.model.parameters()),
         "tokenizer": {"kind": run.tokenizer.kind, "vocab_size": run.tokenizer.vocab_size},
         "example_fact": _example_fact(run.meta.get("data") or ""),
+        "example_edit": _example_edit(run.meta.get("data") or ""),
         "metrics": {
             "step": [r["step"] for r in train], "train_loss": [r["train_loss"] for r in train],
             "val_step": [r["step"] for r in val], "val_loss": [r["val_loss"] for r in val],
@@ -209,6 +211,47 @@ def neurons(run: Run, prompt: str, position: int = -1, top: int = 5, tokens: int
     from llmlab.knowledge.keyvalue import memories_json, top_memories
 
     return memories_json(prompt, position, top_memories(run.model, run.tokenizer, prompt, position, top, tokens))
+
+
+def edit(run: Run, prompt: str, subject: str, target: str, method: str = "rome", site: str = "subject",
+         new_tokens: int = 20) -> dict[str, Any]:  # fmt: skip
+    """`llmlab knowledge edit RUN --method M --set site=S --prompt P --subject S --target T --json`,
+    without writing a run: the served model is edited and scored, continues the prompt greedily,
+    and is restored (its W₂ rows copied back), so no other request sees the edit. Adds the
+    filled-in prompt ("text") and its `new_tokens`-token greedy continuation "before" and "after"."""
+    from dataclasses import replace
+
+    from llmlab.knowledge import Fact
+    from llmlab.knowledge import edit as edit_lib
+    from llmlab.knowledge.scores import edit_and_score
+    from llmlab.sampling import SamplingConfig, generate_text
+
+    edit_lib.check_method(method)
+    params = edit_lib.resolve_params(run.model, method, replace(edit_lib.DEFAULTS[method], site=site))  # type: ignore[arg-type]
+    fact = Fact(prompt, subject, target)
+    text = fact.text()
+    greedy = SamplingConfig(temperature=0.0)
+    before = generate_text(run.model, run.tokenizer, text, new_tokens, greedy).text
+    saved = edit_lib.snapshot(run.model, params.layers or ())
+    try:
+        report, _, _ = edit_and_score(run, method, [fact], params)
+        after = generate_text(run.model, run.tokenizer, text, new_tokens, greedy).text
+    finally:
+        edit_lib.restore(run.model, saved)
+    return {**report, "site": site, "text": text, "before": before, "after": after}
+
+
+def _example_edit(data: str) -> dict[str, str] | None:
+    """For a bios run, a fact to rewrite: its first person's birth city, moved to another city."""
+    from llmlab import bios
+
+    world = bios.world_of(data)
+    if world is None:
+        return None
+    person = world.people[0]
+    city = person.facts["birth_city"]
+    new = next(c for c in bios.CITIES if c != city)
+    return {"prompt": bios.prompt(person, "birth_city"), "subject": person.name, "target": new}
 
 
 def _example_fact(data: str) -> dict[str, str] | None:

@@ -203,6 +203,11 @@ async function loadRun() {
     $("knowledge-subject").value = RUN.example_fact.subject;
     $("knowledge-target").value = RUN.example_fact.target;
   }
+  if (RUN.example_edit) {
+    $("edit-prompt").value = RUN.example_edit.prompt;
+    $("edit-subject").value = RUN.example_edit.subject;
+    $("edit-target").value = RUN.example_edit.target;
+  }
   drawTraining(RUN.metrics);
 }
 
@@ -422,6 +427,36 @@ async function locate() {
   }
 }
 
+// --- knowledge editing: POST /api/edit -----------------------------------------------------------
+
+const percent = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(1)}%`);
+
+async function editFact() {
+  const r = await api("/api/edit", {
+    prompt: $("edit-prompt").value, subject: $("edit-subject").value, target: $("edit-target").value,
+    method: $("edit-method").value, site: $("edit-site").value,
+  });
+  rows($("edit-figures"), [
+    ["edit", `${r.method}, site ${r.site}, layer${r.layers.length > 1 ? "s" : ""} ${r.layers.join(", ")}`],
+    ["p(target)", `${fixed(r.p_target_before, 4)} → ${fixed(r.p_target_after, 4)}`],
+    ["reliability", percent(r.reliability)],
+    ["generalisation", percent(r.generalisation)],
+    ["locality", percent(r.locality)],
+    ["portability", percent(r.portability)],
+    ["time", `${fixed(r.seconds, 2)} s editing, ${fixed(r.stats_seconds, 2)} s estimating C = E[kkᵀ]`],
+  ]);
+  const out = $("edit-texts");
+  for (const [when, continuation] of [["before", r.before], ["after", r.after]]) {
+    const p = document.createElement("p");
+    p.className = "mono";
+    p.dataset.when = when;
+    const strong = document.createElement("strong");
+    strong.textContent = `${when}: `;
+    p.append(strong, r.text, token(continuation, "new"));
+    out.append(p);
+  }
+}
+
 // --- FFN memories: POST /api/neurons -------------------------------------------------------------
 
 async function neurons() {
@@ -508,5 +543,6 @@ document.addEventListener("DOMContentLoaded", () => {
   onSubmit("shapes-form", shapes, ["shapes-letters", "shapes-rows"]);
   onSubmit("knowledge-form", locate, ["knowledge-figures", "knowledge-maps"]);
   onSubmit("neurons-form", neurons, ["neurons-rows"]);
+  onSubmit("edit-form", editFact, ["edit-figures", "edit-texts"]);
   loadRun().catch((e) => showError(e.message));
 });
