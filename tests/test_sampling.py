@@ -176,6 +176,11 @@ def test_a_stop_string_inside_a_bpe_token_keeps_the_token_that_completes_the_tex
     assert g.text == before + pieces[k][0]
     assert g.token_ids == drawn[: k + 1] and g.entropies == [0.0] * (k + 1)
 
+    drawn = tok.encode("a中xyz")  # 中 is three bytes: tokens that end inside it decode to "a�"
+    g = generate_text(model, tok, "de", 20, stop=["x"], steps=steps)
+    assert g.text == "a中" and tok.decode(g.token_ids) == "a中"
+    assert tok.decode(g.token_ids[:-1]) != "a中"  # the last kept token completes the character
+
 
 def test_batched_prompts_equal_one_by_one_generation():
     model, tok = text_model()

@@ -310,6 +310,9 @@ def test_cli_human_output_and_default_length(capsys, trained_run, draft_run):
     code, out, _ = run_cli(capsys, "generate", str(trained_run), "--prompt", "def f", "--draft", str(draft_run),
                            "--max-new-tokens", "1")  # fmt: skip
     assert code == 0 and "acceptance rate         n/a (0 of 0 draft tokens)" in out  # one token: no draft judged
+    code, out, _ = run_cli(capsys, "generate", str(trained_run), "--prompt", "def f", "--draft", str(draft_run),
+                           "--max-new-tokens", "0", "--compare")  # fmt: skip
+    assert code == 0 and "speedup                 n/a (no token kept)" in out  # no rate to divide by
 
 
 def test_cli_bad_inputs_are_one_line_exit_2(capsys, tmp_path, trained_run, draft_run):
@@ -318,8 +321,17 @@ def test_cli_bad_inputs_are_one_line_exit_2(capsys, tmp_path, trained_run, draft
     tok = json.loads((other / "tokenizer.json").read_text())
     tok["vocab"] = "".join(sorted(set(tok["vocab"][:-1]) | {"\u00e9"}))  # same size, another character
     (other / "tokenizer.json").write_text(json.dumps(tok))
+    short = tmp_path / "short-context"  # the draft with a context of 8 (sinusoidal positions: no weights change)
+    shutil.copytree(draft_run, short)
+    config = json.loads((short / "config.json").read_text())
+    config["model"]["block_size"] = 8
+    (short / "config.json").write_text(json.dumps(config))
     gen = ["generate", str(trained_run), "--prompt", "def f"]
     cases = [
+        (
+            ["generate", str(trained_run), "--prompt", "def f(x, y)", "--draft", str(short)],
+            "the prompt is 11 tokens and fills the pair's context (8, the smaller of the target's and the draft's)",
+        ),
         ([*gen, "--draft", str(draft_run), "--gamma", "0"], "gamma (draft tokens per round) must be at least 1"),
         ([*gen, "--draft", str(other)], "has another tokenizer than the target"),
         ([*gen, "--draft", str(tmp_path / "nope")], "does not exist"),

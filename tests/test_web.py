@@ -214,29 +214,34 @@ def test_trace_count_and_locate_equal_the_cli(client, capsys, trained_run):
     assert got["p_clean"] > got["p_corrupt"]
 
 
-def test_edit_equals_the_cli_and_leaves_the_served_model_unchanged(client, run, capsys, trained_run, tmp_path):
+@pytest.mark.parametrize("method", ["rome", "memit", "ft-l"])
+def test_edit_equals_the_cli_and_leaves_the_served_model_unchanged(client, run, capsys, trained_run, tmp_path,
+                                                                   method):  # fmt: skip
     """Reference: `llmlab knowledge edit --json` on the same fact (less the run it writes), greedy
     decoding by the source run and by the edited run it wrote, and the served weights before the
-    request, bit for bit."""
+    request, bit for bit (MEMIT edits both layers of this model)."""
     from llmlab.sampling import SamplingConfig, generate_text
 
     fact = {"prompt": "def f4(x, y):\n    return x {} y", "subject": "-", "target": "+"}
     weights = {k: v.clone() for k, v in run.model.state_dict().items()}
-    got = post(client, "/api/edit", fact | {"method": "rome", "site": "answer", "new_tokens": 8})
-    argv = ["knowledge", "edit", str(trained_run), "--method", "rome", "--set", "site=answer", "--prompt",
+    got = post(client, "/api/edit", fact | {"method": method, "site": "answer", "new_tokens": 8})
+    argv = ["knowledge", "edit", str(trained_run), "--method", method, "--set", "site=answer", "--prompt",
             fact["prompt"], "--subject", "-", "--target", "+", "--out", str(tmp_path / "edited")]  # fmt: skip
     cli = cli_json(capsys, *argv)
     timing = {"seconds", "stats_seconds"}
     assert {k: v for k, v in got.items() if k not in timing | {"site", "text", "before", "after"}} == {
         k: v for k, v in cli.items() if k not in timing | {"run", "source"}}  # fmt: skip
-    assert got["p_target_after"] > 3 * got["p_target_before"] and got["reliability"] == 1.0  # '+' is now the argmax
+    assert got["layers"] == ([0, 1] if method == "memit" else [0])
     assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in weights.items())  # undone
+    assert all(p.grad is None for p in run.model.parameters())
     greedy = SamplingConfig(0.0)
     assert got["text"] == "def f4(x, y):\n    return x - y"
     assert got["before"] == generate_text(run.model, run.tokenizer, got["text"], 8, greedy).text
     edited = load_run(tmp_path / "edited")
     assert got["after"] == generate_text(edited.model, edited.tokenizer, got["text"], 8, greedy).text
-    assert got["after"].startswith(" +") and not got["before"].startswith(" +")
+    if method == "rome":
+        assert got["p_target_after"] > 3 * got["p_target_before"] and got["reliability"] == 1.0  # '+' now the argmax
+        assert got["after"].startswith(" +") and not got["before"].startswith(" +")
 
 
 def test_count_is_the_real_models_parameters_and_measured_flops(client, run):
@@ -325,7 +330,7 @@ BAD = [
     ("/api/edit", LOCATE | {"method": "grace"}, "unknown editing method 'grace' (choose from: ft-l, rome, memit)"),
     ("/api/edit", LOCATE | {"site": "middle"}, "unknown site 'middle'"),
     ("/api/edit", LOCATE | {"new_tokens": 101}, "new_tokens: Input should be less than or equal to 100"),
-    ("/api/edit", LOCATE | {"prompt": "x" * 40 + "{}"}, "tokens long, but the model's context is 32"),
+    ("/api/edit", LOCATE | {"prompt": "x" * 40 + "{}"}, "the prompt and target are 42 tokens, over the context of 32"),
     ("/api/neurons", {"prompt": ""}, "the prompt is empty"),
     ("/api/neurons", {"prompt": "def", "position": 3}, "position 3 is outside the prompt's 3 tokens"),
     ("/api/neurons", {"prompt": "def", "top": 0}, "top: Input should be greater than or equal to 1"),

@@ -207,7 +207,7 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens:
         text = text if hit is None else text[:hit]
     _emit(on_text, text, shown, len(text))
     if hit is not None:  # drop the tokens that hold only the stop string
-        while out and len(tokenizer.decode(out[:-1])) >= len(text):
+        while out and tokenizer.decode(out[:-1]).startswith(text):  # (not by length: a partial character is "�")
             out.pop()
             entropies.pop()
     return Generation(prompt, text, out, entropies)

@@ -292,8 +292,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | 
                             device=train_cfg.device)  # fmt: skip
         model, model_cfg, state = run.model, run.model_cfg, load_train_state(out)
         _check_unfinished(out, train_cfg, state)
-        if d.main and train_cfg != run.train_cfg:  # a longer schedule is the run's from now on
-            write_json(out / "config.json", config_json(model_cfg, train_cfg, **run.meta))
+        if d.main and train_cfg.max_steps != run.train_cfg.max_steps:  # a longer schedule is the run's from now on
+            saved = replace(run.train_cfg, max_steps=train_cfg.max_steps)  # (minutes and device: this session's)
+            write_json(out / "config.json", config_json(model_cfg, saved, **run.meta))
         splits, loop = _start(model, model_cfg, train_cfg, out, d, state)
         stopped_by = loop.run(progress)
     else:

@@ -99,9 +99,11 @@ def _speculative(args: argparse.Namespace, prompt: str, sampling: Any) -> None:
         raise UserError(f"--gamma (draft tokens per round) must be at least 1, got {gamma}")
     used = len(encode_prompt(target.tokenizer, prompt, target.model_cfg.block_size))
     room = min(target.model_cfg.block_size, draft.model_cfg.block_size) - used
-    if room == 0 and args.max_new_tokens != 0:
-        raise UserError(f"the prompt fills the context ({used} tokens) and speculative decoding needs a cache with "
-                        "room for new tokens; shorten the prompt, or decode plainly (without --draft)")  # fmt: skip
+    if room <= 0 and args.max_new_tokens != 0:
+        context = min(target.model_cfg.block_size, draft.model_cfg.block_size)
+        raise UserError(f"the prompt is {used} tokens and fills the pair's context ({context}, the smaller of the "
+                        "target's and the draft's): speculative decoding needs room for new tokens; shorten the "
+                        "prompt, or decode plainly (without --draft)")  # fmt: skip
     n = min(200, room) if args.max_new_tokens is None else args.max_new_tokens
     check_pair(target.model, draft.model, gamma, used + n)  # before anything is printed
     if args.compare:  # warm up both paths so that neither timing pays for first-call set-up
@@ -148,8 +150,8 @@ def _decode_speculatively(args: argparse.Namespace, target: Any, draft: Any, pro
     figures = {**total.to_json(), "max_new_tokens": n}
     if args.compare:
         spec_rate, plain_rate = spec_tokens / spec_s, plain_tokens / plain_s
-        figures |= {"tokens_per_second": spec_rate, "plain_tokens_per_second": plain_rate,
-                    "speedup": spec_rate / plain_rate}  # fmt: skip
+        speedup = spec_rate / plain_rate if plain_rate and spec_rate else None  # none kept (a stop at once): n/a
+        figures |= {"tokens_per_second": spec_rate, "plain_tokens_per_second": plain_rate, "speedup": speedup}
     return samples, figures
 
 
@@ -162,7 +164,8 @@ def _speculative_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
                                    f"{_num(expected, '.2f')} at the measured α)"),
     ]  # fmt: skip
     if "speedup" in f:
-        rows.append(("speedup", f"{f['speedup']:.2f}× ({f['tokens_per_second']:,.0f} tokens/s speculative, "
+        speedup = "n/a (no token kept)" if f["speedup"] is None else f"{f['speedup']:.2f}×"
+        rows.append(("speedup", f"{speedup} ({f['tokens_per_second']:,.0f} tokens/s speculative, "
                                 f"{f['plain_tokens_per_second']:,.0f} plain, same target, same call)"))  # fmt: skip
     return rows
 

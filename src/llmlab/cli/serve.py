@@ -11,7 +11,7 @@ from llmlab.errors import UserError
 
 
 def run(args: argparse.Namespace) -> None:
-    """Open a run in the local web app: entropy, generation, attention, shapes, counts, causal tracing."""
+    """Open a run in the local web app: entropy, generation, attention, shapes, counts, causal tracing, edits."""
     import uvicorn
 
     from llmlab.run_dir import load_run

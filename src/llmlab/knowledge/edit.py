@@ -248,7 +248,8 @@ class KeyStatistics:
 def regularised_inverse_times(C: Tensor, ridge: float, rhs: Tensor) -> Tensor:
     """(C + ρ · mean(diag C) · I)⁻¹ · rhs, in float64."""
     F = C.shape[0]
-    reg = C + ridge * C.diagonal().mean().clamp_min(1e-12) * torch.eye(F, dtype=C.dtype)
+    C = C.to(rhs.device)  # the statistics live on the CPU (cached as files); the keys on the model's device
+    reg = C + ridge * C.diagonal().mean().clamp_min(1e-12) * torch.eye(F, dtype=C.dtype, device=C.device)
     return torch.linalg.solve(reg, rhs.to(C.dtype))
 
 
@@ -310,7 +311,7 @@ def rome_update(W: Tensor, b: Tensor | None, k: Tensor, v: Tensor, C: Tensor, ri
 
 def memit_update(R: Tensor, K: Tensor, C: Tensor, mom2_weight: float, ridge: float) -> Tensor:
     """ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹. R [H, n], K [F, n] → [H, F]."""
-    A = mom2_weight * C.double() + K.double() @ K.double().T  # [F, F]
+    A = mom2_weight * C.to(K.device, torch.float64) + K.double() @ K.double().T  # [F, F]
     return regularised_inverse_times(A, ridge, (R.double() @ K.double().T).T).T  # [H, F]
 
 
@@ -410,9 +411,11 @@ def snapshot(model: GPT, layers: Sequence[int]) -> dict[int, Tensor]:
 
 
 def restore(model: GPT, saved: dict[int, Tensor]) -> None:
+    """Undo edits: each saved W₂ copied back, and any gradient an edit left on it dropped."""
     with torch.no_grad():
         for layer, w in saved.items():
             model.blocks[layer].mlp.w2.weight.copy_(w)
+            model.blocks[layer].mlp.w2.weight.grad = None
 
 
 def _device(model: GPT) -> torch.device:

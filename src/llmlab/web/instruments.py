@@ -217,11 +217,11 @@ def edit(run: Run, prompt: str, subject: str, target: str, method: str = "rome",
          new_tokens: int = 20) -> dict[str, Any]:  # fmt: skip
     """`llmlab knowledge edit RUN --method M --set site=S --prompt P --subject S --target T --json`,
     without writing a run: the served model is edited and scored, continues the prompt greedily,
-    and is restored (its W₂ rows copied back), so no other request sees the edit. Adds the
+    and is restored (its W₂ matrices copied back), so no other request sees the edit. Adds the
     filled-in prompt ("text") and its `new_tokens`-token greedy continuation "before" and "after"."""
     from dataclasses import replace
 
-    from llmlab.knowledge import Fact
+    from llmlab.knowledge import Fact, encode
     from llmlab.knowledge import edit as edit_lib
     from llmlab.knowledge.scores import edit_and_score
     from llmlab.sampling import SamplingConfig, generate_text
@@ -229,6 +229,7 @@ def edit(run: Run, prompt: str, subject: str, target: str, method: str = "rome",
     edit_lib.check_method(method)
     params = edit_lib.resolve_params(run.model, method, replace(edit_lib.DEFAULTS[method], site=site))  # type: ignore[arg-type]
     fact = Fact(prompt, subject, target)
+    encode(run.tokenizer, fact, block_size=run.model_cfg.block_size)  # bad input fails before any work
     text = fact.text()
     greedy = SamplingConfig(temperature=0.0)
     before = generate_text(run.model, run.tokenizer, text, new_tokens, greedy).text
