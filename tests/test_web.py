@@ -232,6 +232,9 @@ def test_edit_equals_the_cli_and_leaves_the_served_model_unchanged(client, run, 
     assert {k: v for k, v in got.items() if k not in timing | {"site", "text", "before", "after"}} == {
         k: v for k, v in cli.items() if k not in timing | {"run", "source"}}  # fmt: skip
     assert got["layers"] == ([0, 1] if method == "memit" else [0])
+    again = post(client, "/api/edit", fact | {"method": method, "site": "answer", "new_tokens": 8})
+    assert again["stats_seconds"] == 0.0  # C is kept between edits (ft-l needs none)
+    assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in got.items() if k not in timing}
     assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in weights.items())  # undone
     assert all(p.grad is None for p in run.model.parameters())
     greedy = SamplingConfig(0.0)

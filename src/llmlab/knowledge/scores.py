@@ -269,12 +269,14 @@ def _train_tokens(run: Run) -> np.ndarray | None:
 
 
 def prepare_edits(
-    run: Run, method: str, params: edit.EditParams | None
+    run: Run, method: str, params: edit.EditParams | None, stats: edit.KeyStatistics | None = None
 ) -> tuple[edit.EditParams, edit.KeyStatistics, list[str]]:
-    """Resolved parameters, the key statistics C (estimated now unless ft-l) and the context prefixes."""
+    """Resolved parameters, the key statistics C (estimated now unless ft-l, or taken from `stats`
+    where it holds them for the same number of tokens) and the context prefixes."""
     params = edit.resolve_params(run.model, method, params)
     tokens = _train_tokens(run)
-    stats = edit.KeyStatistics(run.model, tokens, params.stats_tokens, read_dirs=[run.path])
+    if stats is None or stats.n_tokens != params.stats_tokens:
+        stats = edit.KeyStatistics(run.model, tokens, params.stats_tokens, read_dirs=[run.path])
     if method != "ft-l":
         stats.ensure(params.layers or ())
     contexts = edit.context_prefixes(run.tokenizer, tokens, params.contexts) if tokens is not None else []
@@ -297,15 +299,20 @@ def edit_run(source: str | Path, out: str | Path, method: str, facts: Sequence[F
 
 
 def edit_and_score(run: Run, method: str, facts: Sequence[Fact], params: edit.EditParams | None,
+                   stats: edit.KeyStatistics | None = None,
                    ) -> tuple[dict[str, Any], edit.EditParams, edit.KeyStatistics]:  # fmt: skip
     """Edit `run.model` in place and score the edits (what `knowledge edit` reports, without
-    writing a run): → (report, the resolved parameters, the key statistics used)."""
+    writing a run): → (report, the resolved parameters, the key statistics used). `stats` may
+    hold C from earlier calls; it is valid only for the weights it was estimated on, so a caller
+    that keeps it must undo each edit (as the web app does)."""
     world = bios.world_of(run.meta.get("data", ""))
     rng = random.Random(0)
     cases = [case_for(world, f, rng) for f in facts]
     encode_all(run.tokenizer, [f for c in cases for f in (c.request, *c.paraphrases, *c.neighbours)],
                run.model.cfg.block_size)  # bad input fails here, before any work  # fmt: skip
-    params, stats, contexts = prepare_edits(run, method, params)
+    given, earlier = stats, stats.seconds if stats is not None else 0.0
+    params, stats, contexts = prepare_edits(run, method, params, stats)
+    earlier = earlier if stats is given else 0.0  # what `stats` had spent estimating before this call
     requests = [edit.prepare(run.tokenizer, c.request, contexts, run.model.cfg.block_size) for c in cases]
     before = [argmaxes(run.model, run.tokenizer, c.neighbours) for c in cases]
     p_before = _probabilities(run.model, run.tokenizer, facts)
@@ -313,7 +320,7 @@ def edit_and_score(run: Run, method: str, facts: Sequence[Fact], params: edit.Ed
     scores = [score_case(run.model, run.tokenizer, c, b) for c, b in zip(cases, before, strict=True)]
     report = {
         "method": method, "layers": list(params.layers or ()), "edits": len(facts), "seconds": result.seconds,
-        "stats_seconds": stats.seconds, "p_target_before": _mean(p_before),
+        "stats_seconds": stats.seconds - earlier, "p_target_before": _mean(p_before),
         "p_target_after": _mean(_probabilities(run.model, run.tokenizer, facts)), **summarise(scores),
     }  # fmt: skip
     return report, params, stats

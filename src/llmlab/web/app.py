@@ -205,9 +205,11 @@ def create_app(run: Run) -> FastAPI:
     def neurons(r: NeuronsRequest) -> dict[str, Any]:
         return locked(instruments.neurons, r.prompt, r.position, r.top, r.tokens)
 
+    edit_memo: dict[str, Any] = {}  # the key statistics C, estimated once per layer
+
     @app.post("/api/edit")
     def edit(r: EditRequest) -> dict[str, Any]:
-        return locked(instruments.edit, r.prompt, r.subject, r.target, r.method, r.site, r.new_tokens)
+        return locked(instruments.edit, r.prompt, r.subject, r.target, r.method, r.site, r.new_tokens, edit_memo)
 
     return app
 

@@ -214,11 +214,13 @@ def neurons(run: Run, prompt: str, position: int = -1, top: int = 5, tokens: int
 
 
 def edit(run: Run, prompt: str, subject: str, target: str, method: str = "rome", site: str = "subject",
-         new_tokens: int = 20) -> dict[str, Any]:  # fmt: skip
+         new_tokens: int = 20, memo: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """`llmlab knowledge edit RUN --method M --set site=S --prompt P --subject S --target T --json`,
     without writing a run: the served model is edited and scored, continues the prompt greedily,
     and is restored (its W₂ matrices copied back), so no other request sees the edit. Adds the
-    filled-in prompt ("text") and its `new_tokens`-token greedy continuation "before" and "after"."""
+    filled-in prompt ("text") and its `new_tokens`-token greedy continuation "before" and "after".
+    `memo` (a dict the caller keeps) holds the key statistics C between calls: the weights they
+    come from are the same each time, since every edit is undone."""
     from dataclasses import replace
 
     from llmlab.knowledge import Fact, encode
@@ -235,7 +237,9 @@ def edit(run: Run, prompt: str, subject: str, target: str, method: str = "rome",
     before = generate_text(run.model, run.tokenizer, text, new_tokens, greedy).text
     saved = edit_lib.snapshot(run.model, params.layers or ())
     try:
-        report, _, _ = edit_and_score(run, method, [fact], params)
+        report, _, stats = edit_and_score(run, method, [fact], params, (memo or {}).get("stats"))
+        if memo is not None:
+            memo["stats"] = stats
         after = generate_text(run.model, run.tokenizer, text, new_tokens, greedy).text
     finally:
         edit_lib.restore(run.model, saved)
