@@ -310,9 +310,9 @@ def edit_and_score(run: Run, method: str, facts: Sequence[Fact], params: edit.Ed
     cases = [case_for(world, f, rng) for f in facts]
     encode_all(run.tokenizer, [f for c in cases for f in (c.request, *c.paraphrases, *c.neighbours)],
                run.model.cfg.block_size)  # bad input fails here, before any work  # fmt: skip
-    given, earlier = stats, stats.seconds if stats is not None else 0.0
-    params, stats, contexts = prepare_edits(run, method, params, stats)
-    earlier = earlier if stats is given else 0.0  # what `stats` had spent estimating before this call
+    earlier = stats.seconds if stats is not None else 0.0  # what a kept `stats` had spent estimating
+    params, kept, contexts = prepare_edits(run, method, params, stats)
+    earlier, stats = (earlier if kept is stats else 0.0), kept
     requests = [edit.prepare(run.tokenizer, c.request, contexts, run.model.cfg.block_size) for c in cases]
     before = [argmaxes(run.model, run.tokenizer, c.neighbours) for c in cases]
     p_before = _probabilities(run.model, run.tokenizer, facts)
