@@ -166,7 +166,7 @@ def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]
         ([*gen, "--max-new-tokens", "x"], "invalid int value"),
         ([*gen, "--weights", "int8"], "invalid choice: 'int8'"),
         ([*gen, "--weights", "float16", "--draft", str(run)], "--weights applies to plain decoding"),
-        ([*gen, "--prompt", "d" * 32, "--draft", str(run)], "the prompt fills the context (32 tokens)"),
+        ([*gen, "--prompt", "d" * 32, "--draft", str(run)], "the prompt is 32 tokens and fills the pair's context (32"),
         (["run", "--out", str(run), "--quick"], "holds a run written by `llmlab train`"),
         ([*gen, "--weights", "float16", "--no-cache"], "--weights needs the KV cache"),
         ([*train, "--seed", "-1"], "--seed must be from 0 to 2**63 - 1, got -1"),
