@@ -11,7 +11,7 @@ fresh 4 KB pages a step, each a page fault, where the fused kernel allocates not
 takes the gradients from a bf16-autocast backward instead of an fp32 one (on a CPU without bf16
 instructions that backward is emulated and slow; the steps it feeds are not). Issue 7 measured
 transformers' step at 570 ms under bf16 autocast against 200 ms in fp32; here, in one process,
-the loop takes the same 0.5-0.6 s and the same page faults after either backward (0.74-0.98 s against
+the loop takes the same 0.5-0.75 s and the same page faults after either backward (0.74-0.98 s against
 0.54-0.57 s when each ran in a fresh process), and the fused step 0.07-0.10 s.
 """
 

@@ -4,12 +4,15 @@
 
 Each row is a ratio measured in this process, the sides taking turns in every repetition on the
 same machine: llmlab against transformers (training, decoding), against the machine's measured
-matmul peak (MFU), and against its measured memory bandwidth (decoding's ceiling).
+matmul peak (MFU), and against its measured memory bandwidth (decoding's ceiling). The tied-gradient
+ablation runs in a fresh process of its own (`benchmarks.bench_tying`'s docstring says why).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -18,10 +21,18 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_adamw, bench_decode, bench_train, bench_tying
+from benchmarks import bench_adamw, bench_decode, bench_train
 from benchmarks.common import Row, machine, markdown_table, sync, with_section
 from benchmarks.shapes import TRAIN_BATCH, model_pair
 from llmlab.accounting import cpu_has_native_bf16, measure_matmul_peak, train_step_flops
+
+
+def tying_in_own_process(reps: int, device: str) -> tuple[float, float]:
+    """`bench_tying` at 124M in a fresh Python: (tied, plain) tokens/s."""
+    argv = [sys.executable, "-m", "benchmarks.bench_tying", "--reps", str(reps), "--device", device, "--json"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    return got["tied"], got["plain"]
 
 
 def read_pass(device: str = "cpu", nbytes: int = 1 << 28) -> tuple[Callable[[], None], int]:
@@ -110,9 +121,9 @@ def training_rows(device: str, reps: int, shapes: list[str]) -> tuple[list[Row],
             rows.append(Row(f"training step, {shape}, bf16 + torch.compile vs transformers fp32", compiled, hf,
                             "tokens/s", "–"))  # fmt: skip
     if "124M" in shapes:
-        tied, plain = bench_tying.bench("124M", reps=reps, device=device)
+        tied, plain = tying_in_own_process(reps, device)
         name = "training step, 124M, fp32: one tied gradient vs plain autograd (llmlab.tying)"
-        note = "ablation: the peer is llmlab, autograd summing two gradients"
+        note = "ablation, in a fresh process: the peer is llmlab, autograd summing two gradients"
         rows.append(Row(name, tied, plain, "tokens/s", "–", note))
         if device == "cpu":
             rows += adamw_rows(reps)
