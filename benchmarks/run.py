@@ -27,9 +27,10 @@ from benchmarks.shapes import TRAIN_BATCH, model_pair
 from llmlab.accounting import cpu_has_native_bf16, measure_matmul_peak, train_step_flops
 
 
-def tying_in_own_process(reps: int, device: str) -> tuple[float, float]:
-    """`bench_tying` at 124M in a fresh Python: (tied, plain) tokens/s."""
-    argv = [sys.executable, "-m", "benchmarks.bench_tying", "--reps", str(reps), "--device", device, "--json"]
+def tying_in_own_process(reps: int, device: str, shape: str = "124M") -> tuple[float, float]:
+    """`bench_tying` in a fresh Python: (tied, plain) tokens/s."""
+    argv = [sys.executable, "-m", "benchmarks.bench_tying", "--shape", shape, "--reps", str(reps), "--device", device,
+            "--json"]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout
     got = json.loads(out.strip().splitlines()[-1])
     return got["tied"], got["plain"]

@@ -52,3 +52,14 @@ def test_make_bench_quick_writes_its_rows_into_an_existing_file(tmp_path, capsys
     bf16 = rows["training step, tiny, bf16 autocast vs transformers fp32"]
     assert (bf16[1] == "not run") == (not cpu_has_native_bf16()), bf16  # emulated bf16 is not timed
     assert capsys.readouterr().out.strip().startswith("## Benchmarks on cpu")
+
+
+def test_the_tying_ablation_runs_in_a_fresh_process_and_reports_both_sides():
+    """The subprocess `make bench` starts for the tied-gradient ablation (at the tiny shape here,
+    one repetition): its JSON line is read back as two step rates."""
+    import math
+
+    from benchmarks.run import tying_in_own_process
+
+    tied, plain = tying_in_own_process(reps=1, device="cpu", shape="tiny")
+    assert all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in (tied, plain)), (tied, plain)
