@@ -2,7 +2,7 @@
 same llmlab model: tokens/s of one training step (forward, backward, AdamW), the two paths taking
 turns in one process. `make bench` runs it in a fresh process of its own (`--json`): after the
 training rows in the same process, plain autograd's 124M step ran 118 → 147 tokens/s and the
-ratio fell from 1.29× to 1.09×, which no user's training process would see.
+ratio fell from 1.29× to 1.09×: a state that a user's training process does not start in.
 
     python -m benchmarks.bench_tying [--shape 124M] [--reps 7] [--device cpu|cuda] [--json]
 """

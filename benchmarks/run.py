@@ -31,8 +31,10 @@ def tying_in_own_process(reps: int, device: str, shape: str = "124M") -> tuple[f
     """`bench_tying` in a fresh Python: (tied, plain) tokens/s."""
     argv = [sys.executable, "-m", "benchmarks.bench_tying", "--shape", shape, "--reps", str(reps), "--device", device,
             "--json"]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout
-    got = json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmarks.bench_tying failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    got = json.loads(done.stdout.strip().splitlines()[-1])
     return got["tied"], got["plain"]
 
 
