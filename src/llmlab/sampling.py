@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llmlab.entropy import entropy_of_probs
 from llmlab.errors import UserError
 from llmlab.hooks import direct_attributes
 from llmlab.model import GPT, KVCache
@@ -172,7 +173,7 @@ def stream_tokens(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens:
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     idx = torch.tensor([ids], device=device)
     stream = steps(idx, generator) if steps else generate_ids(model, idx, max_new_tokens, cfg, generator, use_cache)
-    return ((int(nxt[0]), float(torch.special.entr(probs[0]).sum())) for nxt, probs in stream)  # −Σ p log p
+    return ((int(nxt[0]), float(entropy_of_probs(probs[0]))) for nxt, probs in stream)  # −Σ p log p
 
 
 def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200,

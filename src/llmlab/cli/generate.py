@@ -98,9 +98,9 @@ def _speculative(args: argparse.Namespace, prompt: str, sampling: Any) -> None:
     if gamma < 1:
         raise UserError(f"--gamma (draft tokens per round) must be at least 1, got {gamma}")
     used = len(encode_prompt(target.tokenizer, prompt, target.model_cfg.block_size))
-    room = min(target.model_cfg.block_size, draft.model_cfg.block_size) - used
+    context = min(target.model_cfg.block_size, draft.model_cfg.block_size)
+    room = context - used
     if room <= 0 and args.max_new_tokens != 0:
-        context = min(target.model_cfg.block_size, draft.model_cfg.block_size)
         raise UserError(f"the prompt is {used} tokens and fills the pair's context ({context}, the smaller of the "
                         "target's and the draft's): speculative decoding needs room for new tokens; shorten the "
                         "prompt, or decode plainly (without --draft)")  # fmt: skip
