@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import replace
@@ -293,6 +294,57 @@ def test_max_minutes_stops_the_run_on_the_clock(tmp_path, corpus_file):
     result = train(TINY_VARIANTS["notes"], cfg, str(corpus_file), tmp_path / "r", progress=False)
     assert result.stopped_by == "max_minutes" and 0 < result.steps < 100_000
     assert load_train_state(tmp_path / "r")["step"] == result.steps  # the last steps were saved too
+
+
+def test_a_run_stopped_by_the_clock_just_after_a_checkpoint_saves_that_its_minutes_are_spent(
+        tmp_path, corpus_file, monkeypatch):  # fmt: skip
+    """The clock runs out between a checkpoint and the next step: a bare resume must not train on."""
+    offset = [0.0]
+    clock = time.perf_counter
+    monkeypatch.setattr(train_lib.time, "perf_counter", lambda: clock() + offset[0])
+    save = train_lib._Loop.evaluate_and_save
+
+    def save_then_jump(loop):
+        save(loop)
+        offset[0] += 3600.0  # an hour passes right after the first checkpoint
+
+    monkeypatch.setattr(train_lib._Loop, "evaluate_and_save", save_then_jump)
+    cfg = replace(TINY_TRAIN, max_steps=100, eval_interval=2, max_minutes=10.0)
+    result = train(TINY_VARIANTS["notes"], cfg, str(corpus_file), tmp_path / "r", progress=False)
+    assert (result.stopped_by, result.steps) == ("max_minutes", 2)
+    assert load_train_state(tmp_path / "r")["elapsed"] >= 600  # was the time of the checkpoint, under a second
+    with pytest.raises(UserError, match="has used its 10 minutes"):
+        train(TINY_VARIANTS["notes"], cfg, str(corpus_file), tmp_path / "r", resume=True, progress=False)
+
+
+def _vote(rank: int, store_path: str, flags: list[bool], answers) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    try:
+        d = train_lib.Dist(rank, 2, torch.device("cpu"))
+        answers.put((rank, [train_lib._any_rank(flag, d) for flag in flags]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_stop_seen_on_one_rank_stops_every_rank():
+    """Two gloo processes, each with its own flags (its clock, its Ctrl-C); reference: any()."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    flags = {0: [False, True, False, False], 1: [False, False, True, False]}
+    ctx = mp.get_context("spawn")
+    answers = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_vote, args=(r, f"{tmp}/store", flags[r], answers)) for r in (0, 1)]
+        for proc in procs:
+            proc.start()
+        got = dict(answers.get(timeout=120) for _ in procs)
+        for proc in procs:
+            proc.join(timeout=60)
+    assert got[0] == got[1] == [a or b for a, b in zip(flags[0], flags[1], strict=True)]
 
 
 def test_device_selection():

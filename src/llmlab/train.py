@@ -141,6 +141,16 @@ def _barrier(d: Dist) -> None:
         dist.barrier()
 
 
+def _any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank if `flag` is true on any. A decision to stop (the clock, Ctrl-C) must be
+    the same on all ranks: one that trained a step more would wait for the others' gradients forever."""
+    if d.world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 # --- data and run directory -----------------------------------------------------------------
 
 
@@ -400,7 +410,7 @@ class _Loop:
         stopped_by = "max_steps"
         with bar, _interrupt_flag() as interrupted:
             while self.step < self.cfg.max_steps:
-                if self.cfg.max_minutes and self.elapsed() >= 60 * self.cfg.max_minutes:
+                if self.time_is_up():
                     stopped_by = "max_minutes"
                     break
                 loss, lr, seconds = self.train_step()
@@ -413,12 +423,18 @@ class _Loop:
                 if self.step % self.cfg.eval_interval == 0 or self.step == self.cfg.max_steps:
                     self.evaluate_and_save()
                     bar.set_postfix(loss=f"{loss:.3f}", val=f"{self.rows[-1]['val_loss']:.3f}")
-                if interrupted():
+                if _any_rank(interrupted(), self.d):
                     stopped_by = "interrupt"
                     break
         if self.rows and self.rows[-1]["val_loss"] is None:
             self.evaluate_and_save()
+        elif stopped_by == "max_minutes" and self.d.main:  # the checkpoint is this step's, saved before the
+            self.save_state()  # clock ran out: its saved time must say the minutes are spent, or a resume goes on
         return stopped_by
+
+    def time_is_up(self) -> bool:
+        """Whether `max_minutes` have passed, on any rank's clock: every rank stops at the same step."""
+        return bool(self.cfg.max_minutes) and _any_rank(self.elapsed() >= 60 * self.cfg.max_minutes, self.d)
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimiser step over grad_accum micro-batches. Returns (loss, lr, seconds)."""
@@ -463,11 +479,15 @@ class _Loop:
         self.rows[-1]["val_loss"] = val
         if self.d.main:
             save_weights(self.out / "model.safetensors", self.model)
-            state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng_torch": torch.get_rng_state(),
-                     "elapsed": self.elapsed(), "train_time": self.train_time}  # fmt: skip
-            save_train_state(self.out / "train_state.pt", state)
+            self.save_state()
             write_metrics(self.out / "metrics.csv", self.rows)
         _barrier(self.d)
+
+    def save_state(self) -> None:
+        """What a resume needs besides the weights: step, optimiser, random state and clocks."""
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng_torch": torch.get_rng_state(),
+                 "elapsed": self.elapsed(), "train_time": self.train_time}  # fmt: skip
+        save_train_state(self.out / "train_state.pt", state)
 
 
 @contextmanager
