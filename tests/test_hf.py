@@ -61,6 +61,48 @@ def test_a_bias_free_model_exports_as_gpt2_with_zero_biases():
     assert biases and all(not t.any() for t in biases)
 
 
+def test_an_untied_gpt2_imports_and_exports_with_its_own_output_layer(tmp_path):
+    """Reference: transformers' forward of a GPT2Config(tie_word_embeddings=False) model, whose
+    lm_head differs from wte; then GPT2LMHeadModel.from_pretrained on `export-hf`'s directory."""
+    from llmlab.hf import export_hf, import_hf
+    from llmlab.run_dir import load_run
+
+    torch.manual_seed(4)
+    hf = GPT2LMHeadModel(GPT2Config(**SMALL, tie_word_embeddings=False)).eval()
+    assert not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
+    ours = from_hf_model(hf)
+    assert ours.cfg.tie_embeddings is False and ours.unembed.weight is not ours.embed.weight
+    idx = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(idx).logits, rtol=1e-4, atol=1e-4)
+    save_hf_checkpoint(hf, tmp_path / "ckpt")
+    import_hf(tmp_path / "ckpt", tmp_path / "run")
+    export_hf(load_run(tmp_path / "run"), tmp_path / "out")
+    again = GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    assert again.config.tie_word_embeddings is False
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx).logits, hf(idx).logits, rtol=1e-5, atol=1e-5)
+    sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    with pytest.raises(UserError, match="lacks the tensor for 'unembed.weight'"):
+        from llmlab.hf import state_dict_from_hf
+
+        state_dict_from_hf(sd, ours.cfg)
+
+
+@pytest.mark.parametrize("option", [{"scale_attn_weights": False}, {"scale_attn_by_inverse_layer_idx": True}])
+def test_attention_scalings_llmlab_does_not_have_are_refused(hf_model, option):
+    """Each changes transformers' logits (checked here: by more than ten times the 1e-4 the import
+    is held to), so importing without it would be wrong."""
+    torch.manual_seed(0)
+    other = GPT2LMHeadModel(GPT2Config(**SMALL, **option)).eval()
+    other.load_state_dict(hf_model.state_dict())
+    idx = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        assert (other(idx).logits - hf_model(idx).logits).abs().max() > 1e-3
+    with pytest.raises(UserError, match=f"unsupported GPT-2 option {next(iter(option))}="):
+        from_hf_model(other)
+
+
 def test_only_gpt2_layout_models_export():
     with pytest.raises(UserError, match="only GPT-2-layout models export"):
         to_hf_model(GPT(ModelConfig(vocab_size=32, n_layers=1, d_model=32)))

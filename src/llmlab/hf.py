@@ -12,6 +12,10 @@ transpose of `nn.Linear`'s [out, in]); everything else maps one to one:
     transformer.h.{l}.mlp.c_fc.*        [H, F]    blocks.{l}.mlp.w1.*     (transposed)
     transformer.h.{l}.mlp.c_proj.*      [F, H]    blocks.{l}.mlp.w2.*     (transposed)
     transformer.ln_f.*                  [H]       ln_final.*
+    lm_head.weight                      [V, H]    unembed.weight          (only when untied: tie_word_embeddings=false)
+
+GPT-2's attention options that change the function (`scale_attn_weights=false`,
+`scale_attn_by_inverse_layer_idx=true`) have no llmlab equivalent: importing one is an error.
 
 `import_hf` / `export_hf` move whole checkpoint directories (`llmlab import-hf`, `export-hf`).
 `transformers` is imported only by the functions that build its objects.
@@ -38,6 +42,7 @@ from llmlab.tokenizer import BPETokenizer, Tokenizer
 
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_ATTENTION_SCALING = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}  # GPT-2's values
 _BLOCK_KEYS = {
     "ln_1": "ln1", "ln_2": "ln2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.out",
     "mlp.c_fc": "mlp.w1", "mlp.c_proj": "mlp.w2",
@@ -51,10 +56,14 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
     if act not in _ACTIVATIONS:
         raise UserError(f"unsupported GPT-2 activation {act!r} (known: {', '.join(_ACTIVATIONS)})")
+    for option, gpt2 in _ATTENTION_SCALING.items():  # they change the function, so importing without them is wrong
+        if hf.get(option, gpt2) != gpt2:
+            raise UserError(f"unsupported GPT-2 option {option}={json.dumps(hf[option])} (llmlab's attention "
+                            f"divides the scores by √D in every layer: {option}={json.dumps(gpt2)})")  # fmt: skip
     return ModelConfig.from_name(
         "gpt2", vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layers=hf["n_layer"],
         n_heads=hf["n_head"], d_model=hf["n_embd"], d_ff=hf.get("n_inner"), activation=_ACTIVATIONS[act],
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
     )  # fmt: skip
 
 
@@ -67,7 +76,6 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "norm",
         "norm_placement",
         "final_norm",
-        "tie_embeddings",
         "embed_scale",
         "n_kv_heads",
     )
@@ -79,7 +87,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return dict(
         vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.d_model, n_layer=cfg.n_layers,
         n_head=cfg.n_heads, n_inner=cfg.d_ff, activation_function=act, layer_norm_epsilon=cfg.norm_eps,
-        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, tie_word_embeddings=True,
+        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+        tie_word_embeddings=cfg.tie_embeddings,
         # GPT-2's <|endoftext|> is id 50256; a vocabulary of our own has no such token
         bos_token_id=50256 if cfg.vocab_size > 50256 else None, eos_token_id=50256 if cfg.vocab_size > 50256 else None,
     )  # fmt: skip
@@ -103,11 +112,12 @@ def state_dict_from_hf(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Ten
                 t = sd.get(f"h.{layer}.{hf_name}.{p}")
                 conv = f"{hf_name}.{p}" in _CONV1D
                 out[f"blocks.{layer}.{ours}.{p}"] = t.t().contiguous() if conv and t is not None else t
+    # tied (GPT-2's default): the output layer is the embedding, and a saved lm_head.weight is its copy
+    out["unembed.weight"] = out["embed.weight"] if cfg.tie_embeddings else sd.get("lm_head.weight")
     missing = [k for k, v in out.items() if v is None]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"the checkpoint lacks the tensor for {missing[0]!r}{more}")
-    out["unembed.weight"] = out["embed.weight"]
     return out
 
 
@@ -123,7 +133,7 @@ def state_dict_to_hf(model: GPT) -> dict[str, Tensor]:
                 t = _bias_or_zeros(sd, f"blocks.{layer}.{ours}.{p}")
                 conv = f"{hf_name}.{p}" in _CONV1D
                 out[f"transformer.h.{layer}.{hf_name}.{p}"] = t.t().contiguous() if conv else t
-    out["lm_head.weight"] = sd["embed.weight"]
+    out["lm_head.weight"] = sd["unembed.weight"]  # with tied embeddings, the same tensor as wte
     return out
 
 
@@ -266,7 +276,8 @@ def export_hf(run: Run, out: str | Path) -> list[str]:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty directory; choose another --out")
     hf_cfg = GPT2Config(**config_to_hf(run.model_cfg)).to_dict() | {"architectures": ["GPT2LMHeadModel"]}
-    sd = {k: v.contiguous() for k, v in state_dict_to_hf(run.model).items() if k != "lm_head.weight"}  # tied
+    tied = run.model_cfg.tie_embeddings  # then lm_head.weight is wte's: transformers ties it on loading
+    sd = {k: v.contiguous() for k, v in state_dict_to_hf(run.model).items() if not (tied and k == "lm_head.weight")}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", hf_cfg)
     atomic_write(out / "model.safetensors", lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
