@@ -98,6 +98,53 @@ def test_a_hook_that_returns_a_tensor_patches_the_activation():
     torch.testing.assert_close(model(IDX), clean)  # the hook is gone
 
 
+@pytest.mark.parametrize("name", list(TINY_VARIANTS))
+def test_a_hook_may_edit_its_activation_in_place_at_every_hook_point(name):
+    """TransformerLens style (`t.mul_(...)`, with gradients on, batch 2), at the views Q, K, V
+    split from one product and the positions broadcast over the batch too. Reference: the same
+    edit returned as a new tensor; logits and every parameter's gradient equal."""
+    model = build(name, attention="explicit")
+
+    def logits_and_grads(edit, point):
+        model.zero_grad(set_to_none=True)
+        with model.hooks([(point, edit)]):
+            logits = model(IDX)
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for point in model.hook_names():
+        edited, grads = logits_and_grads(lambda t, hook: t.mul_(0.5), point)
+        reference, ref_grads = logits_and_grads(lambda t, hook: t * 0.5, point)
+        torch.testing.assert_close(edited, reference, rtol=0, atol=0, msg=point)
+        assert grads.keys() == ref_grads.keys()
+        for n in grads:
+            torch.testing.assert_close(grads[n], ref_grads[n], rtol=0, atol=0, msg=f"{point}: {n}")
+
+
+def test_an_edit_in_place_is_not_seen_by_what_another_hook_saved():
+    """resid_post of layer 0 and resid_pre of layer 1 are one tensor in the forward pass."""
+    model = build("gpt2")
+    _, clean = model.run_with_cache(IDX, names="blocks.0.hook_resid_post")
+    saved = {}
+    with model.hooks([("blocks.0.hook_resid_post", lambda t, hook: saved.setdefault("t", t)),
+                      ("blocks.1.hook_resid_pre", lambda t, hook: t.zero_())]):  # fmt: skip
+        model(IDX)
+    torch.testing.assert_close(saved["t"], clean["blocks.0.hook_resid_post"], rtol=0, atol=0)
+
+
+def test_a_forward_pre_hook_counts_as_a_hook():
+    """torch's own `register_forward_pre_hook` on the pattern fires: the model leaves SDPA for the
+    explicit softmax, as it does for a forward hook."""
+    model = build("gpt2", attention="sdpa")
+    seen = []
+    handle = model.blocks[0].attn.hook_pattern.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    try:
+        model(IDX)
+    finally:
+        handle.remove()
+    assert seen == [(2, 4, 12, 12)]
+
+
 def test_hooks_are_removed_even_when_the_block_raises():
     model = build("notes")
     with pytest.raises(RuntimeError), model.hooks([("hook_embed", lambda x, hook: x * 0)]):

@@ -9,7 +9,9 @@ the module tree, so the module names of `model.py` are public API. Hooks exist o
     logits, cache = model.run_with_cache(idx, names=lambda name: name.endswith("hook_pattern"))
 
 A hook function returning a tensor replaces the activation (activation patching); returning
-None leaves it unchanged.
+None leaves it unchanged. Each hooked point hands its hooks a copy of the activation, so a hook may
+also edit it in place (`t[:, :, head] = 0`, as TransformerLens users write): the edit flows on,
+and nothing else sees it (not the tensor an earlier hook saved, nor what autograd kept).
 """
 
 from __future__ import annotations
@@ -32,15 +34,18 @@ class HookPoint(nn.Module):
         self.name = ""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x
+        # Hooked: a copy, which in-place edits may change. x itself may be a view that autograd
+        # forbids editing (Q, K, V split from one product; the positions broadcast over the batch),
+        # or a tensor that another hook point or the backward pass also holds.
+        return x.clone()
 
     def __call__(self, x: Tensor) -> Tensor:
         # Unhooked, it is the identity without nn.Module's call machinery: about 5 µs a call on
         # this project's CPU, and a decoded token passes ~13 hook points per layer.
-        return super().__call__(x) if self._forward_hooks or self._forward_pre_hooks else x
+        return super().__call__(x) if self.is_hooked() else x
 
     def is_hooked(self) -> bool:
-        return bool(self._forward_hooks)
+        return bool(self._forward_hooks or self._forward_pre_hooks)
 
 
 class HookedModule(nn.Module):
@@ -106,8 +111,9 @@ def direct_attributes(model: nn.Module) -> Iterator[nn.Module]:
     only after the ordinary lookup has failed, which costs about a microsecond, and one decoded
     token of a small model makes ~45 such lookups per layer: a fifth of its time
     (`python -m benchmarks.profile_decode`). The copies are the same objects, so hooks, in-place
-    edits and `.data` swaps act on them; they are removed on exit. Reassigning a submodule or
-    parameter inside the block is safe too (nn.Module's `__setattr__` drops the copy).
+    edits and `.data` swaps act on them; they are removed on exit. Assigning a new submodule or
+    parameter inside the block is safe too (nn.Module's `__setattr__` drops the copy), but setting
+    one to None (`linear.bias = None`) is not seen until the block ends.
     """
     bound = []
     for module in model.modules():
