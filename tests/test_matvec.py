@@ -64,6 +64,18 @@ def test_linear_takes_the_split_only_for_a_few_rows_of_a_large_weight(monkeypatc
     assert calls == []  # one thread: nothing to split over
 
 
+def test_torch_func_transforms_take_the_plain_path(monkeypatch, two_threads):
+    """vmap and jvp cannot follow the split's `out=` products. Reference: nn.Linear's own
+    vmap (the product of each row) and jvp (the product with the tangent, W·ẋ)."""
+    monkeypatch.setattr(matvec, "MIN_ELEMENTS", 64 * 64)
+    lin = matvec.Linear(64, 67).requires_grad_(False)  # 67 rows: the general split, with out=
+    xs, dx = torch.randn(3, 1, 64), torch.randn(1, 64)
+    torch.testing.assert_close(torch.func.vmap(lin)(xs), F.linear(xs, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    y, dy = torch.func.jvp(lin, (xs[0],), (dx,))
+    torch.testing.assert_close(dy, dx @ lin.weight.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, F.linear(xs[0], lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_decoding_is_the_same_with_and_without_the_split(monkeypatch, two_threads):
     """GPT-2 layout, every Linear split (MIN_ELEMENTS lowered): the same tokens as plain F.linear."""
     cfg = replace(preset("gpt2").model, vocab_size=301, n_layers=2, d_model=64, n_heads=4, block_size=64)

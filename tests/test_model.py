@@ -108,6 +108,21 @@ def test_kv_cache_rolls_back_by_truncation():
     torch.testing.assert_close(model(idx[:, 6:12], cache=cache), model(idx)[:, 6:12], rtol=1e-5, atol=1e-5)
 
 
+def test_a_kv_cache_is_checked_against_the_context_and_its_own_contents():
+    model = build("notes")  # block_size 16
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match=f"holds 1 to 16 positions .* not {bad}"):
+            KVCache(model.cfg, 1, max_len=bad)
+    cache = KVCache(model.cfg, batch=2)
+    model(torch.zeros(2, 5, dtype=torch.long), cache=cache)
+    for bad in (-1, 6):  # before the start; past what was filled (unwritten memory)
+        with pytest.raises(ValueError, match=f"holding 5 positions truncates to 0 … 5, not {bad}"):
+            cache.truncate(bad)
+    with pytest.raises(ValueError, match="holds a batch of 2 sequences, the input has 1"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+    assert cache.pos == 5
+
+
 def test_forward_past_the_context_is_an_error():
     model = build("notes")
     with pytest.raises(ValueError, match="exceed the context"):

@@ -84,6 +84,13 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p(p):
     assert {i for i in range(6) if kept[i]} == keep
 
 
+def test_top_p_of_one_keeps_every_token():
+    """One likely token and 999 unlikely ones: the float32 running sum reaches 1.0 before the
+    tail. Reference: p = 1 is no filter at all (as in transformers' TopPLogitsWarper)."""
+    logits = torch.cat([torch.tensor([20.0]), torch.zeros(999)])[None]
+    assert torch.isfinite(top_p_filter(logits, 1.0)).all()
+
+
 def test_samples_follow_the_distribution():
     """Chi-square goodness of fit (scipy) of 20,000 draws against the probabilities."""
     probs = probs_from_logits(LOGITS, SamplingConfig(1.0, top_k=4))
@@ -154,6 +161,12 @@ def test_stop_strings_cut_the_text_and_streaming_matches_the_result():
     assert g.text == full[: full.find(stop)]
     assert "".join(pieces) == g.text
     assert tok.decode(g.token_ids) == g.text and len(g.entropies) == len(g.token_ids)  # no token of the stop string
+
+
+def test_an_empty_stop_string_is_an_error():
+    model, tok = text_model()
+    with pytest.raises(ValueError, match="stop string needs some text"):
+        generate_text(model, tok, "ab", 5, SamplingConfig(0.0), stop=["x", ""])
 
 
 def test_a_stop_string_inside_a_bpe_token_keeps_the_token_that_completes_the_text():

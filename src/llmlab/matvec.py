@@ -16,8 +16,8 @@ The split changes no arithmetic: each output is still the dot product of one row
 (equal to `F.linear` up to float rounding, tested). It is used only where it pays: one input
 row (or a few, below), on the CPU, with more than one thread, and a weight of at least
 `MIN_ELEMENTS` (smaller ones sit in cache, where the plain kernel is faster); and only where no
-gradient is taken, because the blocks write into one output buffer (`out=`), which autograd
-does not follow.
+gradient is taken and no `torch.func` transform (vmap, jvp) is active, because the blocks write
+into one output buffer (`out=`), which neither autograd nor those transforms follow.
 
 A few rows (up to `FEW_ROWS`: a speculative verification of γ + 1 drafts, a short prompt) have
 the same trouble: MKL shares [M, K]·[K, N] out between the threads poorly when M is small. The
@@ -95,7 +95,8 @@ def use_split(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
         and x.device.type == "cpu"
         and torch.get_num_threads() > 1
         and weight.dtype == x.dtype
-        and no_grad_taken(x, weight, bias)  # the split writes into a buffer (`out=`), which autograd does not follow
+        and no_grad_taken(x, weight, bias)  # the split writes into a buffer (`out=`), which autograd does not follow,
+        and not torch._C._are_functorch_transforms_active()  # nor do torch.func's vmap and jvp
     )
 
 

@@ -126,7 +126,10 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, max_len: int | None = None) -> None:  # fmt: skip
-        shape = (cfg.n_layers, batch, cfg.kv_heads, max_len or cfg.block_size, cfg.d_head)
+        length = cfg.block_size if max_len is None else max_len
+        if not 1 <= length <= cfg.block_size:  # positions past the context have no embedding, sinusoid or angle
+            raise ValueError(f"a KV cache holds 1 to {cfg.block_size} positions (the model's context), not {length}")
+        shape = (cfg.n_layers, batch, cfg.kv_heads, length, cfg.d_head)
         # Only the filled positions are ever read, so the memory is not zeroed (for GPT-2 at its full
         # context that would be 75 MB of writes before the first token).
         self.k = torch.empty(shape, device=device, dtype=dtype)
@@ -138,6 +141,10 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v [B, h_kv, S, D] after the filled part; return all keys and values [B, h_kv, T, D]."""
         keys, values = self.layers[layer]  # made once: indexing costs more than copying a token in
@@ -147,6 +154,9 @@ class KVCache:
         return keys.narrow(2, 0, self.pos + S), values.narrow(2, 0, self.pos + S)
 
     def truncate(self, length: int) -> None:
+        """Keep the first `length` positions (0 ≤ length ≤ pos): the later ones are forgotten."""
+        if not 0 <= length <= self.pos:
+            raise ValueError(f"a cache holding {self.pos} positions truncates to 0 … {self.pos}, not {length}")
         self.pos = length
 
 
@@ -358,6 +368,8 @@ class GPT(HookedModule):
         limit = cache.max_len if cache is not None else self.cfg.block_size
         if limit < P + S:
             raise ValueError(f"{P + S} positions exceed the context of {limit}")
+        if cache is not None and cache.batch != B:
+            raise ValueError(f"the KV cache holds a batch of {cache.batch} sequences, the input has {B}")
         tie = tying.TiedGradient() if self._tied_training() else None  # one gradient for W_E; see tying.py
         x = self.embed(idx) if tie is None else tie.lookup(idx, self.embed.weight)  # [B, S, H]
         x = self.hook_embed(x * self.embed_scale if self.embed_scale != 1.0 else x)

@@ -65,6 +65,8 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     A token is dropped when the mass of the tokens strictly more likely than it already
     reaches p; the most likely token is always kept. logits [..., V] → [..., V].
     """
+    if p >= 1:  # everything: the float32 running sum can reach 1 before the last tokens
+        return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [..., V]
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # [..., V]
@@ -187,6 +189,8 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens:
     is produced, for streaming.
     `steps(idx, generator)`, if given, replaces plain decoding's `generate_ids` as the source of
     (ids, probs) steps (speculative decoding passes its own)."""
+    if "" in stop:
+        raise ValueError("a stop string needs some text to stop before; got an empty one")
     tokens = stream_tokens(model, tokenizer, prompt, max_new_tokens, cfg, seed, use_cache, steps)
     out: list[int] = []
     entropies: list[float] = []
@@ -227,7 +231,9 @@ def _emit(on_text: Callable[[str], None] | None, text: str, shown: int, upto: in
 def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 200,
                    cfg: SamplingConfig = SamplingConfig(), seed: int | None = None) -> list[str]:  # fmt: skip
     """Continue many prompts. Prompts of equal token length run together as one batch [B, S₀],
-    so no padding (and no position shift) is ever needed. Returns the continuations in order."""
+    so no padding (and no position shift) is ever needed. Returns the continuations in order.
+    One generator seeded with `seed` draws for all of them, so a prompt's continuation depends on
+    the prompts it is batched with; `generate_text` with the same seed gives one alone."""
     encoded = [encode_prompt(tokenizer, p, model.cfg.block_size) for p in prompts]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
