@@ -166,7 +166,7 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
     save_hf_checkpoint(hf_model, tmp_path / "good")
     cases = {}
     for name in ("no_weights", "no_config", "llama", "bad_shape", "no_tokenizer", "not_object", "no_vocab",
-                 "garbage_bin", "stray_tensor", "nan_weights"):  # fmt: skip
+                 "garbage_bin", "stray_tensor", "nan_weights", "tensor_bin", "index_list", "int_weights"):  # fmt: skip
         shutil.copytree(tmp_path / "good", tmp_path / name)
         cases[name] = tmp_path / name
     (cases["no_weights"] / "model.safetensors").unlink()
@@ -183,6 +183,12 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
     save_file(stray, cases["stray_tensor"] / "model.safetensors")
     nan_file = cases["nan_weights"] / "model.safetensors"
     save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(nan_file).items()}, nan_file)
+    (cases["tensor_bin"] / "model.safetensors").unlink()
+    torch.save(torch.zeros(3), cases["tensor_bin"] / "pytorch_model.bin")  # a pickle, but of one tensor
+    (cases["index_list"] / "model.safetensors").unlink()
+    (cases["index_list"] / "model.safetensors.index.json").write_text("[1]")
+    ints = cases["int_weights"] / "model.safetensors"
+    save_file({k: v.long() if "wte" in k else v for k, v in load_file(ints).items()}, ints)
     torch.manual_seed(0)
     small = GPT2Config(**{**SMALL, "vocab_size": 100}, bos_token_id=None, eos_token_id=None)
     tok = save_hf_checkpoint(GPT2LMHeadModel(small), tmp_path / "big_tokenizer")
@@ -196,6 +202,9 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
         "stray_tensor": "holds a tensor 'h.5.foo' that GPT-2 with n_layer=2 does not have",
         "nan_weights": "is corrupt: 'embed.weight' holds NaN or infinite values",
         "big_tokenizer": f"the tokenizer has {tok.vocab_size} tokens but the model only 100",
+        "tensor_bin": "are not a dictionary of named tensors",
+        "index_list": 'model.safetensors.index.json holds no "weight_map" object',
+        "int_weights": "tensor 'transformer.wte.weight' holds torch.int64, not floating-point weights",
     }  # fmt: skip
     for name, message in expected.items():
         out = tmp_path / f"out_{name}"
@@ -203,3 +212,17 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (name, err)
         assert not out.exists() and not any(p.name.startswith(f".out_{name}") for p in tmp_path.iterdir())
+    (tmp_path / "a_file").write_text("x")
+    assert main(["import-hf", str(cases["no_weights"].parent / "good"), "--out", str(tmp_path / "a_file" / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a_file is a file, so" in err and ".importing" not in err, err
+
+
+def test_a_hugging_face_directory_given_as_a_run_says_to_import_it(tmp_path, hf_model, capsys):
+    from llmlab.cli import main
+
+    save_hf_checkpoint(hf_model, tmp_path / "ckpt")
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "def"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a Hugging Face checkpoint, not an llmlab run; `llmlab import-hf" in err

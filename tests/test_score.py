@@ -289,6 +289,17 @@ def test_cli_bad_inputs_are_one_line_exit_2_and_write_nothing(capsys, trained_ru
     assert after == before and not (trained_run / "x.html").exists()
 
 
+def test_scoring_a_corrupt_validation_split_is_a_one_line_error(tmp_path, trained_run, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    val = run / "data" / "val.bin"
+    val.write_bytes(b"\xff" * val.stat().st_size)  # ids past the vocabulary: an IndexError in the embedding before
+    code, _, err = run_cli(capsys, "score", str(run), "--val", "10")
+    assert code == 2 and err.count("\n") == 1 and "val.bin holds token id 65535, and the vocabulary has" in err
+
+
 def test_keeping_too_many_logits_for_calibration_is_a_user_error(monkeypatch):
     model = GPT(ModelConfig(vocab_size=30, block_size=16, n_layers=1, n_heads=2, d_model=16)).eval()
     monkeypatch.setattr(score_lib, "MAX_KEPT_LOGITS", 30 * 50)

@@ -135,6 +135,48 @@ def test_cli_resume_keeps_the_saved_schedule(tmp_path, corpus_file, monkeypatch,
     assert (tmp_path / "b" / "summary.json").read_text() == summary  # nothing rewritten
 
 
+def test_a_corrupt_token_cache_is_an_error_and_a_deleted_one_is_rebuilt_on_resume(tmp_path, corpus_file,
+                                                                                monkeypatch, capsys):  # fmt: skip
+    """Each corruption of data/ is one line and exit 2, with nothing written; deleting the folder,
+    as the message says, makes the resume tokenize the data source again, and its losses equal an
+    uninterrupted run's."""
+    import shutil
+
+    args = ["--data", str(corpus_file), "--max-steps", "8", "--json", "--tokenizer", "char"] + [
+        f"--set={kv}" for kv in ("n_layers=1", "d_model=32", "n_heads=4", "block_size=16", "batch_size=4",
+                                 "eval_interval=4", "eval_iters=1", "warmup_steps=2")]  # fmt: skip
+    assert run_cli(capsys, "train", "--out", str(tmp_path / "a"), *args)[0] == 0
+    with interrupt_after(4) as flag:
+        monkeypatch.setattr(train_lib, "_interrupt_flag", flag)
+        assert run_cli(capsys, "train", "--out", str(tmp_path / "b"), *args)[0] == 0
+    monkeypatch.undo()
+    data = tmp_path / "b" / "data"
+    good = {f.name: f.read_bytes() for f in data.iterdir()}
+    meta = json.loads(good["meta.json"])
+    weights = (tmp_path / "b" / "model.safetensors").read_bytes()
+    corruptions = {
+        "train.bin holds": ("train.bin", good["train.bin"][: len(good["train.bin"]) // 4 * 2]),  # half the tokens
+        "val.bin holds": ("val.bin", good["val.bin"] + b"\0\0"),  # one token more
+        "holds token id 65535": ("train.bin", b"\xff" * len(good["train.bin"])),  # ids past the vocabulary
+        "unreadable": ("meta.json", b"[1, 2]"),
+        "unreadable ": ("val.bin", b""),
+    }
+    for message, (name, content) in corruptions.items():
+        (data / name).write_bytes(content)
+        code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "b"), "--resume")
+        assert code == 2 and message.strip() in err and err.count("\n") == 1, err
+        assert "delete the folder and `llmlab train --out RUN --resume` rebuilds it" in err
+        assert (tmp_path / "b" / "model.safetensors").read_bytes() == weights
+        (data / name).write_bytes(good[name])
+    shutil.rmtree(data)
+    code, out, err = run_cli(capsys, "train", "--out", str(tmp_path / "b"), "--resume", "--json")
+    assert code == 0 and json.loads(out)["steps"] == 8
+    assert f"rebuilt the token cache in {data} from {corpus_file} ({meta['train_tokens']:,} train" in err
+    assert {f.name: f.read_bytes() for f in data.iterdir()} == good
+    a, b = read_metrics(tmp_path / "a" / "metrics.csv"), read_metrics(tmp_path / "b" / "metrics.csv")
+    assert [(r["lr"], r["train_loss"]) for r in a] == [(r["lr"], r["train_loss"]) for r in b]
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file, monkeypatch):
     cfg = replace(TINY_TRAIN, max_steps=30, eval_interval=10)
     calls: list[int] = []

@@ -129,12 +129,26 @@ def write_splits(ids: np.ndarray, folder: Path, val_fraction: float, vocab_size:
     return read_splits(folder)
 
 
-def read_splits(folder: Path) -> TokenSplits:
+REBUILD = "delete the folder and `llmlab train --out RUN --resume` rebuilds it from the run's data source"
+
+
+def read_splits(folder: Path, vocab_size: int | None = None) -> TokenSplits:
+    """The token cache as memmaps, checked: each file holds the number of tokens meta.json says,
+    and with `vocab_size` every id is below it (one pass over the ids, which is fast beside training
+    on them)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
-        return TokenSplits(*(np.memmap(folder / f"{n}.bin", dtype=meta["dtype"], mode="r") for n in ("train", "val")))
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"the token cache in {folder} is unreadable ({e}); delete it to rebuild") from None
+        splits = TokenSplits(*(np.memmap(folder / f"{n}.bin", dtype=meta["dtype"], mode="r") for n in ("train", "val")))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"the token cache in {folder} is unreadable ({e}); {REBUILD}") from None
+    for name, part in (("train", splits.train), ("val", splits.val)):
+        if len(part) != meta.get(f"{name}_tokens"):
+            raise UserError(f"the token cache in {folder} is corrupt: {name}.bin holds {len(part):,} tokens, "
+                            f"meta.json says {meta.get(f'{name}_tokens')}; {REBUILD}")  # fmt: skip
+        if vocab_size is not None and (top := int(part.max())) >= vocab_size:
+            raise UserError(f"the token cache in {folder} is corrupt: {name}.bin holds token id {top}, and the "
+                            f"vocabulary has {vocab_size} tokens; {REBUILD}")  # fmt: skip
+    return splits
 
 
 # --- batches ----------------------------------------------------------------------------------

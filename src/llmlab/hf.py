@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -211,17 +212,32 @@ def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Token
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
+    """{name: tensor}, every tensor of a float dtype (an integer embedding would import as garbage)."""
+    sd = _read_weight_files(path)
+    if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items())):
+        raise UserError(f"the weights in {path} are not a dictionary of named tensors")
+    for name, tensor in sd.items():
+        if not tensor.is_floating_point() and not name.endswith((".attn.bias", ".attn.masked_bias")):  # mask buffers
+            raise UserError(f"the checkpoint's tensor {name!r} holds {tensor.dtype}, not floating-point weights")
+    return sd
+
+
+def _read_weight_files(path: Path) -> Any:
     try:
         if (path / "model.safetensors").is_file():
             return load_file(path / "model.safetensors")
         if (path / "model.safetensors.index.json").is_file():
             index = json.loads((path / "model.safetensors.index.json").read_text())
+            if not (isinstance(index, dict) and isinstance(index.get("weight_map"), dict)):
+                raise UserError(f'{path / "model.safetensors.index.json"} holds no "weight_map" object')
             sd: dict[str, Tensor] = {}
-            for shard in sorted(set(index["weight_map"].values())):
+            for shard in sorted({str(s) for s in index["weight_map"].values()}):
                 sd |= load_file(path / shard)
             return sd
         if (path / "pytorch_model.bin").is_file():
-            return torch.load(path / "pytorch_model.bin", weights_only=True, map_location="cpu")
+            with warnings.catch_warnings():  # torch warns about old pickle protocols before refusing or reading
+                warnings.simplefilter("ignore")
+                return torch.load(path / "pytorch_model.bin", weights_only=True, map_location="cpu")
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise UserError(f"cannot read the weights in {path} ({type(e).__name__}: {str(e)[:120]})") from None
     raise UserError(f"{path} has no model.safetensors or pytorch_model.bin")
@@ -250,6 +266,8 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose another --out")
+    if (file := next((p for p in out.parents if p.exists()), None)) is not None and not file.is_dir():
+        raise UserError(f"{file} is a file, so {out} cannot be made; choose another --out")
     cfg, sd, tokenizer = read_hf_dir(src)
     model = GPT(cfg)
     model.load_state_dict(sd)

@@ -136,6 +136,9 @@ def check_run_dir(path: str | Path) -> Path:
 def read_config(path: Path) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
     try:
         data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "model_type" in data and "model" not in data:
+            raise RunDirError(f"{path} holds a Hugging Face checkpoint, not an llmlab run; "
+                              f"`llmlab import-hf {path} --out RUN` makes a run of it")  # fmt: skip
         if not (isinstance(data, dict) and all(isinstance(data.get(k), dict) for k in ("model", "train"))):
             raise ValueError('expected a JSON object holding "model" and "train" objects')
         model_cfg = from_dict(ModelConfig, data.pop("model"))

@@ -35,6 +35,7 @@ from llmlab.entropy import cross_entropy, perplexity
 from llmlab.errors import TrainingDiverged, UserError
 from llmlab.model import GPT
 from llmlab.run_dir import (
+    Run,
     check_run_dir,
     config_json,
     load_run,
@@ -174,6 +175,20 @@ def prepare(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data: str
     return replace(model_cfg, vocab_size=tokenizer.vocab_size), tokenizer
 
 
+def _rebuild_token_cache(run: Run, out: Path, d: Dist) -> None:
+    """A resumed run whose data/ folder was deleted tokenizes its data source again (rank 0)."""
+    if d.main and not (out / "data").exists():
+        source = run.meta.get("data")
+        if not isinstance(source, str):
+            raise UserError(f"{out} has no token cache (data/) and its config.json names no data source to rebuild it")
+        ids = run.tokenizer.encode_array(data_lib.load_source(source))
+        splits = data_lib.write_splits(ids, out / "data", run.train_cfg.val_fraction, run.tokenizer.vocab_size,
+                                       run.model_cfg.block_size)  # fmt: skip
+        print(f"llmlab: rebuilt the token cache in {out / 'data'} from {source} ({len(splits.train):,} train, "
+              f"{len(splits.val):,} validation tokens)", file=sys.stderr)  # fmt: skip
+    _barrier(d)
+
+
 def _check_fresh(out: Path) -> None:
     """A new run goes into a directory that does not exist yet or is empty, so that a run that
     fails before its first checkpoint can be removed whole (`_remove_unfinished`)."""
@@ -302,6 +317,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | 
                             device=train_cfg.device)  # fmt: skip
         model, model_cfg, state = run.model, run.model_cfg, load_train_state(out)
         _check_unfinished(out, train_cfg, state)
+        _rebuild_token_cache(run, out, d)
         if d.main and train_cfg.max_steps != run.train_cfg.max_steps:  # a longer schedule is the run's from now on
             saved = replace(run.train_cfg, max_steps=train_cfg.max_steps)  # (minutes and device: this session's)
             write_json(out / "config.json", config_json(model_cfg, saved, **run.meta))
@@ -349,7 +365,7 @@ def _fresh(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: Path,
 
 def _start(model: GPT, model_cfg: ModelConfig, train_cfg: TrainConfig, out: Path, d: Dist,
            state: dict[str, Any] | None) -> tuple[data_lib.TokenSplits, _Loop]:  # fmt: skip
-    splits = data_lib.read_splits(out / "data")
+    splits = data_lib.read_splits(out / "data", model_cfg.vocab_size)
     if d.main and (warning := warn_if_bf16_is_emulated(d.device, train_cfg)):
         print(warning, file=sys.stderr)
     model.to(d.device).train()

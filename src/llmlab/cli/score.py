@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> None:
     run_ = load_run(args.run, pick_device(args.device or "cpu"))
     common = dict(temperature=args.temperature, stride=args.stride, top_k=args.top_k, keep_logits=args.calibration)
     if args.val is not None:
-        scored = score_tokens(run_.model, run_.tokenizer, _val_ids(Path(args.run), args.val), **common)
+        ids = _val_ids(Path(args.run), args.val, run_.model_cfg.vocab_size)
+        scored = score_tokens(run_.model, run_.tokenizer, ids, **common)
     else:
         scored = score_text(run_.model, run_.tokenizer, _read_text(args), **common)
     result = _summary(args, scored)
@@ -57,7 +58,7 @@ def _read_text(args: argparse.Namespace) -> str:
     return read_text_file(Path(args.file))
 
 
-def _val_ids(run: Path, n: int) -> list[int]:
+def _val_ids(run: Path, n: int, vocab_size: int) -> list[int]:
     """The first n tokens of the run's validation split: text the model never trained on."""
     from llmlab.data import read_splits
 
@@ -65,7 +66,7 @@ def _val_ids(run: Path, n: int) -> list[int]:
         raise UserError(f"--val needs at least 2 tokens, got {n}")
     if not (run / "data" / "meta.json").is_file():
         raise UserError(f"{run} has no token cache (data/meta.json), so no validation split to score")
-    return read_splits(run / "data").val[:n].astype(int).tolist()
+    return read_splits(run / "data", vocab_size).val[:n].astype(int).tolist()
 
 
 def _output_path(path: str, run: str, flag: str) -> Path:
