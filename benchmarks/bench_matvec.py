@@ -11,6 +11,8 @@ Each matrix is repeated until a pass over them outgrows the caches (≥ 256 MB),
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn.functional as F
 
@@ -22,8 +24,13 @@ SHAPES = {"attention qkv": (2304, 768), "attention out": (768, 768), "ffn up": (
 ROWS = (5, 16, 32, 64)
 
 
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Prints a markdown table.").parse_args(argv)
+    table()
+
+
 @torch.inference_mode()
-def main() -> None:
+def table() -> None:
     threads = torch.get_num_threads()
     print(f"| weight [N, K] | F.linear GB/s | split_matvec GB/s ({threads} threads) "
           "| matvec16 time ÷ split_matvec, bf16 | fp16 | "

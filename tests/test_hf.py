@@ -158,6 +158,38 @@ def test_export_hf_loads_with_from_pretrained(tmp_path, hf_model, capsys):
         torch.testing.assert_close(again(idx).logits, hf_model(idx).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_character_tokenizer_stays_behind_with_a_note(tmp_path, hf_model, capsys):
+    from llmlab.cli import main
+    from llmlab.hf import import_hf
+    from llmlab.tokenizer import train_tokenizer
+
+    save_hf_checkpoint(hf_model, tmp_path / "ckpt")
+    import_hf(tmp_path / "ckpt", tmp_path / "run")
+    (tmp_path / "run" / "tokenizer.json").write_text(train_tokenizer("char", "def f(x): return x", 0).to_json())
+    capsys.readouterr()
+    assert main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"wrote config.json, model.safetensors to {tmp_path / 'out'}\n"
+    assert "character tokenizer has no GPT-2 equivalent and was not exported" in err
+
+
+def test_a_failed_hub_download_is_one_line_with_its_reason(tmp_path, monkeypatch, capsys):
+    """No network here: the Hub client's own error is stood in for, as it reads offline."""
+    import huggingface_hub
+
+    from llmlab.cli import main
+
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("Cannot reach the Hub: no network.\nMore detail.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert main(["import-hf", "--hub", "gpt2", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err == ("llmlab: error: cannot download 'gpt2' from the Hugging Face Hub (LocalEntryNotFoundError: "
+                   "Cannot reach the Hub: no network.)\n")  # fmt: skip
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_path, hf_model, capsys):
     from safetensors.torch import load_file, save_file
 

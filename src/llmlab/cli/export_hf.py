@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from llmlab.cli.common import emit
 
@@ -13,6 +14,9 @@ def run(args: argparse.Namespace) -> None:
     from llmlab.run_dir import load_run
 
     written = export_hf(load_run(args.run), args.out)
+    if "tokenizer.json" not in written:
+        print(f"llmlab: the run's character tokenizer has no GPT-2 equivalent and was not exported; without one "
+              f"{args.out} does not import back", file=sys.stderr)  # fmt: skip
     emit(args, {"out": args.out, "files": written},
          lambda: print(f"wrote {', '.join(written)} to {args.out}"))  # fmt: skip
 

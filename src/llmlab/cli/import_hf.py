@@ -32,7 +32,8 @@ def _download(name: str) -> str:
     try:
         return snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.json", "merges.txt"])
     except Exception as e:  # network and hub errors come in many types
-        raise UserError(f"cannot download {name!r} from the Hugging Face Hub ({type(e).__name__})") from None
+        reason = (str(e).strip().splitlines() or [""])[0][:120]  # the first line says what failed (no network, ...)
+        raise UserError(f"cannot download {name!r} from the Hugging Face Hub ({type(e).__name__}: {reason})") from None
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
