@@ -28,6 +28,10 @@ from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
 from tests.conftest import serving  # noqa: E402
 
+# An answer is awaited up to 30 s, not Playwright's 5: on a busy 2-core machine a generation took
+# longer. A passing expectation returns as soon as it holds, so only failures wait the whole time.
+expect.set_options(timeout=30_000)
+
 TEXT = "def f5(x, y):\n    return x - y\n"
 
 
