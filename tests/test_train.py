@@ -168,6 +168,11 @@ def test_a_corrupt_token_cache_is_an_error_and_a_deleted_one_is_rebuilt_on_resum
         assert "delete the folder and `llmlab train --out RUN --resume` rebuilds it" in err
         assert (tmp_path / "b" / "model.safetensors").read_bytes() == weights
         (data / name).write_bytes(good[name])
+    metrics = (tmp_path / "b" / "metrics.csv").read_bytes()
+    (tmp_path / "b" / "metrics.csv").write_bytes(metrics + b"5,0.001,abc,,1,1\n")  # damaged by hand
+    code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "b"), "--resume")
+    assert code == 2 and err.count("\n") == 1 and "metrics.csv is corrupt: line 6 is not a row of numbers" in err
+    (tmp_path / "b" / "metrics.csv").write_bytes(metrics)
     shutil.rmtree(data)
     code, out, err = run_cli(capsys, "train", "--out", str(tmp_path / "b"), "--resume", "--json")
     assert code == 0 and json.loads(out)["steps"] == 8

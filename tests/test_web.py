@@ -232,6 +232,7 @@ def test_edit_equals_the_cli_and_leaves_the_served_model_unchanged(client, run, 
     assert {k: v for k, v in got.items() if k not in timing | {"site", "text", "before", "after"}} == {
         k: v for k, v in cli.items() if k not in timing | {"run", "source"}}  # fmt: skip
     assert got["layers"] == ([0, 1] if method == "memit" else [0])
+    assert got["site"] == (None if method == "ft-l" else "answer")  # FT-L has no site to echo
     again = post(client, "/api/edit", fact | {"method": method, "site": "answer", "new_tokens": 8})
     assert again["stats_seconds"] == 0.0  # C is kept between edits (ft-l needs none)
     assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in got.items() if k not in timing}
@@ -484,6 +485,27 @@ def test_a_run_without_metrics_and_a_diverged_one(run, tmp_path):
     m = instruments.run_info(replace(run, path=bare))["metrics"]
     assert len(m["step"]) == len(rows) - 1 and 3 not in m["step"] and m["not_finite"] == 2
     assert len(m["val_loss"]) == len(evaluated) - 1 and math.isfinite(m["best_val_loss"])
+
+
+def test_damaged_lines_of_metrics_csv_are_left_out_and_named(run, tmp_path):
+    """A file damaged outside llmlab (a truncated row, a word, an extra field, bad bytes) still
+    draws: GET /api/run is 200 with the lines that parse, the others by line number."""
+    import shutil
+    from dataclasses import replace
+
+    from llmlab.web import instruments
+
+    bare = tmp_path / "damaged"
+    shutil.copytree(run.path, bare)
+    good = (run.path / "metrics.csv").read_bytes()
+    n = len(good.decode().splitlines()) - 1  # rows under the header
+    damaged = good + b"8,0.0001,1.4\n9,0.0001,abc,,1,1\n10,1,1,,1,1,7\n\xff\xfe,1,1,,1,1\n"
+    (bare / "metrics.csv").write_bytes(damaged)
+    m = instruments.run_info(replace(run, path=bare))["metrics"]
+    assert len(m["step"]) == n and m["damaged_lines"] == [n + 2, n + 3, n + 4, n + 5]
+    assert m["step"] == instruments.run_info(run)["metrics"]["step"]  # what parses is read as before
+    answer = TestClient(create_app(replace(run, path=bare))).get("/api/run")  # was a 500
+    assert answer.status_code == 200 and answer.json()["metrics"]["damaged_lines"] == m["damaged_lines"]
 
 
 def test_a_bug_is_a_one_line_500(run, monkeypatch):

@@ -89,10 +89,40 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.csv's rows, numbers parsed ([] without the file); a damaged row is a RunDirError."""
+    rows, damaged = read_metrics_leniently(path)
+    if damaged:
+        raise RunDirError(f"{path} is corrupt: line {damaged[0]} is not a row of numbers under its header "
+                          f"({len(damaged)} such lines); restore it, or delete it to restart the curves")  # fmt: skip
+    return rows
+
+
+def read_metrics_leniently(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """(the rows that parse, the line numbers of those that do not): for showing what is left of
+    a file damaged outside llmlab (a hand edit, a partial copy; llmlab writes it atomically)."""
     if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [], []
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:  # bad bytes: a damaged row, not a crash
+        reader = csv.DictReader(f)
+        rows, damaged = [], []
+        for row in reader:
+            parsed = _row(row)
+            if parsed is None:
+                damaged.append(reader.line_num)
+            else:
+                rows.append(parsed)
+    return rows, damaged
+
+
+def _row(row: dict[Any, Any]) -> dict[str, Any] | None:
+    """A CSV row as numbers (an empty field is None), or None if it has too few or too many
+    fields, or one that is not a number."""
+    if None in row or None in row.values():  # DictReader's marks of extra and missing fields
+        return None
+    try:
+        return {k: _num(v) for k, v in row.items()}
+    except ValueError:
+        return None
 
 
 def _num(v: str) -> Any:

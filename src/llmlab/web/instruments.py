@@ -30,7 +30,7 @@ import torch
 from llmlab.config import to_dict
 from llmlab.entropy import entropy_of_probs, perplexity
 from llmlab.errors import UserError
-from llmlab.run_dir import Run, read_metrics
+from llmlab.run_dir import Run, read_metrics_leniently
 from llmlab.sampling import encode_prompt
 
 MAX_ATTENTION_TOKENS = 128  # the page draws h maps of S × S cells
@@ -39,8 +39,9 @@ MAX_LOCATE_TOKENS = 48  # causal tracing runs S · L · 3 forward passes of a ba
 
 def run_info(run: Run) -> dict[str, Any]:
     """The run's identity and its training curves: train loss every step, val loss at evaluations;
-    a step whose loss is not finite (a diverged step) is left out of its curve and counted."""
-    rows = read_metrics(run.path / "metrics.csv")
+    a step whose loss is not finite (a diverged step) is left out of its curve and counted, and so
+    is a line of metrics.csv that does not parse (a file damaged by hand or a partial copy)."""
+    rows, damaged = read_metrics_leniently(run.path / "metrics.csv")
     train = [r for r in rows if _is_finite(r.get("train_loss"))]
     val = [r for r in rows if _is_finite(r.get("val_loss"))]
     evaluated = [r for r in rows if r.get("val_loss") is not None]
@@ -57,6 +58,7 @@ def run_info(run: Run) -> dict[str, Any]:
             "val_step": [r["step"] for r in val], "val_loss": [r["val_loss"] for r in val],
             "best_val_loss": best, "best_val_perplexity": None if best is None else perplexity(best),
             "not_finite": len(rows) - len(train) + len(evaluated) - len(val),  # losses left out
+            "damaged_lines": damaged,  # line numbers of metrics.csv left out
         },
     }  # fmt: skip
 
@@ -243,7 +245,8 @@ def edit(run: Run, prompt: str, subject: str, target: str, method: str = "rome",
         after = generate_text(run.model, run.tokenizer, text, new_tokens, greedy).text
     finally:
         edit_lib.restore(run.model, saved)
-    return {**report, "site": site, "text": text, "before": before, "after": after}
+    site_used = None if method == "ft-l" else site  # FT-L fine-tunes W₂ towards the answer: it has no site
+    return {**report, "site": site_used, "text": text, "before": before, "after": after}
 
 
 def _example_edit(data: str) -> dict[str, str] | None:

@@ -437,7 +437,7 @@ async function editFact() {
     method: $("edit-method").value, site: $("edit-site").value,
   });
   rows($("edit-figures"), [
-    ["edit", `${r.method}, site ${r.site}, layer${r.layers.length > 1 ? "s" : ""} ${r.layers.join(", ")}`],
+    ["edit", `${r.method}${r.site === null ? "" : `, site ${r.site}`}, layer${r.layers.length > 1 ? "s" : ""} ${r.layers.join(", ")}`],
     ["p(target)", `${fixed(r.p_target_before, 4)} → ${fixed(r.p_target_after, 4)}`],
     ["reliability", percent(r.reliability)],
     ["generalisation", percent(r.generalisation)],
@@ -481,7 +481,8 @@ function drawTraining(m) {
   const out = $("training-curve");
   out.innerHTML = "";
   if (!m.step.length) {
-    out.textContent = "This run has no metrics.csv (it was imported, not trained here).";
+    out.textContent = m.damaged_lines.length ? "No line of this run's metrics.csv parses." :
+      "This run has no metrics.csv (it was imported, not trained here).";
     return;
   }
   const W = 720, H = 320, pad = { l: 56, r: 16, t: 12, b: 36 };
@@ -512,6 +513,7 @@ function drawTraining(m) {
     ["val loss (best)", m.best_val_loss === null ? "–" :
       `${fixed(m.best_val_loss, 4)} nats/token, perplexity ${fixed(m.best_val_perplexity, 3)} (red dots)`],
     ...(m.not_finite ? [["not drawn", `${int(m.not_finite)} losses that are not finite (the run diverged)`]] : []),
+    ...(m.damaged_lines.length ? [["damaged", `metrics.csv lines ${m.damaged_lines.join(", ")} do not parse: left out`]] : []),
   ]);
 }
 
