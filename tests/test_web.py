@@ -289,6 +289,8 @@ def test_neurons_equal_the_cli_and_are_the_ffn_activations(client, run, capsys, 
 LOCATE = {"prompt": "def {}", "subject": "f", "target": "x"}
 BAD = [
     ("/api/score", {"text": TEXT, "temprature": 1}, "temprature: Extra inputs are not permitted"),
+    ("/api/score", {"txt": TEXT}, "txt: Extra inputs are not permitted"),  # was "text: Field required"
+    ("/api/score", {"text": TEXT, "\n\nx": 1}, "'\\n\\nx': Extra inputs are not permitted"),  # on one line
     ("/api/score", {"text": 3}, "text: Input should be a valid string"),
     ("/api/score", {}, "text: Field required"),
     ("/api/score", {"text": ""}, "the text is empty: nothing to score"),
@@ -378,6 +380,9 @@ def test_wrong_content_type_empty_body_deep_nesting_and_wrong_method_are_one_lin
     assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]
     assert client.get("/api/score").json() == {"error": "Method Not Allowed"}
     assert client.get("/docs").status_code == 404  # FastAPI's docs page would load scripts from a CDN
+    assert client.get("/openapi.json").json() == {"error": "Not Found"}
+    slash = client.get("/api/run/", follow_redirects=False)  # no redirect without a body: a JSON 404
+    assert slash.status_code == 404 and slash.json() == {"error": "Not Found"}
 
 
 def test_inf_and_nan_are_sent_as_null_for_the_page(run, monkeypatch):

@@ -128,7 +128,8 @@ class EditRequest(Body):
 def create_app(run: Run) -> FastAPI:
     """The app for one run; the model stays loaded for the life of the server."""
     # no /docs: FastAPI's documentation pages would fetch their scripts from a CDN
-    app = FastAPI(title="llmlab", docs_url=None, redoc_url=None, default_response_class=FiniteJSONResponse)
+    app = FastAPI(title="llmlab", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False,
+                  default_response_class=FiniteJSONResponse)  # fmt: skip
     lock = threading.Lock()
 
     def locked(fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -248,9 +249,12 @@ def error_message(e: Exception) -> str:
 
 
 def validation_message(errors: Any) -> str:
-    """pydantic's first complaint as one line: "temperature: Input should be a valid number"."""
+    """pydantic's first complaint as one line: "temperature: Input should be a valid number". An
+    unknown field comes first (a misspelt name also leaves its right name missing); a field name
+    that is not plain text is quoted, so the message stays on one line."""
+    errors = sorted(errors, key=lambda e: e.get("type") != "extra_forbidden")  # stable: otherwise pydantic's order
     first = next(iter(errors), {"loc": (), "msg": "invalid request"})
-    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+    where = ".".join(_field(part) for part in first.get("loc", ()) if part != "body")
     message = first.get("msg", "invalid request").removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON"
@@ -259,3 +263,8 @@ def validation_message(errors: Any) -> str:
     if first.get("type") in ("model_type", "model_attributes_type", "dict_type") and not where:
         return "the request body must be a JSON object"
     return f"{where}: {message}" if where else message
+
+
+def _field(name: Any) -> str:
+    text = str(name)
+    return text if text.isidentifier() or text.isdigit() else repr(text)
