@@ -305,3 +305,28 @@ def test_training_tab_draws_every_step_and_evaluation(page, server):
     assert f"{m['best_val_loss']:.4f} nats/token, perplexity {m['best_val_perplexity']:.3f}" in page.inner_text(
         "#training-figures"
     )
+
+
+def test_training_tab_names_the_damaged_lines_of_metrics_csv(browser, trained_run, tmp_path):
+    """A hand-damaged metrics.csv: the curve of what parses, and the lines left out, as the API names them."""
+    import shutil
+
+    run = tmp_path / "damaged"
+    shutil.copytree(trained_run, run)
+    with open(run / "metrics.csv", "ab") as f:
+        f.write(b"8,0.0001,1.4\n\xff\xfe,1,1,,1,1\n")
+    with serving(run) as url:
+        info = api(url, "/api/run")
+        page = browser.new_page()
+        try:
+            page.goto(url)
+            page.click("button[data-tab=training]")
+            lines = info["metrics"]["damaged_lines"]
+            assert len(lines) == 2
+            expect(page.locator("#training-figures")).to_contain_text(
+                f"metrics.csv lines {lines[0]}, {lines[1]} do not parse: left out"
+            )
+            d = page.locator("#training-svg path.train").get_attribute("d")
+            assert d.count("L") == len(info["metrics"]["step"]) - 1
+        finally:
+            page.close()
