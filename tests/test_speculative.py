@@ -215,6 +215,16 @@ def chi_square_p(target: GPT, draft: GPT, cfg: SamplingConfig, gamma: int, seed:
 CONFIGS = [SamplingConfig(), SamplingConfig(0.7, top_k=3), SamplingConfig(1.3, top_p=0.8)]
 
 
+def test_the_formula_takes_each_rounds_own_number_of_drafts():
+    """Rounds of γ = 4, 4 and a last one of 1 draft: (2·(1 + α + α² + α³ + α⁴) + (1 + α)) / 3."""
+    stats = speculative.SpeculativeStats(4, proposed=10, accepted=5, rounds=[(4, 3), (4, 2), (1, 2)])
+    a = 0.5
+    assert stats.to_json()["expected_tokens_per_target_call"] == pytest.approx(
+        (2 * (1 + a + a**2 + a**3 + a**4) + (1 + a)) / 3)  # fmt: skip
+    assert speculative.SpeculativeStats(4, proposed=2, accepted=1).expected_tokens_per_target_call == pytest.approx(
+        1 + a + a**2 + a**3 + a**4)  # no rounds recorded: γ  # fmt: skip
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["T=1", "T=0.7,top-k=3", "T=1.3,top-p=0.8"])
 def test_first_three_tokens_follow_the_target_distribution(cfg):
     """Chi-square of speculative samples against the exact enumerated target joint, p > 0.01

@@ -81,6 +81,13 @@ class SpeculativeStats:
     def tokens_per_target_call(self) -> float:
         return self.tokens / self.target_calls if self.target_calls else float("nan")
 
+    @property
+    def expected_tokens_per_target_call(self) -> float:
+        """The formula's 1 + α̂ + … + α̂^γᵣ averaged over the rounds, γᵣ the drafts of round r: γ,
+        but fewer in the last rounds, where fewer tokens are left to make (batch 1)."""
+        gammas = [g for g, _ in self.rounds] or [self.gamma]
+        return sum(expected_tokens_per_call(self.acceptance_rate, g) for g in gammas) / len(gammas)
+
     def add(self, other: SpeculativeStats) -> None:
         """Accumulate another generation's counts (same γ)."""
         for name in ("proposed", "accepted", "target_calls", "draft_calls", "tokens"):
@@ -93,7 +100,7 @@ class SpeculativeStats:
         return {
             "gamma": self.gamma, "acceptance_rate": _number(alpha),
             "tokens_per_target_call": _number(self.tokens_per_target_call),
-            "expected_tokens_per_target_call": _number(expected_tokens_per_call(alpha, self.gamma)),
+            "expected_tokens_per_target_call": _number(self.expected_tokens_per_target_call),
             "proposed": self.proposed, "accepted": self.accepted, "target_calls": self.target_calls,
             "draft_calls": self.draft_calls, "tokens": self.tokens,
         }  # fmt: skip

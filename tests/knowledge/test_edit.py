@@ -117,6 +117,16 @@ def test_second_moment_of_the_keys_is_what_w2_reads():
     np.testing.assert_allclose(C.numpy(), K.T @ K / len(K), rtol=1e-6, atol=1e-9)
 
 
+def test_key_statistics_say_how_many_tokens_they_were_estimated_from():
+    """A split shorter than the request: C comes from its whole windows, 1000 // 48 = 20 of 48
+    tokens (960), which the log says, not the 100,000 asked for."""
+    model, _ = random_model()
+    lines = []
+    tokens = np.random.default_rng(0).integers(0, model.cfg.vocab_size, size=1000)
+    ed.KeyStatistics(model, tokens, n_tokens=100_000, log=lines.append)(1)
+    assert len(lines) == 1 and "from 960 training tokens" in lines[0]
+
+
 def test_key_statistics_are_cached_and_stay_valid_only_while_the_keys_do(tmp_path):
     model, _ = random_model()
     tokens = np.random.default_rng(0).integers(0, model.cfg.vocab_size, size=3000)

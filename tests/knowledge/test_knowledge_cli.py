@@ -90,18 +90,29 @@ def test_edit_writes_a_new_run_and_leaves_the_source_untouched(capsys, bios_run,
     assert scored["locality"] == pytest.approx(report["locality"])
 
 
-def test_batch_edits_from_a_file_with_memit(capsys, bios_run, tmp_path):
+def test_batch_edits_from_a_file_with_memit(capsys, bios_run, tmp_path, monkeypatch):
     world = bios.world_of(load_run(bios_run).meta["data"])
     lines = [
         json.dumps({"prompt": bios.prompt(p, "major"), "subject": p.name, "target": "Art"}) for p in world.people[:3]
     ]
     (tmp_path / "edits.jsonl").write_text("\n".join(lines) + "\n\n")
+    from llmlab.knowledge import scores
+
+    neighbours = []  # each scoring's neighbours, as `edit` and then `eval` draw them
+    real = scores.score_case
+    monkeypatch.setattr(scores, "score_case", lambda m, t, case, b: neighbours.append(case.neighbours) or real(
+        m, t, case, b))  # fmt: skip
     code, stdout, _ = run_cli(capsys, "knowledge", "edit", str(bios_run), "--method", "memit", "--requests",
                               str(tmp_path / "edits.jsonl"), "--layer", "0", "--layer", "1", "--out",
                               str(tmp_path / "m"), "--json")  # fmt: skip
     report = json.loads(stdout)
     assert code == 0 and report["edits"] == 3 and report["layers"] == [0, 1]
     assert len((tmp_path / "m" / "knowledge" / "edits.jsonl").read_text().splitlines()) == 3
+    code, stdout, _ = run_cli(capsys, "knowledge", "eval", str(tmp_path / "m"), "--json")
+    scored = json.loads(stdout)
+    assert len(neighbours) == 6 and neighbours[3:] == neighbours[:3]  # eval drew others for the 2nd and 3rd fact
+    assert code == 0 and {k: scored[k] for k in ("reliability", "generalisation", "locality")} == {
+        k: report[k] for k in ("reliability", "generalisation", "locality")}  # fmt: skip
 
 
 def test_eval_reports_extraction_accuracy_and_edit_scores(capsys, bios_run):

@@ -118,6 +118,31 @@ def test_random_cases_change_distinct_facts_to_new_values():
     assert [c.request for c in sc.random_cases(world, 40, seed=1)] == [c.request for c in cases]
 
 
+def test_facts_edited_together_are_not_each_others_neighbours():
+    """Locality asks whether facts that were not edited kept their answers; a fact edited in the
+    same batch is meant to change. Reference: the set of edited (person, attribute) pairs."""
+    world = bios.make_world(12)
+    facts = [Fact(bios.prompt(p, a), p.name, "Boston") for p in world.people[:6] for a in ("birth_city", "major")]
+    edited = {(p.name, a) for p in world.people[:6] for a in ("birth_city", "major")}
+
+    def attribute(f):
+        return next(a for a in bios.ATTRIBUTES if bios.prompt(world.person(f.subject), a) == f.prompt)
+
+    for cases in (sc.cases_for(world, facts), sc.random_cases(world, 40, seed=2)):
+        together = {(c.request.subject, attribute(c.request)) for c in cases}
+        assert together == edited or cases[0].request.target != "Boston"
+        for c in cases:
+            assert c.neighbours and not {(n.subject, attribute(n)) for n in c.neighbours} & together
+    alone = sc.cases_for(world, facts[:1])[0]  # one edit: the same neighbours as case_for draws
+    assert alone == sc.case_for(world, facts[0], random.Random(0))
+
+
+def test_scores_of_whole_counts_are_exact_fractions():
+    """4 of 5 answer tokens right is 0.8, not float32's 0.800000011920929."""
+    logits = torch.nn.functional.one_hot(torch.tensor([1, 2, 3, 4, 0]), 8).float()
+    assert sc.token_accuracy(logits, [1, 2, 3, 4, 5]) == 0.8
+
+
 def test_case_for_recognises_a_bios_fact_in_any_template():
     world = bios.world_of("bios:people=10,part=qa")
     person = world.people[3]

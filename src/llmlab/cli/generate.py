@@ -160,8 +160,8 @@ def _speculative_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
                                                 "expected_tokens_per_target_call"))  # fmt: skip
     rows = [
         ("acceptance rate", f"{_num(alpha, '.3f')} ({f['accepted']:,} of {f['proposed']:,} draft tokens)"),
-        ("tokens per target call", f"{_num(per_call, '.2f')} (γ = {f['gamma']}; (1 − α^(γ+1))/(1 − α) = "
-                                   f"{_num(expected, '.2f')} at the measured α)"),
+        ("tokens per target call", f"{_num(per_call, '.2f')} (γ = {f['gamma']}; (1 − α^(γᵣ+1))/(1 − α) = "
+                                   f"{_num(expected, '.2f')} at the measured α, γᵣ each round's drafts)"),
     ]  # fmt: skip
     if "speedup" in f:
         speedup = "n/a (no token kept)" if f["speedup"] is None else f"{f['speedup']:.2f}×"

@@ -180,7 +180,10 @@ def _params(args: argparse.Namespace) -> Any:
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else "–" if v is None else str(v)
+    """Three decimals, or three significant digits below 0.001 (a p(target) of 9.1e-05 is not 0.000)."""
+    if isinstance(v, float):
+        return f"{v:.2e}" if 0 < abs(v) < 1e-3 else f"{v:.3f}"
+    return "–" if v is None else str(v)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

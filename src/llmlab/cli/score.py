@@ -139,7 +139,7 @@ def _print_calibration(result: dict[str, Any]) -> None:
         ("ECE", f"{c['ece']:.4f} → {c['ece_scaled']:.4f} with T* = {c['temperature']:.3f}"),
         ("Brier (top-1)", f"{c['brier']:.4f} → {c['brier_scaled']:.4f}"),
         ("NLL", f"{c['nll']:.4f} → {c['nll_scaled']:.4f} nats/token"),
-        ("top-1 accuracy", f"{c['accuracy']:.4f}"),
+        ("top-1 accuracy", f"{c['accuracy']:.4f} (on the {c['n_eval']:,} measured)"),
     ])  # fmt: skip
     print(f"\ndoes entropy predict a top-1 miss? ({e['n']:,} predictions, error rate {e['error_rate']:.4f})")
     table([

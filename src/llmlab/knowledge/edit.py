@@ -83,7 +83,7 @@ class EditParams:
     ridge: float = 1e-3  # ρ, added to C
     mom2_weight: float = 300.0  # λ, MEMIT's weight of the keys to preserve
     norm_constraint: float = 1e-3  # ε, FT-L's L∞ radius
-    stats_tokens: int = 100_000  # training tokens over which C is estimated
+    stats_tokens: int = 100_000  # training tokens over which C is estimated, at most (whole windows of the split)
     contexts: int = 0  # extra prefixes, cut from the training text, to average k* and fit δ over
     site: Literal["subject", "answer"] = "subject"  # where keys are read and δ added (module docstring)
 
@@ -225,7 +225,9 @@ class KeyStatistics:
         for layer, C in second_moments(self.model, self.tokens, missing, n).items():
             self.memo[layer] = (keys_hash(self.model, layer), C)
         self.seconds += time.perf_counter() - t0
-        self.log(f"C of layer(s) {missing} from {n:,} training tokens in {time.perf_counter() - t0:.1f} s")
+        S = self.model.cfg.block_size
+        used = max(1, n // S) * S  # second_moments' whole windows
+        self.log(f"C of layer(s) {missing} from {used:,} training tokens in {time.perf_counter() - t0:.1f} s")
 
     def _file(self, folder: Path, layer: int) -> Path:
         return folder / "knowledge" / f"keys_l{layer}_n{self.n_tokens}.safetensors"

@@ -31,7 +31,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +51,9 @@ from llmlab.tokenizer import Tokenizer
 
 
 def token_accuracy(logits: Tensor, target: Sequence[int]) -> float:
-    """acc = (1/T) Σ_j [argmax logits_j = o_j]. logits [T, V]."""
-    return (logits.argmax(-1) == torch.tensor(list(target))).float().mean().item()
+    """acc = (1/T) Σ_j [argmax logits_j = o_j]. logits [T, V]. (Counted, then divided in Python: a
+    float32 mean would print 4/5 as 0.800000011920929.)"""
+    return int((logits.argmax(-1) == torch.tensor(list(target))).sum()) / len(target)
 
 
 def exact_match(logits: Tensor, target: Sequence[int]) -> bool:
@@ -140,21 +141,23 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 
 def bios_case(world: bios.World, person: bios.Person, attribute: str, new: str, rng: random.Random,
-              neighbours: int = 5) -> EditCase:  # fmt: skip
+              neighbours: int = 5, edited: Collection[tuple[str, str]] = ()) -> EditCase:  # fmt: skip
     """Edit `attribute` of `person` to `new` with the first template as the prompt; paraphrases are
     the other templates and, if the model was trained on questions, the question; neighbours are
-    that attribute of other people and this person's other attributes; an employer edit carries
-    the new employer's city (portability)."""
+    that attribute of other people and this person's other attributes, none of them a fact in
+    `edited` ((name, attribute) pairs edited along with this one, which are meant to change); an
+    employer edit carries the new employer's city (portability)."""
     fact = Fact(bios.prompt(person, attribute), person.name, new)
     paraphrases = [Fact(bios.prompt(person, attribute, t), person.name, new)
                    for t in range(1, len(bios.TEMPLATES[attribute]))]  # fmt: skip
     if world.questions:
         paraphrases.append(Fact(bios.question_prompt(attribute), person.name, new))
-    others = rng.sample([p for p in world.people if p is not person], min(neighbours, len(world.people) - 1))
+    candidates = [p for p in world.people if p is not person and (p.name, attribute) not in edited]
+    others = rng.sample(candidates, min(neighbours, len(candidates)))
     near = [Fact(bios.prompt(o, attribute), o.name, o.facts[attribute]) for o in others]
     derived = {"employer": "work_city"}
-    near += [Fact(bios.prompt(person, a), person.name, person.facts[a])
-             for a in bios.ATTRIBUTES if a != attribute and a != derived.get(attribute)]  # fmt: skip
+    near += [Fact(bios.prompt(person, a), person.name, person.facts[a]) for a in bios.ATTRIBUTES
+             if a != attribute and a != derived.get(attribute) and (person.name, a) not in edited]  # fmt: skip
     portability = []
     if attribute == "employer":
         city = bios.COMPANY_CITY[new]
@@ -169,10 +172,11 @@ def random_cases(world: bios.World, n: int, seed: int = 0) -> list[EditCase]:
     rng = random.Random(f"edits-{seed}")
     pairs = rng.sample([(p, a) for p in world.people for a in bios.BASE_ATTRIBUTES],
                        min(n, len(world.people) * len(bios.BASE_ATTRIBUTES)))  # fmt: skip
+    edited = {(person.name, attribute) for person, attribute in pairs}
     cases = []
     for person, attribute in pairs:
         new = rng.choice([v for v in _pool(attribute, rng) if v != person.facts[attribute]])
-        cases.append(bios_case(world, person, attribute, new, rng))
+        cases.append(bios_case(world, person, attribute, new, rng, edited=edited))
     return cases
 
 
@@ -182,18 +186,38 @@ def _pool(attribute: str, rng: random.Random) -> Sequence[str]:
     return bios.values(attribute)
 
 
-def case_for(world: bios.World | None, fact: Fact, rng: random.Random) -> EditCase:
+def cases_for(world: bios.World | None, facts: Sequence[Fact], seed: int = 0) -> list[EditCase]:
+    """The cases of edits made together, their neighbours drawn by one RNG seeded with `seed` (so
+    `knowledge edit` and `knowledge eval` of its run score the same neighbours), none of them one
+    of these facts."""
+    rng = random.Random(seed)
+    edited = {(f.subject, attribute) for f in facts if (attribute := _bios_attribute(world, f)) is not None}
+    return [case_for(world, f, rng, edited) for f in facts]
+
+
+def case_for(world: bios.World | None, fact: Fact, rng: random.Random,
+             edited: Collection[tuple[str, str]] = ()) -> EditCase:  # fmt: skip
     """The full case when the fact is a bios template about a person of the world, else the bare request."""
+    attribute = _bios_attribute(world, fact)
+    if world is None or attribute is None:
+        return EditCase(fact)
+    person = world.person(fact.subject)
+    case = bios_case(world, person, attribute, fact.target, rng, edited=edited)
+    prompts = [bios.prompt(person, attribute, t) for t in range(len(bios.TEMPLATES[attribute]))]
+    prompts += [bios.question_prompt(attribute)] if world.questions else []
+    paraphrases = [Fact(p, fact.subject, fact.target) for p in prompts if p != fact.prompt]
+    return EditCase(fact, paraphrases, case.neighbours, case.portability, attribute)
+
+
+def _bios_attribute(world: bios.World | None, fact: Fact) -> str | None:
+    """The attribute a fact's prompt asks about, when it is a template about a person of the world."""
     person = world.person(fact.subject) if world is not None else None
-    if person is not None:
-        for attribute in bios.ATTRIBUTES:
-            prompts = [bios.prompt(person, attribute, t) for t in range(len(bios.TEMPLATES[attribute]))]
-            if fact.prompt in prompts:
-                case = bios_case(world, person, attribute, fact.target, rng)
-                prompts += [bios.question_prompt(attribute)] if world.questions else []
-                paraphrases = [Fact(p, fact.subject, fact.target) for p in prompts if p != fact.prompt]
-                return EditCase(fact, paraphrases, case.neighbours, case.portability, attribute)
-    return EditCase(fact)
+    if person is None:
+        return None
+    for attribute in bios.ATTRIBUTES:
+        if fact.prompt in (bios.prompt(person, attribute, t) for t in range(len(bios.TEMPLATES[attribute]))):
+            return attribute
+    return None
 
 
 def extraction_accuracy(model: GPT, tokenizer: Tokenizer, world: bios.World) -> dict[str, dict[str, float]]:
@@ -230,7 +254,10 @@ def evaluate(model: GPT, tokenizer: Tokenizer, cases: Sequence[EditCase], method
     requests = [edit.prepare(tokenizer, c.request, contexts, model.cfg.block_size) for c in cases]
     before = [argmaxes(model, tokenizer, c.neighbours) for c in cases]
     prompts = [c.request.text() for c in cases]
-    fluency_before = fluency(model, tokenizer, prompts, fluency_tokens)
+    # before as after: in single mode each prompt is continued alone, else all in one batch (its
+    # samples depend on the batch: `generate_batch` draws for all rows from one generator)
+    groups = [[text] for text in prompts] if mode == "single" else [prompts]
+    fluency_before = sum(fluency(model, tokenizer, g, fluency_tokens) for g in groups) / len(groups)
     saved = edit.snapshot(model, params.layers or ())
     seconds, scores, after = 0.0, [], []
     try:
@@ -306,8 +333,7 @@ def edit_and_score(run: Run, method: str, facts: Sequence[Fact], params: edit.Ed
     hold C from earlier calls; it is valid only for the weights it was estimated on, so a caller
     that keeps it must undo each edit (as the web app does)."""
     world = bios.world_of(run.meta.get("data", ""))
-    rng = random.Random(0)
-    cases = [case_for(world, f, rng) for f in facts]
+    cases = cases_for(world, facts)
     encode_all(run.tokenizer, [f for c in cases for f in (c.request, *c.paraphrases, *c.neighbours)],
                run.model.cfg.block_size)  # bad input fails here, before any work  # fmt: skip
     earlier = stats.seconds if stats is not None else 0.0  # what a kept `stats` had spent estimating
@@ -371,8 +397,7 @@ def evaluate_run(path: str | Path, method: str | None, facts: Sequence[Fact] | N
         raise UserError(f"--edits must be at least 1, got {n_edits}")
     if world is None and not facts:
         raise UserError(f"{run.path} was not trained on bios data, so there are no random edits; give --requests")
-    rng = random.Random(seed)
-    cases = [case_for(world, f, rng) for f in facts] if facts else random_cases(world, n_edits, seed)
+    cases = cases_for(world, facts, seed) if facts else random_cases(world, n_edits, seed)
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r} (choose from: {', '.join(MODES)})")
     params, stats, contexts = prepare_edits(run, method, params)
@@ -383,7 +408,7 @@ def evaluate_run(path: str | Path, method: str | None, facts: Sequence[Fact] | N
 def _score_edited(run: Run, world: bios.World | None) -> dict[str, Any]:
     source = load_run(run.meta["edited_from"], next(run.model.parameters()).device)
     facts = [Fact(e["prompt"], e["subject"], e["target"]) for e in map(json.loads, _lines(run.path))]
-    cases = [case_for(world, f, random.Random(0)) for f in facts]
+    cases = cases_for(world, facts)  # the neighbours `knowledge edit` scored
     before = [argmaxes(source.model, source.tokenizer, c.neighbours) for c in cases]
     scores = [score_case(run.model, run.tokenizer, c, b) for c, b in zip(cases, before, strict=True)]
     return {"run": str(run.path), "source": str(source.path), "edits": len(facts), **summarise(scores)}
