@@ -180,6 +180,10 @@ def test_a_corrupt_token_cache_is_an_error_and_a_deleted_one_is_rebuilt_on_resum
     assert {f.name: f.read_bytes() for f in data.iterdir()} == good
     a, b = read_metrics(tmp_path / "a" / "metrics.csv"), read_metrics(tmp_path / "b" / "metrics.csv")
     assert [(r["lr"], r["train_loss"]) for r in a] == [(r["lr"], r["train_loss"]) for r in b]
+    shutil.rmtree(data)  # a finished run (what `score --val` sends here) gets its cache back, and is told it is done
+    code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "b"), "--resume")
+    assert code == 2 and "rebuilt the token cache" in err and "has done its 8 steps" in err
+    assert {f.name: f.read_bytes() for f in data.iterdir()} == good
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file, monkeypatch):

@@ -316,8 +316,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | 
         train_cfg = replace(run.train_cfg, max_steps=train_cfg.max_steps, max_minutes=train_cfg.max_minutes,
                             device=train_cfg.device)  # fmt: skip
         model, model_cfg, state = run.model, run.model_cfg, load_train_state(out)
+        _rebuild_token_cache(run, out, d)  # first, so that a finished run gets its cache back too
         _check_unfinished(out, train_cfg, state)
-        _rebuild_token_cache(run, out, d)
         if d.main and train_cfg.max_steps != run.train_cfg.max_steps:  # a longer schedule is the run's from now on
             saved = replace(run.train_cfg, max_steps=train_cfg.max_steps)  # (minutes and device: this session's)
             write_json(out / "config.json", config_json(model_cfg, saved, **run.meta))
