@@ -81,12 +81,12 @@ def test_run_directory_holds_every_file_of_the_contract(trained_run):
 
 @contextmanager
 def interrupt_after(n_steps: int):
-    """Stand-in for Ctrl-C after `n_steps` steps (the flag is read once per step)."""
+    """Stand-in for Ctrl-C during step `n_steps` (the flag is read before each step)."""
     calls = []
 
     @contextmanager
     def flag():
-        yield lambda: calls.append(1) or len(calls) >= n_steps
+        yield lambda: calls.append(1) or len(calls) > n_steps
 
     yield flag
 
@@ -368,34 +368,40 @@ def test_a_run_stopped_by_the_clock_just_after_a_checkpoint_saves_that_its_minut
         train(TINY_VARIANTS["notes"], cfg, str(corpus_file), tmp_path / "r", resume=True, progress=False)
 
 
-def _vote(rank: int, store_path: str, flags: list[bool], answers) -> None:
+def _agree(rank: int, store_path: str, readings: list[tuple[float, bool]], answers) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     try:
         d = train_lib.Dist(rank, 2, torch.device("cpu"))
-        answers.put((rank, [train_lib._any_rank(flag, d) for flag in flags]))
+        answers.put((rank, [train_lib._agreed(elapsed, flag, d) for elapsed, flag in readings]))
     finally:
         dist.destroy_process_group()
 
 
-def test_a_stop_seen_on_one_rank_stops_every_rank():
-    """Two gloo processes, each with its own flags (its clock, its Ctrl-C); reference: any()."""
+def test_every_rank_trains_on_one_clock_and_stops_on_any_ranks_ctrl_c():
+    """Two gloo processes, each with its own clock and Ctrl-C; reference: max() and any(). The
+    learning rate follows the agreed clock, so the ranks take the same step (their weights drifted
+    apart under --max-minutes before) and stop at the same one."""
     import tempfile
 
     import torch.multiprocessing as mp
 
-    flags = {0: [False, True, False, False], 1: [False, False, True, False]}
+    readings = {0: [(1.0, False), (2.5, True), (3.0, False)], 1: [(1.25, False), (2.0, False), (3.5, True)]}
     ctx = mp.get_context("spawn")
     answers = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_vote, args=(r, f"{tmp}/store", flags[r], answers)) for r in (0, 1)]
-        for proc in procs:
-            proc.start()
-        got = dict(answers.get(timeout=120) for _ in procs)
-        for proc in procs:
-            proc.join(timeout=60)
-    assert got[0] == got[1] == [a or b for a, b in zip(flags[0], flags[1], strict=True)]
+        procs = [ctx.Process(target=_agree, args=(r, f"{tmp}/store", readings[r], answers)) for r in (0, 1)]
+        try:
+            for proc in procs:
+                proc.start()
+            got = dict(answers.get(timeout=120) for _ in procs)
+        finally:
+            for proc in procs:
+                proc.join(timeout=60)
+                proc.kill()
+    expected = [(max(a[0], b[0]), a[1] or b[1]) for a, b in zip(readings[0], readings[1], strict=True)]
+    assert got[0] == got[1] == expected
 
 
 def test_device_selection():

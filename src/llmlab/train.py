@@ -142,14 +142,15 @@ def _barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def _any_rank(flag: bool, d: Dist) -> bool:
-    """True on every rank if `flag` is true on any. A decision to stop (the clock, Ctrl-C) must be
-    the same on all ranks: one that trained a step more would wait for the others' gradients forever."""
+def _agreed(elapsed: float, interrupted: bool, d: Dist) -> tuple[float, bool]:
+    """(the largest rank's elapsed seconds, whether any rank saw Ctrl-C), the same on every rank:
+    the learning rate follows the clock, and a rank that stopped a step later than the others, or
+    took another rate, would wait for their gradients forever or drift from their weights."""
     if d.world == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=d.device)
+        return elapsed, interrupted
+    t = torch.tensor([elapsed, float(interrupted)], dtype=torch.float64, device=d.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return float(t[0]), bool(t[1])
 
 
 # --- data and run directory -----------------------------------------------------------------
@@ -408,9 +409,9 @@ class _Loop:
     def elapsed(self) -> float:
         return self.prev_elapsed + time.perf_counter() - self.start
 
-    def progress(self) -> float:
+    def progress(self, elapsed: float) -> float:
         p = self.step / self.cfg.max_steps
-        return max(p, self.elapsed() / (60 * self.cfg.max_minutes)) if self.cfg.max_minutes else p
+        return max(p, elapsed / (60 * self.cfg.max_minutes)) if self.cfg.max_minutes else p
 
     def tokens_per_second(self) -> float:
         steps = len(self.rows)
@@ -423,13 +424,17 @@ class _Loop:
     def run(self, progress: bool) -> str:
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=None if progress and self.d.main else True,
                    unit="step", dynamic_ncols=True)  # fmt: skip
-        stopped_by = "max_steps"
+        stopped_by, first = "max_steps", self.step
         with bar, _interrupt_flag() as interrupted:
             while self.step < self.cfg.max_steps:
-                if self.time_is_up():
+                elapsed, stop = _agreed(self.elapsed(), interrupted(), self.d)  # one clock for all ranks
+                if stop and self.step > first:  # Ctrl-C: the step it came in is done (and saved below)
+                    stopped_by = "interrupt"
+                    break
+                if self.cfg.max_minutes and elapsed >= 60 * self.cfg.max_minutes:
                     stopped_by = "max_minutes"
                     break
-                loss, lr, seconds = self.train_step()
+                loss, lr, seconds = self.train_step(elapsed)
                 self.step += 1
                 self.rows.append({"step": self.step, "lr": lr, "train_loss": loss, "val_loss": None,
                                   "tokens_per_s": self.tokens_per_step / seconds,
@@ -439,24 +444,18 @@ class _Loop:
                 if self.step % self.cfg.eval_interval == 0 or self.step == self.cfg.max_steps:
                     self.evaluate_and_save()
                     bar.set_postfix(loss=f"{loss:.3f}", val=f"{self.rows[-1]['val_loss']:.3f}")
-                if _any_rank(interrupted(), self.d):
-                    stopped_by = "interrupt"
-                    break
         if self.rows and self.rows[-1]["val_loss"] is None:
             self.evaluate_and_save()
-        elif stopped_by == "max_minutes" and self.d.main:  # the checkpoint is this step's, saved before the
-            self.save_state()  # clock ran out: its saved time must say the minutes are spent, or a resume goes on
+        elif stopped_by == "max_minutes" and self.step > first and self.d.main:  # the checkpoint is this step's,
+            self.save_state()  # saved before the clock ran out: its time must say the minutes are spent
         return stopped_by
 
-    def time_is_up(self) -> bool:
-        """Whether `max_minutes` have passed, on any rank's clock: every rank stops at the same step."""
-        return bool(self.cfg.max_minutes) and _any_rank(self.elapsed() >= 60 * self.cfg.max_minutes, self.d)
-
-    def train_step(self) -> tuple[float, float, float]:
-        """One optimiser step over grad_accum micro-batches. Returns (loss, lr, seconds)."""
+    def train_step(self, elapsed: float) -> tuple[float, float, float]:
+        """One optimiser step over grad_accum micro-batches, at the learning rate of the step and of
+        `elapsed` seconds (with max_minutes). Returns (loss, lr, seconds)."""
         t0 = time.perf_counter()
         cfg, S, device = self.cfg, self.model_cfg.block_size, self.d.device
-        lr = lr_at(self.step, self.progress(), cfg)
+        lr = lr_at(self.step, self.progress(elapsed), cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
