@@ -79,7 +79,8 @@ def test_edit_writes_a_new_run_and_leaves_the_source_untouched(capsys, bios_run,
     old, new = load_file(bios_run / "model.safetensors"), load_file(out / "model.safetensors")
     assert [k for k in old if not torch.equal(old[k], new[k])] == ["blocks.0.mlp.w2.weight"]
     edits = [json.loads(line) for line in (out / "knowledge" / "edits.jsonl").read_text().splitlines()]
-    assert edits == [{"method": "rome", "layers": [0], "prompt": prompt, "subject": subject, "target": target}]
+    assert edits == [{"method": "rome", "layers": [0], "prompt": prompt, "subject": subject, "target": target,
+                      "batch": 1}]  # fmt: skip
     config = json.loads((out / "config.json").read_text())
     assert config["edited_from"] == str(bios_run) and config["data"].startswith("bios:")
     assert list((out / "knowledge").glob("keys_l0_*.safetensors"))  # C, cached with the edited run
@@ -88,6 +89,28 @@ def test_edit_writes_a_new_run_and_leaves_the_source_untouched(capsys, bios_run,
     assert code == 0 and scored["edits"] == 1
     assert scored["reliability"] == pytest.approx(report["reliability"])
     assert scored["locality"] == pytest.approx(report["locality"])
+
+
+def test_eval_of_a_chained_edit_scores_each_edit_on_the_neighbours_it_was_scored_on(capsys, bios_run, tmp_path,
+                                                                                      monkeypatch):  # fmt: skip
+    """Edit A, then B on A's run: eval of the second run draws B's neighbours as `edit` drew them
+    (with A in the history, a shared draw over both moved them)."""
+    from llmlab.knowledge import scores
+
+    world = bios.world_of(load_run(bios_run).meta["data"])
+    a, b = world.people[0], world.people[1]
+    neighbours = []
+    real = scores.score_case
+    monkeypatch.setattr(scores, "score_case", lambda m, t, case, bef: neighbours.append(case.neighbours) or real(
+        m, t, case, bef))  # fmt: skip
+    for person, source, out in ((a, bios_run, tmp_path / "one"), (b, tmp_path / "one", tmp_path / "two")):
+        code, _, err = run_cli(capsys, "knowledge", "edit", str(source), "--method", "rome", "--prompt",
+                               bios.prompt(person, "major"), "--subject", person.name, "--target", "Art", "--out",
+                               str(out), "--json")  # fmt: skip
+        assert code == 0, err
+    b_by_edit = neighbours[-1]
+    code, _, _ = run_cli(capsys, "knowledge", "eval", str(tmp_path / "two"), "--json")
+    assert code == 0 and neighbours[-1] == b_by_edit and neighbours[-2] == neighbours[0]  # B's, then A's
 
 
 def test_batch_edits_from_a_file_with_memit(capsys, bios_run, tmp_path, monkeypatch):

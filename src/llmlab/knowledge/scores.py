@@ -363,9 +363,12 @@ def write_edited_run(run: Run, out: Path, method: str, params: edit.EditParams, 
             shutil.copytree(run.path / "data", tmp / "data")
         if (run.path / "knowledge").is_dir():
             shutil.copytree(run.path / "knowledge", tmp / "knowledge")
-        history = [{"method": method, "layers": list(params.layers or ()), **asdict(f)} for f in facts]
         old = tmp / "knowledge" / "edits.jsonl"
-        lines = (old.read_text(encoding="utf-8").splitlines() if old.exists() else []) + list(map(json.dumps, history))
+        earlier = [line for line in old.read_text(encoding="utf-8").splitlines() if line] if old.exists() else []
+        batch = 1 + max((json.loads(line).get("batch", 0) for line in earlier), default=0)  # this `edit` call
+        history = [{"method": method, "layers": list(params.layers or ()), **asdict(f), "batch": batch}
+                   for f in facts]  # fmt: skip
+        lines = earlier + list(map(json.dumps, history))
         write_text(old, "\n".join(lines) + "\n")
         write_text(tmp / "tokenizer.json", run.tokenizer.to_json())
         write_json(tmp / "config.json", config_json(run.model_cfg, run.train_cfg, **{**run.meta,
@@ -407,8 +410,11 @@ def evaluate_run(path: str | Path, method: str | None, facts: Sequence[Fact] | N
 
 def _score_edited(run: Run, world: bios.World | None) -> dict[str, Any]:
     source = load_run(run.meta["edited_from"], next(run.model.parameters()).device)
-    facts = [Fact(e["prompt"], e["subject"], e["target"]) for e in map(json.loads, _lines(run.path))]
-    cases = cases_for(world, facts)  # the neighbours `knowledge edit` scored
+    edits = [json.loads(line) for line in _lines(run.path)]
+    facts = [Fact(e["prompt"], e["subject"], e["target"]) for e in edits]
+    batches = sorted({e.get("batch", 0) for e in edits})  # one per `knowledge edit` call (0: written before batches)
+    cases = [c for b in batches for c in cases_for(world, [f for f, e in zip(facts, edits, strict=True)
+                                                           if e.get("batch", 0) == b])]  # fmt: skip
     before = [argmaxes(source.model, source.tokenizer, c.neighbours) for c in cases]
     scores = [score_case(run.model, run.tokenizer, c, b) for c, b in zip(cases, before, strict=True)]
     return {"run": str(run.path), "source": str(source.path), "edits": len(facts), **summarise(scores)}
