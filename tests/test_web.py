@@ -506,13 +506,16 @@ def test_damaged_lines_of_metrics_csv_are_left_out_and_named(run, tmp_path):
     shutil.copytree(run.path, bare)
     good = (run.path / "metrics.csv").read_bytes()
     n = len(good.decode().splitlines()) - 1  # rows under the header
-    damaged = good + b"8,0.0001,1.4\n9,0.0001,abc,,1,1\n10,1,1,,1,1,7\n\xff\xfe,1,1,,1,1\n"
+    damaged = good + b"8,0.0001,1.4\n9,0.0001,abc,,1,1\n10,1,1,,1,1,7\n\xff\xfe,1,1,,1,1\n,1,1,,1,1\n,,,,,\n"
     (bare / "metrics.csv").write_bytes(damaged)
     m = instruments.run_info(replace(run, path=bare))["metrics"]
-    assert len(m["step"]) == n and m["damaged_lines"] == [n + 2, n + 3, n + 4, n + 5]
+    assert len(m["step"]) == n and m["damaged_lines"] == [n + 2, n + 3, n + 4, n + 5, n + 6, n + 7]
     assert m["step"] == instruments.run_info(run)["metrics"]["step"]  # what parses is read as before
     answer = TestClient(create_app(replace(run, path=bare))).get("/api/run")  # was a 500
     assert answer.status_code == 200 and answer.json()["metrics"]["damaged_lines"] == m["damaged_lines"]
+    (bare / "metrics.csv").write_bytes(good.replace(b"step", b"st\xffp", 1))  # a damaged header: every line
+    m = instruments.run_info(replace(run, path=bare))["metrics"]
+    assert m["step"] == [] and m["damaged_lines"] == list(range(1, n + 2))
 
 
 def test_a_bug_is_a_one_line_500(run, monkeypatch):

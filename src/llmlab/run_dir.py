@@ -105,6 +105,8 @@ def read_metrics_leniently(path: Path) -> tuple[list[dict[str, Any]], list[int]]
     with open(path, newline="", encoding="utf-8", errors="replace") as f:  # bad bytes: a damaged row, not a crash
         reader = csv.DictReader(f)
         rows, damaged = [], []
+        if reader.fieldnames is None or not set(METRICS_REQUIRED) <= set(reader.fieldnames):  # the header itself
+            return [], list(range(1, 2 + sum(1 for _ in f)))
         for row in reader:
             parsed = _row(row)
             if parsed is None:
@@ -114,15 +116,19 @@ def read_metrics_leniently(path: Path) -> tuple[list[dict[str, Any]], list[int]]
     return rows, damaged
 
 
+METRICS_REQUIRED = ("step", "train_loss")  # what every row of metrics.csv has (val_loss only at evaluations)
+
+
 def _row(row: dict[Any, Any]) -> dict[str, Any] | None:
     """A CSV row as numbers (an empty field is None), or None if it has too few or too many
-    fields, or one that is not a number."""
+    fields, one that is not a number, or no step (an integer) or train loss."""
     if None in row or None in row.values():  # DictReader's marks of extra and missing fields
         return None
     try:
-        return {k: _num(v) for k, v in row.items()}
+        parsed = {k: _num(v) for k, v in row.items()}
     except ValueError:
         return None
+    return parsed if isinstance(parsed["step"], int) and parsed["train_loss"] is not None else None
 
 
 def _num(v: str) -> Any:

@@ -477,6 +477,10 @@ async function neurons() {
 
 // --- training curve (from GET /api/run) ------------------------------------------------------------
 
+function listed(xs, most) {
+  return xs.slice(0, most).join(", ") + (xs.length > most ? ` … (${int(xs.length)} in all)` : "");
+}
+
 function drawTraining(m) {
   const out = $("training-curve");
   out.innerHTML = "";
@@ -513,7 +517,7 @@ function drawTraining(m) {
     ["val loss (best)", m.best_val_loss === null ? "–" :
       `${fixed(m.best_val_loss, 4)} nats/token, perplexity ${fixed(m.best_val_perplexity, 3)} (red dots)`],
     ...(m.not_finite ? [["not drawn", `${int(m.not_finite)} losses that are not finite (the run diverged)`]] : []),
-    ...(m.damaged_lines.length ? [["damaged", `metrics.csv lines ${m.damaged_lines.join(", ")} do not parse: left out`]] : []),
+    ...(m.damaged_lines.length ? [["damaged", `metrics.csv lines ${listed(m.damaged_lines, 10)} do not parse: left out`]] : []),
   ]);
 }
 
