@@ -298,6 +298,10 @@ def test_scoring_a_corrupt_validation_split_is_a_one_line_error(tmp_path, traine
     val.write_bytes(b"\xff" * val.stat().st_size)  # ids past the vocabulary: an IndexError in the embedding before
     code, _, err = run_cli(capsys, "score", str(run), "--val", "10")
     assert code == 2 and err.count("\n") == 1 and "val.bin holds token id 65535, and the vocabulary has" in err
+    train = run / "data" / "train.bin"
+    val.write_bytes((trained_run / "data" / "val.bin").read_bytes())
+    train.write_bytes(b"\xff" * train.stat().st_size)  # a bad train split does not stop scoring the val split
+    assert run_cli(capsys, "score", str(run), "--val", "10")[0] == 0
 
 
 def test_keeping_too_many_logits_for_calibration_is_a_user_error(monkeypatch):

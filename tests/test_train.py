@@ -165,7 +165,7 @@ def test_a_corrupt_token_cache_is_an_error_and_a_deleted_one_is_rebuilt_on_resum
         (data / name).write_bytes(content)
         code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "b"), "--resume")
         assert code == 2 and message.strip() in err and err.count("\n") == 1, err
-        assert "delete the folder and `llmlab train --out RUN --resume` rebuilds it" in err
+        assert f"delete the folder and `llmlab train --out {tmp_path / 'b'} --resume` rebuilds it" in err
         assert (tmp_path / "b" / "model.safetensors").read_bytes() == weights
         (data / name).write_bytes(good[name])
     metrics = (tmp_path / "b" / "metrics.csv").read_bytes()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import sysconfig
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,25 +129,29 @@ def write_splits(ids: np.ndarray, folder: Path, val_fraction: float, vocab_size:
     return read_splits(folder)
 
 
-REBUILD = "delete the folder and `llmlab train --out RUN --resume` rebuilds it from the run's data source"
+def _rebuild(folder: Path) -> str:
+    """What to do about a bad token cache: a trained run's resume tokenizes its data source again."""
+    if (folder.parent / "train_state.pt").is_file():
+        return f"delete the folder and `llmlab train --out {folder.parent} --resume` rebuilds it from the data source"
+    return "this run has no train_state.pt to rebuild it with: restore the folder from a copy"
 
 
-def read_splits(folder: Path, vocab_size: int | None = None) -> TokenSplits:
+def read_splits(folder: Path, vocab_size: int | None = None, checked: Sequence[str] = ("train", "val")) -> TokenSplits:
     """The token cache as memmaps, checked: each file holds the number of tokens meta.json says,
-    and with `vocab_size` every id is below it (one pass over the ids, which is fast beside training
-    on them)."""
+    and with `vocab_size` every id of the `checked` splits is below it (one pass over them, which
+    is fast beside training on them)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
         splits = TokenSplits(*(np.memmap(folder / f"{n}.bin", dtype=meta["dtype"], mode="r") for n in ("train", "val")))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"the token cache in {folder} is unreadable ({e}); {REBUILD}") from None
+        raise UserError(f"the token cache in {folder} is unreadable ({e}); {_rebuild(folder)}") from None
     for name, part in (("train", splits.train), ("val", splits.val)):
         if len(part) != meta.get(f"{name}_tokens"):
             raise UserError(f"the token cache in {folder} is corrupt: {name}.bin holds {len(part):,} tokens, "
-                            f"meta.json says {meta.get(f'{name}_tokens')}; {REBUILD}")  # fmt: skip
-        if vocab_size is not None and (top := int(part.max())) >= vocab_size:
+                            f"meta.json says {meta.get(f'{name}_tokens')}; {_rebuild(folder)}")  # fmt: skip
+        if vocab_size is not None and name in checked and (top := int(part.max())) >= vocab_size:
             raise UserError(f"the token cache in {folder} is corrupt: {name}.bin holds token id {top}, and the "
-                            f"vocabulary has {vocab_size} tokens; {REBUILD}")  # fmt: skip
+                            f"vocabulary has {vocab_size} tokens; {_rebuild(folder)}")  # fmt: skip
     return splits
 
 

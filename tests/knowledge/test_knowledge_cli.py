@@ -206,3 +206,22 @@ def test_every_bad_input_is_one_line_exit_2_and_the_source_run_is_untouched(caps
     assert digest(bios_run) == before
     assert not (tmp_path / "new").exists() and not (tmp_path / "maps").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary run left behind
+
+
+def test_editing_a_run_with_a_corrupt_token_cache_is_one_line(capsys, bios_run, tmp_path):
+    """C is estimated from the train split: ids past the vocabulary were an IndexError in the embedding."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(bios_run, run)
+    train = run / "data" / "train.bin"
+    train.write_bytes(b"\xff" * train.stat().st_size)
+    prompt, subject, target = a_fact(bios_run)
+    code, _, err = run_cli(capsys, "knowledge", "edit", str(run), "--method", "rome", "--prompt", prompt,
+                           "--subject", subject, "--target", target, "--out", str(tmp_path / "e"))  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "train.bin holds token id 65535" in err
+    assert f"`llmlab train --out {run} --resume` rebuilds it" in err and not (tmp_path / "e").exists()
+    (run / "train_state.pt").unlink()  # an edited run, say: nothing to resume
+    code, _, err = run_cli(capsys, "knowledge", "edit", str(run), "--method", "rome", "--prompt", prompt,
+                           "--subject", subject, "--target", target, "--out", str(tmp_path / "e"))  # fmt: skip
+    assert code == 2 and "has no train_state.pt to rebuild it with: restore the folder from a copy" in err

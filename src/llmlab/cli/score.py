@@ -66,7 +66,7 @@ def _val_ids(run: Path, n: int, vocab_size: int) -> list[int]:
         raise UserError(f"--val needs at least 2 tokens, got {n}")
     if not (run / "data" / "meta.json").is_file():
         raise UserError(f"{run} has no token cache (data/meta.json), so no validation split to score")
-    return read_splits(run / "data", vocab_size).val[:n].astype(int).tolist()
+    return read_splits(run / "data", vocab_size, checked=("val",)).val[:n].astype(int).tolist()
 
 
 def _output_path(path: str, run: str, flag: str) -> Path:

@@ -292,7 +292,9 @@ MODES = ("single", "sequential", "batch")
 
 def _train_tokens(run: Run) -> np.ndarray | None:
     folder = run.path / "data"
-    return read_splits(folder).train if (folder / "meta.json").is_file() else None
+    if not (folder / "meta.json").is_file():
+        return None
+    return read_splits(folder, run.model_cfg.vocab_size, checked=("train",)).train
 
 
 def prepare_edits(

@@ -116,7 +116,7 @@ def _mfu(tour: Tour, run: Any, figures: dict[str, Any]) -> str:
 
 def _trace(tour: Tour, run: Any, figures: dict[str, Any]) -> str:
     """Block 0's tensors on the first 8 tokens of the validation text, with the weights' real shapes."""
-    ids = read_splits(tour.notes_dir / "data").val[:8].astype(int).tolist()
+    ids = read_splits(tour.notes_dir / "data", run.model_cfg.vocab_size, checked=("val",)).val[:8].astype(int).tolist()
     rows = trace(run.model, torch.tensor([ids]))  # [1, 8]
     shown = [r for r in rows if not r.name.startswith("blocks.") or r.name.startswith("blocks.0.")]
     figures["trace"] = {"all_match": all(r.matches for r in rows), "rows": [r.to_json() for r in shown]}

@@ -56,7 +56,7 @@ def _samples(run: Run, n: int) -> tuple[str, dict[str, Any]]:
 
 def _held_out(tour: Tour, run: Run, n: int) -> tuple[str, dict[str, Any]]:
     """Calibration and error prediction on the first n tokens of the validation split."""
-    ids = read_splits(tour.notes_dir / "data").val[:n].astype(int).tolist()
+    ids = read_splits(tour.notes_dir / "data", run.model_cfg.vocab_size, checked=("val",)).val[:n].astype(int).tolist()
     scores = score_ids(run.model, ids, keep_logits=True, top_k=1)
     targets = torch.tensor(ids[1:])
     cal, ep = calibrate(scores.logits, targets), error_prediction(scores.logits, targets)
