@@ -35,7 +35,7 @@ from benchmarks.common import interleaved_medians
 from llmlab.model import GPT, KVCache
 from llmlab.run_dir import Run, load_run
 from llmlab.sampling import SamplingConfig, encode_prompt
-from llmlab.speculative import SpeculativeStats, check_same_tokenizer, expected_tokens_per_call, side_by_side
+from llmlab.speculative import SpeculativeStats, check_same_tokenizer, side_by_side
 
 PROMPTS = ("def ", "class ", "import ", "    return ", "if __name__")
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {describe(target)} | {describe(draft)} | {args.gamma} | {alpha:.3f} | {stats.tokens_per_target_call:.2f} "
-        f"({expected_tokens_per_call(alpha, args.gamma):.2f}) | {plain:,.0f} | {spec:,.0f} | {speedup:.2f}× "
+        f"({stats.expected_tokens_per_target_call:.2f}) | {plain:,.0f} | {spec:,.0f} | {speedup:.2f}× "
         f"| {torch.get_num_threads()} | {os.getloadavg()[0]:.1f} |"
     )
     print(f"\n{n} new tokens × {len(prompts)} prompts per repetition, temperature 1, batch 1, KV cache.")

@@ -11,7 +11,8 @@ the module tree, so the module names of `model.py` are public API. Hooks exist o
 A hook function returning a tensor replaces the activation (activation patching); returning
 None leaves it unchanged. Each hooked point hands its hooks a copy of the activation, so a hook may
 also edit it in place (`t[:, :, head] = 0`, as TransformerLens users write): the edit flows on,
-and nothing else sees it (not the tensor an earlier hook saved, nor what autograd kept).
+and nothing else sees it (not a tensor a hook at another point saved, nor what autograd kept;
+hooks on the same point share its copy).
 """
 
 from __future__ import annotations

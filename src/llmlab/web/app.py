@@ -224,7 +224,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     def bad_request(request: Request, e: RequestValidationError) -> JSONResponse:
-        media = request.headers.get("content-type", "").split(";")[0].strip()
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()  # as FastAPI reads it
         if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
             return JSONResponse({"error": "send the body as JSON, with content-type: application/json"}, 400)
         return JSONResponse({"error": validation_message(e.errors())}, status_code=400)
