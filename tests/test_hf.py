@@ -244,6 +244,15 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (name, err)
         assert not out.exists() and not any(p.name.startswith(f".out_{name}") for p in tmp_path.iterdir())
+    numpy_bin = tmp_path / "numpy_bin"  # weights_only refuses a numpy array, in a message bolded with ANSI codes
+    shutil.copytree(tmp_path / "good", numpy_bin)
+    (numpy_bin / "model.safetensors").unlink()
+    import numpy as np
+
+    torch.save({"wte": np.zeros(3)}, numpy_bin / "pytorch_model.bin")
+    assert main(["import-hf", str(numpy_bin), "--out", str(tmp_path / "out_numpy")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read the weights" in err and "\x1b" not in err, err
     (tmp_path / "a_file").write_text("x")
     assert main(["import-hf", str(cases["no_weights"].parent / "good"), "--out", str(tmp_path / "a_file" / "r")]) == 2
     err = capsys.readouterr().err

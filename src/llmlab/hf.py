@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -43,6 +44,7 @@ from llmlab.tokenizer import BPETokenizer, Tokenizer
 
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # GPT-2's causal-mask buffers, which older checkpoints save
 _ATTENTION_SCALING = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}  # GPT-2's values
 _BLOCK_KEYS = {
     "ln_1": "ln1", "ln_2": "ln2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.out",
@@ -100,8 +102,7 @@ def state_dict_from_hf(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Ten
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
     used = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight"}
     used |= {f"h.{i}.{name}.{p}" for i in range(cfg.n_layers) for name in _BLOCK_KEYS for p in ("weight", "bias")}
-    buffers = (".attn.bias", ".attn.masked_bias")  # older checkpoints save GPT-2's causal-mask buffers
-    unknown = sorted(k for k in sd if k not in used and not k.endswith(buffers))
+    unknown = sorted(k for k in sd if k not in used and not k.endswith(MASK_BUFFERS))
     if unknown:
         raise UserError(f"the checkpoint holds a tensor {unknown[0]!r} that GPT-2 with n_layer={cfg.n_layers} "
                         f"does not have ({len(unknown)} in all)")  # fmt: skip
@@ -162,7 +163,7 @@ def to_hf_model(model: GPT) -> Any:
 
     hf = GPT2LMHeadModel(GPT2Config(**config_to_hf(model.cfg)))
     missing, unexpected = hf.load_state_dict(state_dict_to_hf(model), strict=False)
-    missing = [k for k in missing if not k.endswith(("attn.bias", "attn.masked_bias"))]  # buffers, not weights
+    missing = [k for k in missing if not k.endswith(MASK_BUFFERS)]  # buffers, not weights
     if missing or unexpected:
         raise RuntimeError(f"GPT-2 key map out of date: missing {missing}, unexpected {unexpected}")
     return hf.eval()
@@ -217,7 +218,7 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
     if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items())):
         raise UserError(f"the weights in {path} are not a dictionary of named tensors")
     for name, tensor in sd.items():
-        if not tensor.is_floating_point() and not name.endswith((".attn.bias", ".attn.masked_bias")):  # mask buffers
+        if not tensor.is_floating_point() and not name.endswith(MASK_BUFFERS):
             raise UserError(f"the checkpoint's tensor {name!r} holds {tensor.dtype}, not floating-point weights")
     return sd
 
@@ -239,7 +240,8 @@ def _read_weight_files(path: Path) -> Any:
                 warnings.simplefilter("ignore")
                 return torch.load(path / "pytorch_model.bin", weights_only=True, map_location="cpu")
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise UserError(f"cannot read the weights in {path} ({type(e).__name__}: {str(e)[:120]})") from None
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # torch's messages bold with ANSI codes
+        raise UserError(f"cannot read the weights in {path} ({type(e).__name__}: {(first or [''])[0][:120]})") from None
     raise UserError(f"{path} has no model.safetensors or pytorch_model.bin")
 
 
