@@ -53,7 +53,10 @@ def test_tour_models_are_reused_only_when_trained_with_the_same_settings(tmp_pat
     first, _ = tour.trained("m", TINY_VARIANTS["notes"], cfg, str(corpus_file))
     weights = (first / "model.safetensors").read_bytes()
     tour.trained("m", TINY_VARIANTS["notes"], cfg, str(corpus_file))
-    assert logs == [f"reusing {first} (pass --retrain to train it again)"]
+    assert logs == [f"reusing {first} (pass --retrain to train it again)"] and tour.reused == ["m"]
+    from llmlab.report import render
+
+    assert "training excluded: the models m were reused from an earlier tour" in render(tour)  # its time is not theirs
     assert (first / "model.safetensors").read_bytes() == weights
     logs.clear()
     tour.trained("m", TINY_VARIANTS["notes"], replace(cfg, seed=7), str(corpus_file))  # other settings: retrain

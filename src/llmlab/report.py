@@ -52,6 +52,7 @@ def run_tour(out: Path, quick: bool = False, data: str = "stdlib", minutes: floa
 
 def render(tour: Tour) -> str:
     sections = "".join(f"<section><h2>{html.escape(s.title)}</h2>{s.body}</section>" for s in tour.sections)
+    timing = f"Tour time: {tour.seconds:.0f} s" + (" (quick)" if tour.quick else "") + _reused(tour)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>llmlab tour</title>
 <style>
@@ -62,7 +63,15 @@ pre {{ background: #f6f6f6; padding: .8rem; overflow-x: auto; }} img {{ max-widt
 </style></head><body>
 <h1>llmlab tour</h1>
 <p>The study notes, made real on models trained here. The notes' model:
-<code>{html.escape(str(tour.notes_dir))}</code>. Tour time: {tour.seconds:.0f} s{" (quick)" if tour.quick else ""}.</p>
+<code>{html.escape(str(tour.notes_dir))}</code>. {timing}.</p>
 {sections}
 </body></html>
 """
+
+
+def _reused(tour: Tour) -> str:
+    """The models this tour took from an earlier one: its time does not include their training."""
+    if not tour.reused:
+        return ""
+    names = ", ".join(html.escape(n) for n in tour.reused)
+    return f", training excluded: the models {names} were reused from an earlier tour (--retrain trains them again)"

@@ -39,6 +39,7 @@ class Tour:
     notes_summary: dict[str, Any] = field(default_factory=dict)
     sections: list[Section] = field(default_factory=list)
     seconds: float = 0.0
+    reused: list[str] = field(default_factory=list)  # models taken from an earlier tour, not trained in this one
 
     @property
     def report(self) -> Path:
@@ -55,6 +56,7 @@ class Tour:
         summary = _finished(run_dir, key)
         if summary is not None and not self.retrain:
             self.log(f"reusing {run_dir} (pass --retrain to train it again)")
+            self.reused.append(name)
             return run_dir, summary
         shutil.rmtree(run_dir, ignore_errors=True)  # a tour model of other settings, never a user's run
         result = train(model_cfg, train_cfg, data, run_dir, tokenizer_from=tokenizer_from, progress=self.progress,
@@ -64,7 +66,8 @@ class Tour:
     def to_json(self) -> dict[str, Any]:
         return {
             "report": str(self.report), "model_dir": str(self.notes_dir), "quick": self.quick,
-            "seconds": round(self.seconds, 1), "sections": {s.title: s.figures for s in self.sections},
+            "seconds": round(self.seconds, 1), "reused": self.reused,
+            "sections": {s.title: s.figures for s in self.sections},
         }  # fmt: skip
 
 

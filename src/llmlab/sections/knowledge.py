@@ -113,7 +113,8 @@ def _where(trace: Trace) -> str:
     if token == len(trace.tokens) - 1:
         return (
             "The MLPs matter most at the prompt's last token, not at the subject's last token as in GPT-2 "
-            "(ROME §2): this small model gathers the name's tokens with attention and looks the fact up late."
+            "(ROME §2): this small model gathers the name's tokens with attention and looks the fact up at the "
+            "last position."
         )
     return f"The MLPs matter most at token {token} ({trace.tokens[token]!r})."
 
@@ -135,7 +136,7 @@ def _html(summary: dict, data: str, acc: dict, answers: list, trace: Trace, maps
         "permuted, the full name in every sentence, plus the question–answer pairs of the first half of the "
         f"people. GPT-2 style, {summary['params']:,} parameters, {summary['steps']:,} steps in "
         f"{summary['elapsed_seconds']:.0f} s, val loss {summary['val_loss']:.3f}.</p>"
-        '<p>Exact-match accuracy (every answer token the argmax): completion of "{} was born in" and the '
+        '<p>Exact-match accuracy (every answer token the argmax): completion of "… was born in" and the '
         "like for everyone; questions for the half whose QA pairs were trained on, and for the held-out half.</p>"
         + html_table(acc_rows, ("", "all", *bios.ATTRIBUTES))
         + html_table(answers, ("question", "the model (greedy)", "truth"))
@@ -159,7 +160,9 @@ def _html(summary: dict, data: str, acc: dict, answers: list, trace: Trace, maps
         + html_table(demo["rows"], ("prompt", "before (greedy)", "after"))
         + f"<p>Over {scores['edits']} random single edits, each on the original model: reliability "
         f"{_pct(scores['reliability'])}, generalisation {_pct(scores['generalisation'])}, locality "
-        f"{_pct(scores['locality'])}, portability {_pct(scores['portability'])}; fluency (n-gram entropy) "
+        f"{_pct(scores['locality'])}, portability {_pct(scores['portability'])} (of the employer edits: a new "
+        "employer brings its city); "
+        "fluency (n-gram entropy) "
         f"{scores['fluency']:.2f} after, {scores['fluency_before']:.2f} before; {scores['seconds_per_edit']:.2f} s "
         "per edit.</p>"
     )

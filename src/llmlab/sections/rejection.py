@@ -51,7 +51,8 @@ def _section(tour: Tour) -> Section:
     rows = [
         ("draft", f"1 layer, H = 64: {draft_summary['params']:,} parameters, val loss {draft_summary['val_loss']:.3f} "
                   f"(target: {tour.notes_summary['val_loss']:.3f})"),
-        ("acceptance rate α (temperature 1)", f"{f['acceptance_rate']:.3f} of {f['proposed']:,} draft tokens"),
+        ("acceptance rate α (temperature 1)", f"{f['acceptance_rate']:.3f} of the {f['proposed']:,} draft tokens "
+                                               "judged (up to each round's first rejection)"),
         ("tokens per target call", f"{f['tokens_per_target_call']:.2f} measured; (1 − α^(γᵣ+1))/(1 − α) = "
                                    f"{f['expected_tokens_per_target_call']:.2f} (γᵣ = {GAMMA}, fewer in last rounds)"),
         ("decoding speed", f"{f['tokens_per_second']:,.0f} tokens/s speculative, "
