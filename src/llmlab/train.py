@@ -447,7 +447,7 @@ class _Loop:
         if self.rows and self.rows[-1]["val_loss"] is None:
             self.evaluate_and_save()
         elif stopped_by == "max_minutes" and self.step > first and self.d.main:  # the checkpoint is this step's,
-            self.save_state()  # saved before the clock ran out: its time must say the minutes are spent
+            self.save_state(elapsed)  # saved before the clock ran out: its time must say the minutes are spent
         return stopped_by
 
     def train_step(self, elapsed: float) -> tuple[float, float, float]:
@@ -498,10 +498,11 @@ class _Loop:
             write_metrics(self.out / "metrics.csv", self.rows)
         _barrier(self.d)
 
-    def save_state(self) -> None:
-        """What a resume needs besides the weights: step, optimiser, random state and clocks."""
+    def save_state(self, elapsed: float | None = None) -> None:
+        """What a resume needs besides the weights: step, optimiser, random state and clocks (the
+        elapsed time agreed by the ranks, if given, else this process's)."""
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng_torch": torch.get_rng_state(),
-                 "elapsed": self.elapsed(), "train_time": self.train_time}  # fmt: skip
+                 "elapsed": self.elapsed() if elapsed is None else elapsed, "train_time": self.train_time}  # fmt: skip
         save_train_state(self.out / "train_state.pt", state)
 
 
