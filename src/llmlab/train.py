@@ -165,9 +165,7 @@ def prepare(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data: str
             tokenizer = load_tokenizer(check_run_dir(tokenizer_from) / "tokenizer.json")
         else:
             tokenizer = train_tokenizer(train_cfg.tokenizer, text, train_cfg.bpe_vocab)
-        ids = tokenizer.encode_array(text)
-        data_lib.write_splits(ids, out / "data", train_cfg.val_fraction, tokenizer.vocab_size,
-                              model_cfg.block_size)  # fmt: skip
+        _write_token_cache(out, text, tokenizer, train_cfg.val_fraction, model_cfg.block_size)
         model_cfg = replace(model_cfg, vocab_size=tokenizer.vocab_size)
         write_text(out / "tokenizer.json", tokenizer.to_json())
         write_json(out / "config.json", config_json(model_cfg, train_cfg, data=data, **extra))
@@ -176,15 +174,21 @@ def prepare(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data: str
     return replace(model_cfg, vocab_size=tokenizer.vocab_size), tokenizer
 
 
+def _write_token_cache(out: Path, text: str, tokenizer: Tokenizer, val_fraction: float,
+                       block_size: int) -> data_lib.TokenSplits:  # fmt: skip
+    """Tokenize the text into out/data: train and validation splits, as memmaps."""
+    ids = tokenizer.encode_array(text)
+    return data_lib.write_splits(ids, out / "data", val_fraction, tokenizer.vocab_size, block_size)
+
+
 def _rebuild_token_cache(run: Run, out: Path, d: Dist) -> None:
     """A resumed run whose data/ folder was deleted tokenizes its data source again (rank 0)."""
     if d.main and not (out / "data").exists():
         source = run.meta.get("data")
         if not isinstance(source, str):
             raise UserError(f"{out} has no token cache (data/) and its config.json names no data source to rebuild it")
-        ids = run.tokenizer.encode_array(data_lib.load_source(source))
-        splits = data_lib.write_splits(ids, out / "data", run.train_cfg.val_fraction, run.tokenizer.vocab_size,
-                                       run.model_cfg.block_size)  # fmt: skip
+        splits = _write_token_cache(out, data_lib.load_source(source), run.tokenizer, run.train_cfg.val_fraction,
+                                    run.model_cfg.block_size)  # fmt: skip
         print(f"llmlab: rebuilt the token cache in {out / 'data'} from {source} ({len(splits.train):,} train, "
               f"{len(splits.val):,} validation tokens)", file=sys.stderr)  # fmt: skip
     _barrier(d)

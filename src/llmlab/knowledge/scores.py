@@ -412,11 +412,11 @@ def evaluate_run(path: str | Path, method: str | None, facts: Sequence[Fact] | N
 
 def _score_edited(run: Run, world: bios.World | None) -> dict[str, Any]:
     source = load_run(run.meta["edited_from"], next(run.model.parameters()).device)
-    edits = [json.loads(line) for line in _lines(run.path)]
-    facts = [Fact(e["prompt"], e["subject"], e["target"]) for e in edits]
-    batches = sorted({e.get("batch", 0) for e in edits})  # one per `knowledge edit` call (0: written before batches)
-    cases = [c for b in batches for c in cases_for(world, [f for f, e in zip(facts, edits, strict=True)
-                                                           if e.get("batch", 0) == b])]  # fmt: skip
+    batches: dict[int, list[Fact]] = {}  # one per `knowledge edit` call, in order (0: written before batches)
+    for e in map(json.loads, _lines(run.path)):
+        batches.setdefault(e.get("batch", 0), []).append(Fact(e["prompt"], e["subject"], e["target"]))
+    facts = [f for batch in batches.values() for f in batch]
+    cases = [c for batch in batches.values() for c in cases_for(world, batch)]  # as each call drew them
     before = [argmaxes(source.model, source.tokenizer, c.neighbours) for c in cases]
     scores = [score_case(run.model, run.tokenizer, c, b) for c, b in zip(cases, before, strict=True)]
     return {"run": str(run.path), "source": str(source.path), "edits": len(facts), **summarise(scores)}
