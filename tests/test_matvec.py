@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 from llmlab import matvec
@@ -74,6 +75,22 @@ def test_torch_func_transforms_take_the_plain_path(monkeypatch, two_threads):
     y, dy = torch.func.jvp(lin, (xs[0],), (dx,))
     torch.testing.assert_close(dy, dx @ lin.weight.T, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y, F.linear(xs[0], lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_mode_dual_tensors_take_the_plain_path(monkeypatch, two_threads):
+    """`torch.autograd.forward_ad` tangents do not follow `out=` either (NotImplementedError before).
+    Reference: the tangent of x·Wᵀ + b is ẋ·Wᵀ; the primal is F.linear's."""
+    monkeypatch.setattr(matvec, "MIN_ELEMENTS", 64 * 64)
+    lin = matvec.Linear(64, 67).requires_grad_(False)  # 67 rows: the general split, with out=
+    x, dx = torch.randn(1, 64), torch.randn(1, 64)
+    with torch.no_grad(), forward_ad.dual_level():
+        assert not matvec.no_dual_level()
+        y, dy = forward_ad.unpack_dual(lin(forward_ad.make_dual(x, dx)))
+    torch.testing.assert_close(dy, dx @ lin.weight.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    assert matvec.no_dual_level()  # closed again: decoding splits as before
+    with torch.no_grad():
+        assert matvec.use_split(x, lin.weight, lin.bias)
 
 
 def test_greedy_decoding_is_the_same_with_and_without_the_split(monkeypatch, two_threads):

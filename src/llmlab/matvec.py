@@ -16,8 +16,9 @@ The split changes no arithmetic: each output is still the dot product of one row
 (equal to `F.linear` up to float rounding, tested). It is used only where it pays: one input
 row (or a few, below), on the CPU, with more than one thread, and a weight of at least
 `MIN_ELEMENTS` (smaller ones sit in cache, where the plain kernel is faster); and only where no
-gradient is taken and no `torch.func` transform (vmap, jvp) is active, because the blocks write
-into one output buffer (`out=`), which neither autograd nor those transforms follow.
+gradient is taken, no `torch.func` transform (vmap, jvp) is active and no forward-mode level
+(`torch.autograd.forward_ad.dual_level`) is open, because the blocks write into one output buffer
+(`out=`), which neither autograd nor those transforms follow.
 
 A few rows (up to `FEW_ROWS`: a speculative verification of γ + 1 drafts, a short prompt) have
 the same trouble: MKL shares [M, K]·[K, N] out between the threads poorly when M is small. The
@@ -37,6 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -97,7 +99,13 @@ def use_split(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
         and weight.dtype == x.dtype
         and no_grad_taken(x, weight, bias)  # the split writes into a buffer (`out=`), which autograd does not follow,
         and not torch._C._are_functorch_transforms_active()  # nor do torch.func's vmap and jvp
+        and no_dual_level()  # nor forward-mode AD's dual tensors
     )
+
+
+def no_dual_level() -> bool:
+    """Whether no `forward_ad.dual_level()` is open (its tangents do not follow `out=` either)."""
+    return getattr(forward_ad, "_current_level", 0) < 0  # the module's own count; if it is renamed, no split
 
 
 class Linear(nn.Linear):
