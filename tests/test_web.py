@@ -381,7 +381,10 @@ def test_wrong_content_type_empty_body_deep_nesting_and_wrong_method_are_one_lin
         "/api/score", content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"}
     )
     assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]
-    assert client.get("/api/score").json() == {"error": "Method Not Allowed"}
+    wrong = client.get("/api/score")
+    assert wrong.status_code == 405 and wrong.json() == {"error": "Method Not Allowed"}
+    assert wrong.headers["allow"] == "POST"  # RFC 9110 §15.5.6: a 405 lists the methods the path takes
+    assert client.delete("/api/run").headers["allow"] == "GET"
     assert client.get("/docs").status_code == 404  # FastAPI's docs page would load scripts from a CDN
     assert client.get("/openapi.json").json() == {"error": "Not Found"}
     slash = client.get("/api/run/", follow_redirects=False)  # no redirect without a body: a JSON 404

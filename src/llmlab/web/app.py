@@ -236,7 +236,7 @@ def add_error_handlers(app: FastAPI) -> None:
         unreadable = e.status_code == 400 and "parsing the body" in str(e.detail)
         message = ("the request body could not be read as JSON (not UTF-8, nested too deeply, or a number of "
                    "thousands of digits)") if unreadable else str(e.detail)  # fmt: skip
-        return JSONResponse({"error": message}, status_code=e.status_code)
+        return JSONResponse({"error": message}, status_code=e.status_code, headers=e.headers)  # 405's Allow
 
     @app.exception_handler(Exception)
     def bug(request: Request, e: Exception) -> JSONResponse:  # still one line, for the page to show
