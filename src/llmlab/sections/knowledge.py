@@ -6,7 +6,9 @@ on that model: it answers questions; causal tracing (arXiv 2202.05262) shows whi
 carry one fact; the FFN's most active memories at the subject are read as key-value pairs
 (arXiv 2012.14913); ROME rewrites the fact; and KnowEdit's scores (arXiv 2401.01286) over random
 single edits show what changed (the edited fact, its paraphrases) and what did not (other people,
-the person's other facts).
+the person's other facts). The same edits are then made at each layer in turn, beside the layer
+the trace points to: whether locating a fact tells where to edit it (Hase et al., arXiv 2301.04213,
+found it does not on GPT-J) is measured, not assumed.
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ def section(tour: Tour) -> Section:
     maps = plot_trace(trace, tour.out / "knowledge", fact.target)
     memories = top_memories(run.model, run.tokenizer, fact.text().split(person.name)[0] + person.name, k=1)
     peaks = trace.to_json()["peaks"]
-    # locate, then edit: ROME's site (the subject's last token) if the MLPs matter most there, as in
-    # GPT-2; else the positions that predict the answer, where a small model looks facts up
+    # the trace picks the site: ROME's (the subject's last token) if the MLPs matter most there, as in
+    # GPT-2; else the positions that predict the answer, where a small model looks facts up. The layer
+    # is ROME's default, the middle one; `by_layer` then edits at every layer
     site = "subject" if peaks["mlp"]["subject_last"] else "answer"
     params, stats, prompts = sc.prepare_edits(run, "rome", replace(ed.DEFAULTS["rome"], site=site,
                                                                   stats_tokens=20_000))  # fmt: skip
@@ -65,14 +68,40 @@ def section(tour: Tour) -> Section:
     edit_demo = _edit_demo(run, world, person, new, params, stats, prompts)
     cases = sc.random_cases(world, EDITS[tour.quick])
     scores = sc.evaluate(run.model, run.tokenizer, cases, "rome", params, stats, "single", prompts)
+    layers = by_layer(run, cases, params, stats, prompts, scores)
     tour.log(f"bios model: completion {acc['completion']['all']:.1%}, QA train {acc['qa_train']['all']:.1%}, "
              f"QA held-out {acc['qa_heldout']['all']:.1%}; trace peak (mlp) layer {peaks['mlp']['layer']} "
              f"token {peaks['mlp']['token_text']!r}; ROME reliability {scores['reliability']:.0%}, generalisation "
-             f"{scores['generalisation']:.0%}, locality {scores['locality']:.0%}")  # fmt: skip
+             f"{scores['generalisation']:.0%}, locality {scores['locality']:.0%} at layer {params.layers[0]}; "
+             f"by layer: {_layers_line(layers)}")  # fmt: skip
     figures = {"train": summary, "data": data, "accuracy": acc, "trace": {k: v for k, v in trace.to_json().items()
-               if k != "restored"}, "edit": edit_demo, "rome": scores}  # fmt: skip
-    body = _html(summary, data, acc, answers, trace, maps, memories, edit_demo, scores)
+               if k != "restored"}, "edit": edit_demo, "rome": scores, "rome_by_layer": layers}  # fmt: skip
+    body = _html(summary, data, acc, answers, trace, maps, memories, edit_demo, scores, layers)
     return Section("Knowledge: where a fact lives and how to edit it (notes §2.3)", body, figures)
+
+
+SCORES = ("reliability", "generalisation", "locality", "portability")
+
+
+def by_layer(run: Run, cases: list[sc.EditCase], params: ed.EditParams, stats: ed.KeyStatistics,
+             prompts: list[str], measured: dict) -> list[dict]:  # fmt: skip
+    """ROME's scores over the same `cases` with the edit at each layer in turn, [{layer, reliability,
+    generalisation, locality, portability, fluency}]; `measured` holds those at `params.layers`."""
+    rows = []
+    for layer in range(run.model.cfg.n_layers):
+        if params.layers == (layer,):
+            scores = measured
+        else:
+            at = ed.resolve_params(run.model, "rome", replace(params, layers=(layer,)))
+            stats.ensure(at.layers)
+            scores = sc.evaluate(run.model, run.tokenizer, cases, "rome", at, stats, "single", prompts)
+        rows.append({"layer": layer, **{k: scores[k] for k in (*SCORES, "fluency")}})
+    return rows
+
+
+def _layers_line(layers: list[dict]) -> str:
+    """Each layer's reliability/generalisation/locality in one line, as in `0: 100/92/59%, 1: …`."""
+    return ", ".join(f"{r['layer']}: " + "/".join(f"{100 * r[k]:.0f}" for k in SCORES[:3]) + "%" for r in layers)
 
 
 def _answers(run: Run, person: bios.Person) -> list[tuple[str, str, str]]:
@@ -124,7 +153,7 @@ def _pct(x: float | None) -> str:
 
 
 def _html(summary: dict, data: str, acc: dict, answers: list, trace: Trace, maps: list[Path], memories: list,
-          demo: dict, scores: dict) -> str:  # fmt: skip
+          demo: dict, scores: dict, layers: list[dict]) -> str:  # fmt: skip
     acc_rows = [(g, _pct(acc[g]["all"]), *(_pct(acc[g][a]) for a in bios.ATTRIBUTES))
                 for g in ("completion", "qa_train", "qa_heldout")]  # fmt: skip
     peaks = "; ".join(f"{k} at layer {v['layer']}, token {v['token_text']!r} ({v['effect']:+.3f})"
@@ -164,5 +193,23 @@ def _html(summary: dict, data: str, acc: dict, answers: list, trace: Trace, maps
         "employer brings its city); "
         "fluency (n-gram entropy) "
         f"{scores['fluency']:.2f} after, {scores['fluency_before']:.2f} before; {scores['seconds_per_edit']:.2f} s "
-        "per edit.</p>"
+        "per edit.</p>" + _layers_html(layers, trace.peak("mlp")[1], demo["layer"], scores["edits"])
+    )
+
+
+def _layers_html(layers: list[dict], peak: int, default: int, edits: int) -> str:
+    """The by-layer table, the trace's MLP peak and the default layer marked, and what it shows."""
+
+    def mark(layer: int) -> str:
+        return " ".join(m for m, at in (("trace peak (mlp)", peak), ("default (middle)", default)) if at == layer)
+
+    rows = [(str(r["layer"]), *(_pct(r[k]) for k in SCORES), f"{r['fluency']:.2f}", mark(r["layer"])) for r in layers]
+    best = max(layers, key=lambda r: (r["reliability"] + r["generalisation"] + r["locality"], -r["layer"]))
+    verdict = ("the layer the trace points to also edits best" if best["layer"] == peak else
+               f"the trace points to layer {peak}, but layer {best['layer']} edits best, as Hase et al. (arXiv "
+               "2301.04213) found on GPT-J: where tracing localises a fact does not tell where to edit it")  # fmt: skip
+    return (
+        f"<h3>ROME at each layer</h3><p>The same {edits} edits, made at each layer in turn. By the sum of "
+        f"reliability, generalisation and locality, {verdict}.</p>"
+        + html_table(rows, ("layer", *SCORES, "fluency", ""))
     )
