@@ -98,6 +98,20 @@ def test_non_embedding_params_leave_out_the_token_and_position_tables():
     assert acc.non_embedding_params(cfg) == n == 85_056_000
 
 
+def test_non_embedding_params_leave_out_an_untied_output_layer_so_6n_has_no_logits():
+    """Kaplan et al. 2020, Table 1: the de-embedding costs 2·H·V FLOPs a token and no parameter of N
+    (their head is tied). An untied one counted in N would put 3× the logits' FLOPs into 6N.
+    Reference: N summed by name, and 6N = 3·(projections + FFN) + 6·(norm parameters) per token."""
+    cfg = preset("llama-tiny").model
+    assert not cfg.tie_embeddings
+    model = acc.meta_model(cfg)
+    n = sum(p.numel() for name, p in model.named_parameters() if name not in ("embed.weight", "unembed.weight"))
+    assert acc.non_embedding_params(cfg) == n
+    f = acc.forward_flops(cfg, 12, 128)
+    norms = sum(p.numel() for name, p in model.named_parameters() if name.split(".")[-2].startswith("ln"))
+    assert acc.kaplan_flops(cfg, 12, 128) == 3 * (f["attention projections"] + f["ffn"]) + 6 * norms * 12 * 128
+
+
 # --- FLOPs: exact == FlopCounterMode -----------------------------------------------------------
 
 GRID = [(1, 1), (2, 7), (3, None)]  # (B, S); None: the preset's full context

@@ -100,9 +100,10 @@ def count_params(cfg: ModelConfig) -> int:
 
 
 def non_embedding_params(cfg: ModelConfig) -> int:
-    """Kaplan's N: every parameter but the token and position embeddings (a tied head included)."""
+    """Kaplan's N: every parameter but the embeddings, the token and position tables and an untied
+    output layer's (their models tie it, so it adds none; §2.1 leaves the logits out of 6N)."""
     counts = param_counts(cfg)
-    return counts["attention"] + counts["ffn"] + counts["norms"] + counts["head"]
+    return counts["attention"] + counts["ffn"] + counts["norms"]
 
 
 def measured_param_counts(model: Any) -> dict[str, int]:
