@@ -84,6 +84,21 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p(p):
     assert {i for i in range(6) if kept[i]} == keep
 
 
+@pytest.mark.parametrize("logits", [[0.0, 0.0, 0.0, 0.0], [2.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 3.0, 1.0, 3.0]])
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.6, 0.9])
+def test_ties_are_kept_or_dropped_together(logits, p):
+    """Reference, in float64: top-p drops a token exactly when the mass of the tokens strictly more
+    likely than it reaches p; top-k keeps every token at least as likely as the k-th."""
+    z = np.array(logits)
+    probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    strictly_more = np.array([probs[probs > q].sum() for q in probs])
+    kept = torch.isfinite(top_p_filter(torch.tensor([logits]), p))[0].numpy()
+    assert kept.tolist() == (strictly_more < p).tolist()
+    for k in range(1, len(z) + 1):
+        kth = np.sort(z)[::-1][k - 1]
+        assert torch.isfinite(top_k_filter(torch.tensor([logits]), k))[0].numpy().tolist() == (z >= kth).tolist()
+
+
 def test_top_p_of_one_keeps_every_token():
     """One likely token and 999 unlikely ones: the float32 running sum reaches 1.0 before the
     tail. Reference: p = 1 is no filter at all (as in transformers' TopPLogitsWarper)."""

@@ -8,6 +8,9 @@ speculative decoding:
     temperature  p ∝ exp(logits / T); T → 0 is greedy (argmax), T = 1 the model's own distribution
     top-k        keep the k most likely tokens
     top-p        keep the smallest set of most likely tokens whose probability reaches p (nucleus)
+
+Both keep every token tied with the last one kept: which of equally likely tokens survives is then
+not an accident of the sort (transformers' TopPLogitsWarper keeps some of a tie and not others).
 """
 
 from __future__ import annotations
@@ -53,27 +56,26 @@ def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
-    """Set all but the k largest logits to −∞. logits [..., V] → [..., V]."""
+    """Set all but the k largest logits (and any tied with the k-th) to −∞. logits [..., V] → [..., V]."""
     k = min(k, logits.shape[-1])
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # [..., 1]
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def top_p_filter(logits: Tensor, p: float) -> Tensor:
-    """Keep the smallest prefix of tokens, by falling probability, whose mass reaches p.
+    """Keep the smallest prefix of tokens, by falling probability, whose mass reaches p, and the
+    tokens tied with its last.
 
-    A token is dropped when the mass of the tokens strictly more likely than it already
+    So a token is dropped exactly when the mass of the tokens strictly more likely than it already
     reaches p; the most likely token is always kept. logits [..., V] → [..., V].
     """
     if p >= 1:  # everything: the float32 running sum can reach 1 before the last tokens
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [..., V]
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # [..., V]
-    drop_sorted = mass_before >= p
-    drop_sorted[..., 0] = False  # also when p is below float32's resolution of the mass
-    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, float("-inf"))
+    sorted_logits = torch.sort(logits, dim=-1, descending=True).values  # [..., V]
+    mass = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [..., V], never decreasing
+    kept = (mass[..., :-1] < p).sum(dim=-1, keepdim=True) + 1  # [..., 1]: the prefix up to the token reaching p
+    last = sorted_logits.gather(-1, kept - 1)  # [..., 1], the smallest logit kept
+    return logits.masked_fill(logits < last, float("-inf"))
 
 
 def probs_from_logits(logits: Tensor, cfg: SamplingConfig) -> Tensor:
