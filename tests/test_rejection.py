@@ -16,6 +16,7 @@ from scipy import stats as scipy_stats
 from llmlab.errors import UserError
 from llmlab.rejection import (
     EnvelopeViolation,
+    check_envelope,
     discrete_envelope,
     rejection_sample,
     rejection_sample_discrete,
@@ -87,6 +88,21 @@ def test_a_violated_envelope_is_reported_not_silently_wrong():
     with pytest.raises(EnvelopeViolation, match=r"M = 1.5 is not an envelope: p\(x\) = .* needs M >= "):
         rejection_sample(beta_pdf, torch.ones_like, lambda n, g: torch.rand(n, generator=g, dtype=torch.float64),
                          1.5, 1000, torch.Generator().manual_seed(4))  # fmt: skip
+
+
+def test_an_exact_envelope_in_float32_is_not_refused_for_its_rounding():
+    """float32's 0.4 is 0.40000000596: p/q = 1.6000000238 against M = 1.6, a rounding, not a violation
+    (refused before, with "M must be >= 1.6"). Reference: the exact ratio 0.4 / 0.25 = 1.6; the
+    acceptance rate is 1/M (Robert & Casella §2.3), and 1.59 is still refused."""
+    p, q = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.full((4,), 0.25)
+    result = rejection_sample_discrete(p, q, 1.6, 4000, torch.Generator().manual_seed(0))
+    assert result.accepted == 4000 and abs(result.acceptance_rate - 1 / 1.6) < 0.02
+    with pytest.raises(EnvelopeViolation, match="M = 1.59 is not an envelope"):
+        rejection_sample_discrete(p, q, 1.59, 10)
+    x = torch.tensor([3])
+    check_envelope(x, p[x], q[x], 1.6)  # the per-proposal check allows the same rounding
+    with pytest.raises(EnvelopeViolation):
+        check_envelope(x, p[x], q[x], 1.6 * (1 - 1e-6))
 
 
 BAD = [(0.0, 10, "positive finite"), (math.inf, 10, "positive finite"), (math.nan, 10, "positive finite"),

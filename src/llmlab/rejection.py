@@ -85,8 +85,9 @@ def rejection_sample(p: Density, q: Density, propose: Proposal, M: float, n: int
         if proposed >= max_proposals:
             raise UserError(f"only {have} of {n} samples accepted after {proposed:,} proposals (acceptance ≈ 1/M)")
         x = propose(batch, generator)  # [batch, ...]
-        px, qx = p(x).double(), q(x).double()  # [batch]
-        check_envelope(x, px, qx, M)
+        px, qx = p(x), q(x)  # [batch]
+        check_envelope(x, px, qx, M)  # in their own dtype, whose rounding it allows
+        px, qx = px.double(), qx.double()
         u = torch.rand(px.shape, generator=generator, dtype=torch.float64, device=px.device)  # [batch]
         ok = u * M * qx < px  # [batch]
         need = n - have
@@ -102,9 +103,15 @@ def rejection_sample(p: Density, q: Density, propose: Proposal, M: float, n: int
     return RejectionResult(torch.cat(kept), proposed)
 
 
+def rounding(*tensors: Tensor) -> float:
+    """The relative error p/q may carry from rounding: a few ulps of the coarsest floating dtype
+    (float32's 0.4 is 0.40000000596, so p/q = 0.4/0.25 reads 1.6000000238), at least 1e-9."""
+    return max([1e-9] + [4 * torch.finfo(t.dtype).eps for t in tensors if t.is_floating_point()])
+
+
 def check_envelope(x: Tensor, px: Tensor, qx: Tensor, M: float) -> None:
     """Raise EnvelopeViolation if p(x) > M·q(x) (beyond rounding) for any proposal x."""
-    bad = px > M * qx * (1 + 1e-9)  # [N]
+    bad = px > M * qx * (1 + rounding(px, qx))  # [N]
     if bad.any():
         i = int(bad.nonzero()[0])
         need = float(px[i] / qx[i]) if qx[i] > 0 else math.inf
@@ -135,7 +142,7 @@ def rejection_sample_discrete(p: Tensor, q: Tensor, M: float, n: int,
     at the categories that happen to be proposed.
     """
     needed = discrete_envelope(p, q)
-    if needed * (1 - 1e-9) > M:
+    if needed > M * (1 + rounding(p, q)):
         raise EnvelopeViolation(f"M = {M:g} is not an envelope: p/q reaches {needed:.6g}, so M must be >= that")
     return rejection_sample(
         p=lambda x: p[x],
