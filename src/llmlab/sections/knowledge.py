@@ -92,8 +92,7 @@ def by_layer(run: Run, cases: list[sc.EditCase], params: ed.EditParams, stats: e
         if params.layers == (layer,):
             scores = measured
         else:
-            at = ed.resolve_params(run.model, "rome", replace(params, layers=(layer,)))
-            stats.ensure(at.layers)
+            at = ed.resolve_params(run.model, "rome", replace(params, layers=(layer,)))  # evaluate reads C_layer
             scores = sc.evaluate(run.model, run.tokenizer, cases, "rome", at, stats, "single", prompts)
         rows.append({"layer": layer, **{k: scores[k] for k in (*SCORES, "fluency")}})
     return rows
