@@ -89,3 +89,23 @@ def test_generation_section_shows_each_sampling_setting_as_a_transform_of_softma
     assert float(softmax_row[-1]) == pytest.approx(entropy(p), abs=6e-4)
     assert by_name["top-k 3"][4] == "3"
     assert float(by_name["T = 0.5"][-1]) < float(softmax_row[-1]) < float(by_name["T = 1.5"][-1])
+
+
+def test_run_never_replaces_a_users_run_or_files_where_a_tour_model_goes(tmp_path, trained_run, corpus_file, capsys):
+    import shutil
+
+    out = tmp_path / "tour"
+    shutil.copytree(trained_run, out / "notes")  # a user's run, trained with `llmlab train`
+    before = {p.name: p.read_bytes() for p in (out / "notes").iterdir() if p.is_file()}
+    (out / "draft").mkdir()
+    (out / "draft" / "mine.txt").write_text("keep me")
+    code = main(["run", "--out", str(out), "--quick", "--data", str(corpus_file), "--minutes", "0.04"])
+    err = capsys.readouterr().err.strip().splitlines()
+    refusal = f"llmlab: error: {out / 'notes'} holds something the tour did not make; move it or choose another --out"
+    assert code == 2 and err == [refusal]
+    assert {p.name: p.read_bytes() for p in (out / "notes").iterdir() if p.is_file()} == before
+    shutil.rmtree(out / "notes")
+    tour = Tour(out, quick=True, data=str(corpus_file), log=lambda _: None, progress=False)
+    with pytest.raises(Exception, match="holds something the tour did not make"):
+        tour.trained("draft", TINY_VARIANTS["notes"], replace(TINY_TRAIN, max_steps=2), str(corpus_file))
+    assert (out / "draft" / "mine.txt").read_text() == "keep me"

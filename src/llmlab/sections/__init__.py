@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.config import ModelConfig, TrainConfig, to_dict
-from llmlab.errors import RunDirError
+from llmlab.errors import RunDirError, UserError
 from llmlab.run_dir import check_run_dir
 
 
@@ -58,6 +58,7 @@ class Tour:
             self.log(f"reusing {run_dir} (pass --retrain to train it again)")
             self.reused.append(name)
             return run_dir, summary
+        _refuse_foreign(run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)  # a tour model of other settings, never a user's run
         result = train(model_cfg, train_cfg, data, run_dir, tokenizer_from=tokenizer_from, progress=self.progress,
                        extra={"tour": key})  # fmt: skip
@@ -69,6 +70,20 @@ class Tour:
             "seconds": round(self.seconds, 1), "reused": self.reused,
             "sections": {s.title: s.figures for s in self.sections},
         }  # fmt: skip
+
+
+def _refuse_foreign(run_dir: Path) -> None:
+    """Raise UserError unless `run_dir` is absent, empty or a model an earlier tour trained:
+    the tour replaces its own models, never a user's run or files."""
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        if isinstance(config, dict) and "tour" in config:
+            return
+    except (OSError, ValueError):
+        pass
+    raise UserError(f"{run_dir} holds something the tour did not make; move it or choose another --out")
 
 
 def _finished(run_dir: Path, key: dict[str, Any]) -> dict[str, Any] | None:
