@@ -239,6 +239,8 @@ def test_cli_rft_bad_inputs_are_one_line_exit_2(capsys, trained_run, tmp_path, v
         (["rft", "--task", str(verifiers), *out], "RUN is required"),
         ([*base, "--best-of", "0"], "--best-of must be at least 1"),
         (["rft", "--task", "addition", "--write-corpus", str(tmp_path / "exists.txt")], "already exists"),
+        (["rft", "--task", "addition", "--write-corpus", str(tmp_path)], "is a directory; give a file name"),
+        (["rft", "--task", "addition", "--write-corpus", "/proc/llmlab-corpus.txt"], "/proc/llmlab-corpus.txt"),
     ]
     for argv, message in cases:
         code, _, err = run_cli(capsys, *argv)

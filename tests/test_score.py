@@ -275,15 +275,18 @@ def test_cli_bad_inputs_are_one_line_exit_2_and_write_nothing(capsys, trained_ru
         (["--text", "def", "--calibration"], "calibration needs at least 10 predictions"),
         (["--text", "def", "--html", str(trained_run / "x.html")], "inside the run directory"),
         (["--text", "def", "--html", str(tmp_path)], "is a directory"),
+        (["--text", "def", "--html", "/proc/llmlab-x.html"], "No such file or directory: /proc/llmlab-x.html"),
         (["--val", "1"], "--val needs at least 2 tokens"),
+        (["--val", "10000000"], "--val 10000000: the validation split of"),
         (["--text", "def", "--out", str(tmp_path / "figs")], "--out holds the --calibration figures"),
         (["--text", "def", "--calibration", "--out", str(trained_run)], "inside the run directory"),
         (["--text", "ü ü"], "not in this character tokenizer's vocabulary"),
         ([], "one of the arguments --text --file --val is required"),
     ]
     for argv, message in cases:
-        code, _, err = run_cli(capsys, "score", r, *argv)
+        code, out, err = run_cli(capsys, "score", r, *argv)
         assert code == 2 and err.startswith("llmlab: error: ") and err.count("\n") == 1, (argv, err)
+        assert out == "", (argv, out)  # nothing printed before the error
         assert message in err, (argv, err)
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in trained_run.iterdir() if p.is_file()}
     assert after == before and not (trained_run / "x.html").exists()

@@ -41,7 +41,17 @@ os.umask(_UMASK)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` then fsync and rename over `path`: readers see the old file or the new one."""
+    """`write(tmp)` then fsync and rename over `path`: readers see the old file or the new one.
+    An error names `path`, not the temporary file beside it."""
+    try:
+        _atomic_write(path, write)
+    except OSError as e:
+        if e.filename is not None and Path(e.filename).name.startswith(f".{path.name}."):
+            e.filename = str(path)
+        raise
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)

@@ -66,6 +66,8 @@ def _write_corpus(args: argparse.Namespace, task: Task) -> None:
     from llmlab.run_dir import write_text
 
     path = Path(args.write_corpus)
+    if path.is_dir():
+        raise UserError(f"--write-corpus {path} is a directory; give a file name such as addition.txt")
     if path.exists():
         raise UserError(f"{path} already exists; --write-corpus never overwrites a file")
     text = task.corpus()

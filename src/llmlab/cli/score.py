@@ -66,7 +66,10 @@ def _val_ids(run: Path, n: int, vocab_size: int) -> list[int]:
         raise UserError(f"--val needs at least 2 tokens, got {n}")
     if not (run / "data" / "meta.json").is_file():
         raise UserError(f"{run} has no token cache (data/meta.json), so no validation split to score")
-    return read_splits(run / "data", vocab_size, checked=("val",)).val[:n].astype(int).tolist()
+    val = read_splits(run / "data", vocab_size, checked=("val",)).val
+    if n > len(val):
+        raise UserError(f"--val {n}: the validation split of {run} holds only {len(val):,} tokens")
+    return val[:n].astype(int).tolist()
 
 
 def _output_path(path: str, run: str, flag: str) -> Path:
