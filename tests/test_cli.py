@@ -159,6 +159,7 @@ def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]
         ([*train, "--init-from", str(run), "--preset", "gpt5"], "unknown preset 'gpt5'"),
         (["trace", "--set", "d_model=1000000", "--set", "n_layers=1", "--seq", "1"], "out of memory"),
         (["count", "--sweep", "seq=8,16", "--out", str(tmp)], "a .png file"),
+        (["count", "--sweep", "seq=8,16", "--out", "/proc/llmlab/s.png"], "No such file or directory: /proc/llmlab"),
         (["run", "--minutes", "nan", "--out", str(tmp / "tour")], "--minutes must be a positive finite number"),
         ([*gen, "--top-p", "0"], "top_p must be in (0, 1]"),
         ([*gen, "--top-p", "1.5"], "top_p must be in (0, 1]"),

@@ -103,3 +103,12 @@ def use_color(mode: str) -> bool:
     if mode == "auto":
         return sys.stdout.isatty() and "NO_COLOR" not in os.environ
     return mode == "always"
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """Fail before any long work if the file `path` could not be written: its folder is made now
+    (an OSError names what is missing) and must be writable."""
+    parent = Path(path).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: cannot write in {parent}")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llmlab.cli.common import emit, table
+from llmlab.cli.common import check_writable, emit, table
 from llmlab.config import ModelConfig
 from llmlab.errors import UserError
 
@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> None:
         out = args.out or f"sweep-{axis}.png"
         if Path(out).is_dir() or Path(out).suffix.lower() != ".png":
             raise UserError(f"--out is where the sweep's plot goes, a .png file; got {out}")
+        check_writable(out, "--out")
         rows = sweep(cfg, axis, values, batch, seq, repeats=repeats, log=log)
         plot_sweep(rows, axis, out, title=f"{source}, B={batch}" + ("" if axis == "seq" else f", S={seq}"))
         emit(args, {"sweep": {"axis": axis, "batch": batch, "seq": seq, "rows": rows, "png": out}},
@@ -136,6 +137,8 @@ def plot_sweep(rows: list[dict[str, Any]], axis: str, path: str | Path, title: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from llmlab.run_dir import atomic_write
+
     x = [r["value"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     total = [r["train_flops"] / 1e9 for r in rows]
@@ -153,8 +156,7 @@ def plot_sweep(rows: list[dict[str, Any]], axis: str, path: str | Path, title: s
     lines2, labels2 = twin.get_legend_handles_labels()
     ax.legend(lines + lines2, labels + labels2, loc="upper left", fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
