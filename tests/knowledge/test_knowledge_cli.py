@@ -225,3 +225,19 @@ def test_editing_a_run_with_a_corrupt_token_cache_is_one_line(capsys, bios_run, 
     code, _, err = run_cli(capsys, "knowledge", "edit", str(run), "--method", "rome", "--prompt", prompt,
                            "--subject", subject, "--target", target, "--out", str(tmp_path / "e"))  # fmt: skip
     assert code == 2 and "has no train_state.pt to rebuild it with: restore the folder from a copy" in err
+
+
+@pytest.mark.parametrize("command", ["edit", "eval"])
+def test_edit_help_names_every_edit_parameter(capsys, command):
+    """The --set help is written by hand (building the parser never imports torch); it must name
+    every field of EditParams that --set accepts."""
+    from dataclasses import fields
+
+    from llmlab.cli import main
+    from llmlab.knowledge.edit import EditParams
+
+    with pytest.raises(SystemExit):
+        main(["knowledge", command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    names = [f.name for f in fields(EditParams) if f.name != "layers"]
+    assert all(name in text for name in names), [n for n in names if n not in text]

@@ -227,7 +227,7 @@ def _edit_args(s: argparse.ArgumentParser, for_eval: bool = False) -> None:
     s.add_argument("--layer", type=int, action="append", metavar="L", help="layer to edit (repeat for MEMIT)")
     s.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
                    help="an edit parameter: steps, lr, kl_weight, weight_decay, clamp_norm, ridge, mom2_weight, "
-                        "norm_constraint, stats_tokens, contexts")  # fmt: skip
+                        "norm_constraint, stats_tokens, contexts, site (subject|answer)")  # fmt: skip
     if for_eval:
         s.add_argument("--edits", type=int, default=100, help="random bios edits to make (default: %(default)s)")
         s.add_argument("--mode", default="single", help="single (default), sequential or batch")
