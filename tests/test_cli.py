@@ -171,6 +171,10 @@ def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]
         (["run", "--out", str(run), "--quick"], "holds a run written by `llmlab train`"),
         ([*gen, "--weights", "float16", "--no-cache"], "--weights needs the KV cache"),
         ([*train, "--seed", "-1"], "--seed must be from 0 to 2**63 - 1, got -1"),
+        ([*train, "--tokenizer", "bpe", "--vocab-size", "0"], "bpe_vocab must be at least 257 (the 256 bytes"),
+        ([*train, "--tokenizer", "bpe", "--vocab-size", "10"], "bpe_vocab must be at least 257 (the 256 bytes"),
+        ([*train, "--vocab-size", "300"], "--vocab-size sizes a BPE tokenizer; this run's tokenizer is char"),
+        ([*train, "--vocab-size", "300", "--tokenizer-from", str(run)], "--tokenizer-from brings its run's tokenizer"),
         ([*train, "--set", "seed=-1"], "seed must be from 0 to 2**63 - 1, got -1"),
         ([*gen, "--seed", str(2**70)], "--seed must be from 0 to 2**63 - 1"),
         (

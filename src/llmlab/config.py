@@ -142,13 +142,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        for name in ("bpe_vocab", "batch_size", "grad_accum", "max_steps", "eval_interval"):
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.eval_iters < 1:
             raise ConfigError(f"eval_iters must be at least 1, got {self.eval_iters}")
         if self.bpe_vocab < 257:
-            raise ConfigError(f"bpe_vocab must be above 256 (the byte alphabet), got {self.bpe_vocab}")
+            raise ConfigError(f"bpe_vocab must be at least 257 (the 256 bytes and one merge), got {self.bpe_vocab}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:

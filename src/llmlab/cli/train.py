@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.resume:
         return resume(args)
-    if args.init_from and (args.tokenizer_from or args.tokenizer or args.vocab_size):
+    if args.init_from and (args.tokenizer_from or args.tokenizer or args.vocab_size is not None):
         raise UserError("--init-from brings its run's tokenizer; drop --tokenizer-from, --tokenizer and --vocab-size")
     if args.init_from and args.config:
         raise UserError("--init-from keeps its run's model; give training settings with --set, not --config")
@@ -33,6 +33,11 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"--init-from keeps its run's model; --set {model_keys[0]} would change it (only training "
                         "settings may be set)")  # fmt: skip
     preset = resolve_config(args)
+    if args.vocab_size is not None and args.tokenizer_from:
+        raise UserError("--tokenizer-from brings its run's tokenizer and vocabulary; drop --vocab-size")
+    if args.vocab_size is not None and preset.train.tokenizer != "bpe":
+        raise UserError(f"--vocab-size sizes a BPE tokenizer; this run's tokenizer is {preset.train.tokenizer} "
+                        "(add --tokenizer bpe)")  # fmt: skip
     report(args, train(preset.model, preset.train, args.data or "stdlib", args.out,
                        tokenizer_from=args.tokenizer_from, init_from=args.init_from, progress=not args.json,
                        extra={"preset": args.preset}))  # fmt: skip
