@@ -242,6 +242,8 @@ def test_ddp_with_two_processes_equals_one_process_with_twice_the_batch(tmp_path
     two = subprocess.run([*run, "train", "--out", str(tmp_path / "two"), *common, "--set", "batch_size=4"],
                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert two.returncode == 0, two.stderr[-2000:]
+    printed = json.loads(two.stdout)  # one object: only rank 0 reports
+    assert printed["run_dir"] == str(tmp_path / "two") and printed["steps"] == 6
     one = subprocess.run([sys.executable, "-m", "llmlab", "train", "--out", str(tmp_path / "one"), *common,
                           "--set", "batch_size=8"], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert one.returncode == 0, one.stderr[-2000:]

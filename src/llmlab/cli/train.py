@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import TYPE_CHECKING
 
 from llmlab import config as cfg_lib
@@ -63,6 +64,9 @@ def resume(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace, result: TrainResult) -> None:
+    """The run's summary, printed once: under torchrun only rank 0 reports (RANK is torchrun's)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     emit(args, result.to_json(), lambda: table([
         ("run directory", result.run_dir),
         ("steps", f"{result.steps} (stopped by {result.stopped_by})"),
