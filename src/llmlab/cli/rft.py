@@ -19,7 +19,7 @@ recipe on the built-in task (2-digit addition; minutes on 2 CPU cores):
   llmlab train --data addition.txt --out runs/add --set n_layers=3 --set d_model=96 --set n_heads=4 \\
       --set block_size=64 --set batch_size=32 --set lr=3e-3 --max-steps 1500
   llmlab rft runs/add --task addition --best-of 8
-  llmlab rft runs/add --task addition --out runs/add-rft
+  llmlab rft runs/add --task addition --out runs/add-rft --rounds 3
 """
 
 
