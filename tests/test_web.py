@@ -357,6 +357,7 @@ def test_malformed_bodies_and_unknown_paths_are_one_line(client):
         (b'{"text": "\xff\xfe"}', "could not be read as JSON (not UTF-8"),
         (b"[1, 2]", "the request body must be a JSON object"),
         (b'{"text": "x\\ud800y"}', "text is not valid UTF-8"),  # a lone surrogate, escaped
+        (b'{"text": "x", "a\\ud800": 1}', "the field name 'a\\ud800' is not valid UTF-8"),
         (b'{"prompt": "x\\ud800 {}", "subject": "x", "target": "y"}', "prompt is not valid UTF-8"),
         (b"null", "the request body must be a JSON object"),
         (b"5", "the request body must be a JSON object"),

@@ -59,14 +59,22 @@ class Body(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _utf8(cls, data: Any) -> Any:
-        """JSON can carry a lone surrogate ("\\ud800"), which is no text: refuse it by name, first."""
+        """JSON can carry a lone surrogate ("\\ud800"), which is no text: refuse it by name, first
+        (a field name holding one is named with the surrogate escaped)."""
         for name, value in data.items() if isinstance(data, dict) else ():
-            if isinstance(value, str):
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ValueError(f"{name} is not valid UTF-8") from None
+            if not _is_utf8(name):
+                raise ValueError(f"the field name {name!a} is not valid UTF-8")  # !a: escaped, one line
+            if isinstance(value, str) and not _is_utf8(value):
+                raise ValueError(f"{name} is not valid UTF-8")
         return data
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class ScoreRequest(Body):
