@@ -165,7 +165,8 @@ def test_a_character_tokenizer_stays_behind_with_a_note(tmp_path, hf_model, caps
 
     save_hf_checkpoint(hf_model, tmp_path / "ckpt")
     import_hf(tmp_path / "ckpt", tmp_path / "run")
-    (tmp_path / "run" / "tokenizer.json").write_text(train_tokenizer("char", "def f(x): return x", 0).to_json())
+    chars = "".join(chr(0x100 + i) for i in range(hf_model.config.vocab_size))  # a character per row, as training makes
+    (tmp_path / "run" / "tokenizer.json").write_text(train_tokenizer("char", chars, 0).to_json())
     capsys.readouterr()
     assert main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
     out, err = capsys.readouterr()

@@ -74,6 +74,8 @@ def corrupt(path: Path, how: str) -> None:
         (path / "config.json").write_text(json.dumps(cfg))
     elif how == "tokenizer garbage":
         (path / "tokenizer.json").write_text("\x00\x01")
+    elif how == "tokenizer too small":  # ids past "ab" would have no character to decode to
+        (path / "tokenizer.json").write_text(json.dumps({"type": "char", "vocab": "ab"}))
 
 
 @pytest.mark.parametrize(
@@ -86,6 +88,7 @@ def corrupt(path: Path, how: str) -> None:
         ("config unknown key", "config.json is corrupt .*unknown config key 'colour'"),
         ("config shape mismatch", "does not match config.json"),
         ("tokenizer garbage", "not a valid tokenizer file"),
+        ("tokenizer too small", "is corrupt: the character tokenizer has 2 tokens but the model 57"),
     ],
 )
 def test_a_damaged_run_directory_is_a_one_line_error(tmp_path, how, message):

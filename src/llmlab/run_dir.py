@@ -197,12 +197,17 @@ def read_config(path: Path) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
 
 def check_weights(where: str, tensors: dict[str, torch.Tensor], tokenizer: Tokenizer, vocab_size: int) -> None:
     """What a model's weights and tokenizer must be to be used: every tensor finite, and no more
-    tokens than the embedding has rows. `where` names the source in the error."""
+    tokens than the embedding has rows (a character tokenizer: exactly as many; a BPE model may have
+    spare rows, as padded checkpoints do, whose ids decode to no text as in Hugging Face's
+    tokenizers). `where` names the source in the error."""
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise RunDirError(f"{where} is corrupt: {name!r} holds NaN or infinite values")
     if tokenizer.vocab_size > vocab_size:
         raise RunDirError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}")
+    if tokenizer.kind == "char" and tokenizer.vocab_size != vocab_size:  # training sizes the model to it exactly
+        raise RunDirError(f"{where} is corrupt: the character tokenizer has {tokenizer.vocab_size} tokens but the "
+                          f"model {vocab_size}, and ids past the tokenizer's would have no text")  # fmt: skip
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
