@@ -149,6 +149,10 @@ def test_eval_reports_extraction_accuracy_and_edit_scores(capsys, bios_run):
     assert code == 0 and report["edits"] == 3 and report["mode"] == "sequential"
     for key in ("reliability", "generalisation", "locality", "fluency", "seconds_per_edit"):
         assert report[key] is not None
+    prompt, subject, target = a_fact(bios_run)  # one fact given on the command line is the one edited
+    code, stdout, _ = run_cli(capsys, "knowledge", "eval", str(bios_run), "--method", "ft-l", "--prompt", prompt,
+                              "--subject", subject, "--target", target, "--set", "steps=2", "--json")  # fmt: skip
+    assert code == 0 and json.loads(stdout)["edits"] == 1
 
 
 def bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
@@ -160,6 +164,7 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
     edit = ["knowledge", "edit", str(run), "--method", "rome", "--out", str(tmp / "new")]
     fact = ["--prompt", prompt, "--subject", subject, "--target", target]
     loc = ["knowledge", "locate", str(run), "--out", str(tmp / "maps")]
+    evaluate = ["knowledge", "eval", str(run), "--method", "rome"]
     return [
         (
             [*loc, "--prompt", prompt.format(subject), "--subject", "Nobody Here", "--target", target],
@@ -189,7 +194,13 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["knowledge", "edit", str(run), "--method", "rome", *fact, "--out", str(tmp / "no" / "x")], "does not exist"),
         (["knowledge", "eval", str(run), "--method", "rome", "--mode", "parallel"], "unknown mode 'parallel'"),
         (["knowledge", "eval", str(run), "--method", "memit", "--edits", "0"], "--edits must be at least 1"),
-        (["knowledge", "eval", str(run), "--requests", str(tmp / "fields.jsonl")], "line 1 must be an object"),
+        ([*evaluate, "--requests", str(tmp / "fields.jsonl")], "line 1 must be an object"),
+        (["knowledge", "eval", str(run), "--requests", str(tmp / "fields.jsonl")], "--requests applies to edits"),
+        (["knowledge", "eval", str(run), "--mode", "batch", "--edits", "2"], "--edits applies to edits; add --method"),
+        (["knowledge", "eval", str(run), "--set", "foo=1"], "--set applies to edits; add --method"),
+        (["knowledge", "eval", str(run), *fact], "--prompt applies to edits; add --method"),
+        ([*evaluate, "--prompt", prompt], "an edit needs --subject, --target"),
+        ([*evaluate, "--edits", "100000"], "attributes = "),
         (["knowledge", "eval", str(tmp / "nope")], "does not exist"),
         (["knowledge", "neurons", str(run), "--prompt", ""], "the prompt is empty"),
         (["knowledge"], "choose an action"),

@@ -114,8 +114,14 @@ def evaluate(args: argparse.Namespace) -> None:
     """Score a model: extraction accuracy, or edits (random bios edits, a file of edits, or a run's own)."""
     from llmlab.knowledge.scores import evaluate_run
 
-    facts = _facts(args) if args.requests else None
-    report = evaluate_run(args.run, args.method, facts, args.edits, args.mode, args.seed,
+    edit_options = {"--requests": args.requests, "--prompt": args.prompt, "--subject": args.subject,
+                    "--target": args.target, "--edits": args.edits, "--mode": args.mode, "--seed": args.seed,
+                    "--set": args.sets, "--layer": args.layer}  # fmt: skip
+    given = [flag for flag, value in edit_options.items() if value not in (None, [])]
+    if not args.method and given:  # without a method nothing is edited: these would be ignored
+        raise UserError(f"{given[0]} applies to edits; add --method ft-l, rome or memit")
+    facts = _facts(args) if args.requests or args.prompt or args.subject or args.target else None
+    report = evaluate_run(args.run, args.method, facts, args.edits, args.mode or "single", args.seed or 0,
                           _params(args) if args.method else None, _device(args))  # fmt: skip
     emit(args, report, lambda: _print_eval(report))
 
@@ -229,9 +235,10 @@ def _edit_args(s: argparse.ArgumentParser, for_eval: bool = False) -> None:
                    help="an edit parameter: steps, lr, kl_weight, weight_decay, clamp_norm, ridge, mom2_weight, "
                         "norm_constraint, stats_tokens, contexts, site (subject|answer)")  # fmt: skip
     if for_eval:
-        s.add_argument("--edits", type=int, default=100, help="random bios edits to make (default: %(default)s)")
-        s.add_argument("--mode", default="single", help="single (default), sequential or batch")
-        s.add_argument("--seed", type=int, default=0, help="which random edits")
+        s.add_argument("--edits", type=int,
+                       help="random bios edits to make (default: 100, or all the run's facts if fewer)")  # fmt: skip
+        s.add_argument("--mode", help="single (default), sequential or batch")
+        s.add_argument("--seed", type=int, help="which random edits (default: 0)")
     else:
         s.add_argument("--out", required=True, metavar="NEW_RUN", help="the edited run to write")
 

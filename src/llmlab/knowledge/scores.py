@@ -383,11 +383,12 @@ def write_edited_run(run: Run, out: Path, method: str, params: edit.EditParams, 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def evaluate_run(path: str | Path, method: str | None, facts: Sequence[Fact] | None, n_edits: int = 100,
+def evaluate_run(path: str | Path, method: str | None, facts: Sequence[Fact] | None, n_edits: int | None = None,
                  mode: str = "single", seed: int = 0, params: edit.EditParams | None = None,
                  device: str = "cpu") -> dict[str, Any]:  # fmt: skip
     """Without a method: extraction accuracy of a bios run, or the scores of an edited run's edits
-    against its source. With one: edit (the given facts, or `n_edits` random bios edits) and score."""
+    against its source. With one: edit (the given facts, or `n_edits` random bios edits: by default
+    100, or every fact of a smaller world) and score."""
     run = load_run(path, device)
     world = bios.world_of(run.meta.get("data", ""))
     if method is None:
@@ -398,10 +399,16 @@ def evaluate_run(path: str | Path, method: str | None, facts: Sequence[Fact] | N
         if world is None:
             raise UserError(f"{run.path} was not trained on bios data; give --method and --requests to edit it")
         return {"run": str(run.path), "data": run.meta["data"], **extraction_accuracy(run.model, run.tokenizer, world)}
-    if n_edits < 1:
+    if n_edits is not None and n_edits < 1:
         raise UserError(f"--edits must be at least 1, got {n_edits}")
     if world is None and not facts:
         raise UserError(f"{run.path} was not trained on bios data, so there are no random edits; give --requests")
+    if not facts:
+        pairs = len(world.people) * len(bios.BASE_ATTRIBUTES)
+        if n_edits is not None and n_edits > pairs:
+            raise UserError(f"--edits {n_edits}: {run.path} knows {len(world.people)} people × "
+                            f"{len(bios.BASE_ATTRIBUTES)} attributes = {pairs} facts to edit")  # fmt: skip
+        n_edits = min(100, pairs) if n_edits is None else n_edits
     cases = cases_for(world, facts, seed) if facts else random_cases(world, n_edits, seed)
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r} (choose from: {', '.join(MODES)})")
