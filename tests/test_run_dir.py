@@ -115,3 +115,12 @@ def test_corrupt_train_state_is_reported_on_resume(trained_run, tmp_path):
     (copy / "train_state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RunDirError, match="train_state.pt is corrupt"):
         load_train_state(copy)
+
+
+def test_a_run_is_written_with_the_usual_permissions(trained_run):
+    """Reference: what open() and mkdir() give under this process's umask (0644/0755 under 022);
+    mkstemp's 0600, and safetensors' own temporary file, must not leak into the run."""
+    from llmlab.run_dir import DIR_MODE, FILE_MODE
+
+    for path in [trained_run, *trained_run.rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (DIR_MODE if path.is_dir() else FILE_MODE), path

@@ -38,6 +38,7 @@ from llmlab.tokenizer import Tokenizer, load_tokenizer
 REQUIRED = ("config.json", "tokenizer.json", "model.safetensors")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK  # what open() and mkdir() give under this umask
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -56,9 +57,9 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600, and so may `write` (safetensors replaces the file)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

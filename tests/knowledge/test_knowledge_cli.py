@@ -84,6 +84,9 @@ def test_edit_writes_a_new_run_and_leaves_the_source_untouched(capsys, bios_run,
     config = json.loads((out / "config.json").read_text())
     assert config["edited_from"] == str(bios_run) and config["data"].startswith("bios:")
     assert list((out / "knowledge").glob("keys_l0_*.safetensors"))  # C, cached with the edited run
+    from llmlab.run_dir import DIR_MODE, FILE_MODE  # the usual permissions, not mkdtemp's and mkstemp's 0700/0600
+
+    assert all(p.stat().st_mode & 0o777 == (DIR_MODE if p.is_dir() else FILE_MODE) for p in [out, *out.rglob("*")])
     code, stdout, _ = run_cli(capsys, "knowledge", "eval", str(out), "--json")
     scored = json.loads(stdout)
     assert code == 0 and scored["edits"] == 1

@@ -45,7 +45,7 @@ from llmlab.data import read_splits
 from llmlab.errors import UserError
 from llmlab.knowledge import Fact, answer_logprob, edit, encode_all, teacher_forced
 from llmlab.model import GPT
-from llmlab.run_dir import Run, config_json, load_run, save_weights, write_json, write_text
+from llmlab.run_dir import DIR_MODE, Run, config_json, load_run, save_weights, write_json, write_text
 from llmlab.sampling import SamplingConfig, generate_batch
 from llmlab.tokenizer import Tokenizer
 
@@ -360,6 +360,7 @@ def write_edited_run(run: Run, out: Path, method: str, params: edit.EditParams, 
     edits so far (knowledge/edits.jsonl) and the key statistics. Written to a temporary folder and
     renamed into place, so `out` is complete or absent; the source is only read."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, DIR_MODE)  # mkdtemp makes 0700
     try:
         if (run.path / "data").is_dir():
             shutil.copytree(run.path / "data", tmp / "data")
