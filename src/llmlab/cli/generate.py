@@ -194,9 +194,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, metavar="P")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
     p.add_argument("--num-samples", type=int, default=1, metavar="N")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337,
+                   help="seeds the sampling: the same seed, the same text (default: %(default)s)")  # fmt: skip
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
-    p.add_argument("--device", help="cpu (default), cuda, mps")
+    p.add_argument("--device", help="cpu (default), auto (the first of cuda, mps, cpu), cuda or mps")
     p.add_argument("--weights", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="multiply each new token by 16-bit copies of the large matrices (half the bytes "
                         "read per token); the prompt, norms, attention and softmax stay fp32")  # fmt: skip

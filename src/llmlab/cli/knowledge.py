@@ -198,7 +198,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         summary, doc = help_texts(fn)
         s = sub.add_parser(name, help=summary, description=doc)
         s.add_argument("run", metavar="RUN", help="a run directory written by `llmlab train`")
-        s.add_argument("--device", help="cpu (default), cuda, mps")
+        s.add_argument("--device", help="cpu (default), auto (the first of cuda, mps, cpu), cuda or mps")
         s.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object")
         s.set_defaults(action=fn)
         ARGS[name](s)

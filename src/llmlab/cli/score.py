@@ -181,4 +181,4 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summary", action="store_true", help="print the figures only, not every token")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                    help="colour the heat map (auto: if stdout is a terminal; never: a plain token table)")  # fmt: skip
-    p.add_argument("--device", help="cpu (default), cuda, mps")
+    p.add_argument("--device", help="cpu (default), auto (the first of cuda, mps, cpu), cuda or mps")

@@ -55,4 +55,4 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="a run directory written by `llmlab train`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s; 0 picks a free one)")
-    p.add_argument("--device", help="cpu (default), cuda, mps")
+    p.add_argument("--device", help="cpu (default), auto (the first of cuda, mps, cpu), cuda or mps")

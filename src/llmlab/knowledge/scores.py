@@ -346,9 +346,10 @@ def edit_and_score(run: Run, method: str, facts: Sequence[Fact], params: edit.Ed
     p_before = _probabilities(run.model, run.tokenizer, facts)
     result = edit.apply_edits(run.model, method, requests, stats, params)
     scores = [score_case(run.model, run.tokenizer, c, b) for c, b in zip(cases, before, strict=True)]
-    report = {
-        "method": method, "layers": list(params.layers or ()), "edits": len(facts), "seconds": result.seconds,
-        "stats_seconds": stats.seconds - earlier, "p_target_before": _mean(p_before),
+    report = {  # FT-L fine-tunes W₂ towards the answer: it has no site
+        "method": method, "site": None if method == "ft-l" else params.site, "layers": list(params.layers or ()),
+        "edits": len(facts), "seconds": result.seconds, "stats_seconds": stats.seconds - earlier,
+        "p_target_before": _mean(p_before),
         "p_target_after": _mean(_probabilities(run.model, run.tokenizer, facts)), **summarise(scores),
     }  # fmt: skip
     return report, params, stats

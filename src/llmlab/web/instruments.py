@@ -245,8 +245,7 @@ def edit(run: Run, prompt: str, subject: str, target: str, method: str = "rome",
         after = generate_text(run.model, run.tokenizer, text, new_tokens, greedy).text
     finally:
         edit_lib.restore(run.model, saved)
-    site_used = None if method == "ft-l" else site  # FT-L fine-tunes W₂ towards the answer: it has no site
-    return {**report, "site": site_used, "text": text, "before": before, "after": after}
+    return {**report, "text": text, "before": before, "after": after}
 
 
 def _example_edit(data: str) -> dict[str, str] | None:
