@@ -111,7 +111,7 @@ def edit(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    """Score a model: extraction accuracy, or edits (random bios edits, a file of edits, or a run's own)."""
+    """Score a model: extraction accuracy, or edits (random bios edits, a file of edits or one fact, or a run's own)."""
     from llmlab.knowledge.scores import evaluate_run
 
     edit_options = {"--requests": args.requests, "--prompt": args.prompt, "--subject": args.subject,
