@@ -106,6 +106,8 @@ def test_run_never_replaces_a_users_run_or_files_where_a_tour_model_goes(tmp_pat
     assert {p.name: p.read_bytes() for p in (out / "notes").iterdir() if p.is_file()} == before
     shutil.rmtree(out / "notes")
     tour = Tour(out, quick=True, data=str(corpus_file), log=lambda _: None, progress=False)
-    with pytest.raises(Exception, match="holds something the tour did not make"):
+    from llmlab.errors import UserError
+
+    with pytest.raises(UserError, match="holds something the tour did not make"):
         tour.trained("draft", TINY_VARIANTS["notes"], replace(TINY_TRAIN, max_steps=2), str(corpus_file))
     assert (out / "draft" / "mine.txt").read_text() == "keep me"

@@ -120,7 +120,7 @@ def evaluate(args: argparse.Namespace) -> None:
     given = [flag for flag, value in edit_options.items() if value not in (None, [])]
     if not args.method and given:  # without a method nothing is edited: these would be ignored
         raise UserError(f"{given[0]} applies to edits; add --method ft-l, rome or memit")
-    facts = _facts(args) if args.requests or args.prompt or args.subject or args.target else None
+    facts = _facts(args) if any(edit_options[f] for f in ("--requests", "--prompt", "--subject", "--target")) else None
     report = evaluate_run(args.run, args.method, facts, args.edits, args.mode or "single", args.seed or 0,
                           _params(args) if args.method else None, _device(args))  # fmt: skip
     emit(args, report, lambda: _print_eval(report))
