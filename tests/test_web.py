@@ -153,6 +153,52 @@ def test_a_stream_left_after_one_line_frees_the_model(trained_run):
             assert len(json.loads(answer.read())["token_ids"]) == 3
 
 
+def test_a_plain_generate_stops_when_its_client_hangs_up(run):
+    """A client of /api/generate that hangs up before its answer (a closed tab, a script's timeout)
+    stops the decoding: counted by a hook on the model's forward (each token one call, slowed to
+    10 ms so that 1000 tokens would take 10 s), on a real uvicorn server in this process. Before,
+    the request ran to its 1000 tokens with nobody left to read them."""
+    import http.client
+    import threading
+    import time
+
+    import uvicorn
+
+    calls: list[float] = []
+
+    def slow(module, inputs, output):
+        calls.append(time.monotonic())
+        time.sleep(0.01)
+
+    server = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    handle = run.model.register_forward_hook(slow)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        client = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        client.request("POST", "/api/generate", json.dumps({"prompt": "def", "max_new_tokens": 1000}),
+                       {"Content-Type": "application/json"})  # fmt: skip
+        while len(calls) < 5 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        client.close()  # hung up, the answer unread
+        hung_up = time.monotonic()
+        time.sleep(1.0)
+        after = [t for t in calls if t > hung_up]
+        assert 5 <= len(calls) < 100 and len(after) <= 10, (len(calls), len(after))  # ≤ 1 poll + 1 token late
+        time.sleep(0.5)
+        assert not [t for t in calls if t > hung_up + 1.0]  # and nothing since
+    finally:
+        handle.remove()
+        server.should_exit = True
+        thread.join(timeout=30)
+    answer = post(TestClient(create_app(run)), "/api/generate", {"prompt": "def", "max_new_tokens": 3})
+    assert len(answer["token_ids"]) == 3  # the model was left usable
+
+
 def test_rejection_sampling_draws_the_models_next_token_distribution(client, run):
     """References: p = F.softmax of the model's last logits, q = softmax(z / T_q), M = max p/q (numpy);
     the acceptance rate within 4 binomial standard deviations of 1/M; the accepted draws' counts

@@ -17,11 +17,13 @@ Bad input (an unknown field, a wrong type, a prompt beyond the context, malforme
 answered 400 with {"error": "<one line>"}; the page shows that line. Types are strict: "5" is not
 an integer. A float that is inf or NaN (a perplexity beyond the largest float) is sent as null,
 as `--json` prints it. One lock serialises the model: its computations run one at a time, as
-the commands do; a stream takes the lock for each token, so other requests run between its tokens.
+the commands do; generating (streamed or not) takes the lock for each token, so other requests
+run between its tokens, and a client that hangs up stops its generation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from llmlab.config import MAX_SEED
@@ -44,6 +47,7 @@ STATIC = Path(__file__).parent / "static"
 # Requests that would hold the model for minutes are refused (the commands take them):
 MAX_NEW_TOKENS = 1000
 MAX_TEXT = 20_000  # characters; longer texts are for `llmlab score --file`
+HANG_UP_POLL = 0.05  # seconds between looks at a plain /api/generate's connection
 
 
 class FiniteJSONResponse(JSONResponse):
@@ -169,8 +173,30 @@ def create_app(run: Run) -> FastAPI:
         return locked(instruments.score, r.text, r.temperature, r.top_k)
 
     @app.post("/api/generate")
-    def generate(r: GenerateRequest) -> dict[str, Any]:
-        return locked(instruments.generate, r.prompt, r.max_new_tokens, r.temperature, r.top_k, r.top_p, r.seed)
+    async def generate(r: GenerateRequest, request: Request) -> dict[str, Any] | None:
+        # Decoded a token at a time in a worker thread, taking the lock for each as the stream does,
+        # while this coroutine watches the connection: a client that hangs up (a closed tab, a
+        # script's timeout) stops the decoding within a token and HANG_UP_POLL seconds.
+        hung_up = threading.Event()
+
+        def decode() -> dict[str, Any] | None:
+            lines = instruments.generate_stream(run, r.prompt, r.max_new_tokens, r.temperature, r.top_k,
+                                                r.top_p, r.seed)  # fmt: skip
+            while not hung_up.is_set():
+                with lock:
+                    line = next(lines)
+                if "done" in line:
+                    return line["done"]
+            with lock:
+                lines.close()  # leaves the model as it found it
+            return None  # nobody is left to read an answer
+
+        work = asyncio.ensure_future(run_in_threadpool(decode))
+        while not work.done():
+            await asyncio.wait({work}, timeout=HANG_UP_POLL)
+            if not work.done() and await request.is_disconnected():
+                hung_up.set()
+        return work.result()
 
     @app.post("/api/generate/stream")
     def generate_stream(r: GenerateRequest) -> StreamingResponse:
