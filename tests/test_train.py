@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llmlab import machine
 from llmlab import train as train_lib
 from llmlab.config import TrainConfig
 from llmlab.entropy import cross_entropy
@@ -375,8 +376,8 @@ def _agree(rank: int, store_path: str, readings: list[tuple[float, bool]], answe
 
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     try:
-        d = train_lib.Dist(rank, 2, torch.device("cpu"))
-        answers.put((rank, [train_lib._agreed(elapsed, flag, d) for elapsed, flag in readings]))
+        d = machine.Dist(rank, 2, torch.device("cpu"))
+        answers.put((rank, [machine.agreed(elapsed, flag, d) for elapsed, flag in readings]))
     finally:
         dist.destroy_process_group()
 
@@ -407,14 +408,14 @@ def test_every_rank_trains_on_one_clock_and_stops_on_any_ranks_ctrl_c():
 
 
 def test_device_selection():
-    assert train_lib.pick_device("cpu") == torch.device("cpu")
+    assert machine.pick_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert train_lib.pick_device("auto").type == expected
+    assert machine.pick_device("auto").type == expected
     with pytest.raises(UserError, match="unknown device 'tpu9'"):
-        train_lib.pick_device("tpu9")
+        machine.pick_device("tpu9")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA device"):
-            train_lib.pick_device("cuda")
+            machine.pick_device("cuda")
 
 
 def test_init_from_fine_tunes_starting_from_another_runs_weights(tmp_path, trained_run, corpus_file):

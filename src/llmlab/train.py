@@ -11,7 +11,6 @@ alone writes.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import signal
 import sys
@@ -33,6 +32,7 @@ from llmlab.accounting import cached_peak, mfu, train_step_flops
 from llmlab.config import ModelConfig, TrainConfig
 from llmlab.entropy import cross_entropy, perplexity
 from llmlab.errors import TrainingDiverged, UserError
+from llmlab.machine import Dist, agreed, barrier, setup_distributed
 from llmlab.model import GPT
 from llmlab.run_dir import (
     Run,
@@ -64,9 +64,11 @@ class TrainResult:
     elapsed_seconds: float
     stopped_by: str  # "max_steps", "max_minutes" or "interrupt"
     params: int
+    rank: int = 0  # this process's under torchrun (every rank returns its result; rank 0 reports it)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The run's summary (summary.json, `train --json`): every field but the process's rank."""
+        return {k: v for k, v in asdict(self).items() if k != "rank"}
 
 
 # --- schedule and optimiser -----------------------------------------------------------------
@@ -94,65 +96,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-# --- machine --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise UserError(f"unknown device {name!r} (try auto, cpu, cuda, mps)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("device cuda was asked for, but no CUDA device is available")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def setup_distributed(device_name: str) -> Dist:
-    """torchrun sets RANK and WORLD_SIZE; without them this is a single process."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Dist(0, 1, pick_device(device_name))
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), device)
-
-
-def _barrier(d: Dist) -> None:
-    if d.world > 1:
-        dist.barrier()
-
-
-def _agreed(elapsed: float, interrupted: bool, d: Dist) -> tuple[float, bool]:
-    """(the largest rank's elapsed seconds, whether any rank saw Ctrl-C), the same on every rank:
-    the learning rate follows the clock, and a rank that stopped a step later than the others, or
-    took another rate, would wait for their gradients forever or drift from their weights."""
-    if d.world == 1:
-        return elapsed, interrupted
-    t = torch.tensor([elapsed, float(interrupted)], dtype=torch.float64, device=d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t[0]), bool(t[1])
-
-
 # --- data and run directory -----------------------------------------------------------------
 
 
@@ -169,7 +112,7 @@ def prepare(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data: str
         model_cfg = replace(model_cfg, vocab_size=tokenizer.vocab_size)
         write_text(out / "tokenizer.json", tokenizer.to_json())
         write_json(out / "config.json", config_json(model_cfg, train_cfg, data=data, **extra))
-    _barrier(d)
+    barrier(d)
     tokenizer = load_tokenizer(out / "tokenizer.json")
     return replace(model_cfg, vocab_size=tokenizer.vocab_size), tokenizer
 
@@ -191,7 +134,7 @@ def _rebuild_token_cache(run: Run, out: Path, d: Dist) -> None:
                                     run.model_cfg.block_size)  # fmt: skip
         print(f"llmlab: rebuilt the token cache in {out / 'data'} from {source} ({len(splits.train):,} train, "
               f"{len(splits.val):,} validation tokens)", file=sys.stderr)  # fmt: skip
-    _barrier(d)
+    barrier(d)
 
 
 def _check_fresh(out: Path) -> None:
@@ -345,7 +288,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | 
         run_dir=str(out), steps=loop.step, train_loss=loop.recent_train_loss(), val_loss=val_loss,
         val_perplexity=perplexity(val_loss), val_tokens=val_tokens, tokens_per_second=loop.tokens_per_second(),
         flops_per_second=flops, mfu=_mfu(flops / d.world, d.device, train_cfg), elapsed_seconds=loop.elapsed(),
-        stopped_by=stopped_by, params=model.num_params(),
+        stopped_by=stopped_by, params=model.num_params(), rank=d.rank,
     )  # fmt: skip
     if d.main:
         write_json(out / "summary.json", result.to_json())
@@ -431,7 +374,7 @@ class _Loop:
         stopped_by, first = "max_steps", self.step
         with bar, _interrupt_flag() as interrupted:
             while self.step < self.cfg.max_steps:
-                elapsed, stop = _agreed(self.elapsed(), interrupted(), self.d)  # one clock for all ranks
+                elapsed, stop = agreed(self.elapsed(), interrupted(), self.d)  # one clock for all ranks
                 if stop and self.step > first:  # Ctrl-C: the step it came in is done (and saved below)
                     stopped_by = "interrupt"
                     break
@@ -500,7 +443,7 @@ class _Loop:
             save_weights(self.out / "model.safetensors", self.model)
             self.save_state()
             write_metrics(self.out / "metrics.csv", self.rows)
-        _barrier(self.d)
+        barrier(self.d)
 
     def save_state(self, elapsed: float | None = None) -> None:
         """What a resume needs besides the weights: step, optimiser, random state and clocks (the

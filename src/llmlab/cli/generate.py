@@ -16,10 +16,10 @@ def run(args: argparse.Namespace) -> None:
     """Continue a prompt with a trained model (greedy, temperature, top-k, top-p; speculative with --draft)."""
     import torch
 
+    from llmlab.machine import pick_device
     from llmlab.matvec import weights_in
     from llmlab.run_dir import load_run
     from llmlab.sampling import SamplingConfig
-    from llmlab.train import pick_device
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     if (args.max_new_tokens is not None and args.max_new_tokens < 0) or args.num_samples < 1:
@@ -84,10 +84,10 @@ def _show_entropy(args: argparse.Namespace, tokenizer: Any, head: str, g: Any) -
 
 def _speculative(args: argparse.Namespace, prompt: str, sampling: Any) -> None:
     """--draft: speculative decoding; with --compare, plain decoding of the same target timed beside it."""
+    from llmlab.machine import pick_device
     from llmlab.run_dir import load_run
     from llmlab.sampling import encode_prompt, generate_text
     from llmlab.speculative import check_pair, check_same_tokenizer, speculative_text
-    from llmlab.train import pick_device
 
     if args.no_cache:
         raise UserError("--no-cache cannot be combined with --draft: speculative decoding rolls back KV caches")

@@ -145,8 +145,8 @@ def _print_eval(report: dict[str, Any]) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
+    from llmlab.machine import pick_device
     from llmlab.run_dir import load_run
-    from llmlab.train import pick_device
 
     return load_run(args.run, pick_device(_device(args)))
 

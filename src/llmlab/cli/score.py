@@ -17,9 +17,9 @@ def run(args: argparse.Namespace) -> None:
     tokens (default: half the context), so every token is predicted once, from at least
     context − stride tokens of context.
     """
+    from llmlab.machine import pick_device
     from llmlab.run_dir import load_run
     from llmlab.score import render_html, score_text, score_tokens, token_json
-    from llmlab.train import pick_device
 
     if args.top_k < 0:
         raise UserError(f"--top-k must be >= 0, got {args.top_k}")

@@ -14,8 +14,8 @@ def run(args: argparse.Namespace) -> None:
     """Open a run in the local web app: entropy, generation, attention, shapes, counts, causal tracing, edits."""
     import uvicorn
 
+    from llmlab.machine import pick_device
     from llmlab.run_dir import load_run
-    from llmlab.train import pick_device
     from llmlab.web.app import create_app
 
     if not 0 <= args.port <= 65535:

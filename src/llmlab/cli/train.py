@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import TYPE_CHECKING
 
 from llmlab import config as cfg_lib
@@ -64,8 +63,8 @@ def resume(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace, result: TrainResult) -> None:
-    """The run's summary, printed once: under torchrun only rank 0 reports (RANK is torchrun's)."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    """The run's summary, printed once: under torchrun only rank 0 reports."""
+    if result.rank != 0:
         return
     emit(args, result.to_json(), lambda: table([
         ("run directory", result.run_dir),

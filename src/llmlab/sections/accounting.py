@@ -10,11 +10,11 @@ import torch
 from llmlab import accounting as acc
 from llmlab import memory
 from llmlab.data import read_splits
+from llmlab.machine import pick_device
 from llmlab.model import KVCache
 from llmlab.run_dir import load_run
 from llmlab.sections import Section, Tour, html_table
 from llmlab.trace import format_shape, trace
-from llmlab.train import pick_device
 
 BUSY = (
     " Above 100%: the peak (cached in ~/.cache/llmlab/peak.json) was measured while other work shared the "
