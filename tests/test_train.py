@@ -18,7 +18,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmlab import machine
 from llmlab import train as train_lib
 from llmlab.config import TrainConfig
 from llmlab.entropy import cross_entropy
@@ -369,53 +368,6 @@ def test_a_run_stopped_by_the_clock_just_after_a_checkpoint_saves_that_its_minut
     assert load_train_state(tmp_path / "r")["elapsed"] >= 600  # was the time of the checkpoint, under a second
     with pytest.raises(UserError, match="has used its 10 minutes"):
         train(TINY_VARIANTS["notes"], cfg, str(corpus_file), tmp_path / "r", resume=True, progress=False)
-
-
-def _agree(rank: int, store_path: str, readings: list[tuple[float, bool]], answers) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
-    try:
-        d = machine.Dist(rank, 2, torch.device("cpu"))
-        answers.put((rank, [machine.agreed(elapsed, flag, d) for elapsed, flag in readings]))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_every_rank_trains_on_one_clock_and_stops_on_any_ranks_ctrl_c():
-    """Two gloo processes, each with its own clock and Ctrl-C; reference: max() and any(). The
-    learning rate follows the agreed clock, so the ranks take the same step (their weights drifted
-    apart under --max-minutes before) and stop at the same one."""
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    readings = {0: [(1.0, False), (2.5, True), (3.0, False)], 1: [(1.25, False), (2.0, False), (3.5, True)]}
-    ctx = mp.get_context("spawn")
-    answers = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_agree, args=(r, f"{tmp}/store", readings[r], answers)) for r in (0, 1)]
-        try:
-            for proc in procs:
-                proc.start()
-            got = dict(answers.get(timeout=120) for _ in procs)
-        finally:
-            for proc in procs:
-                proc.join(timeout=60)
-                proc.kill()
-    expected = [(max(a[0], b[0]), a[1] or b[1]) for a, b in zip(readings[0], readings[1], strict=True)]
-    assert got[0] == got[1] == expected
-
-
-def test_device_selection():
-    assert machine.pick_device("cpu") == torch.device("cpu")
-    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert machine.pick_device("auto").type == expected
-    with pytest.raises(UserError, match="unknown device 'tpu9'"):
-        machine.pick_device("tpu9")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="no CUDA device"):
-            machine.pick_device("cuda")
 
 
 def test_init_from_fine_tunes_starting_from_another_runs_weights(tmp_path, trained_run, corpus_file):
