@@ -1,10 +1,26 @@
 #!/usr/bin/env bash
 # The benchmarks on a CUDA machine, in one go: fp32, bf16 autocast and torch.compile rows go into
-# BENCHMARKS.md as its last section, "Benchmarks on cuda" (a rerun replaces it). Run from the
-# repository root on a machine with a GPU and the project installed (`make install`):
+# BENCHMARKS.md as its last section, "Benchmarks on cuda" (a rerun replaces it). Run from anywhere
+# on a machine with a GPU; extra arguments go to benchmarks.run (e.g. --reps 5):
 #   bash benchmarks/gpu.sh
+# It runs .venv/bin/python where `make install` made one, else python3 (or $PY) with llmlab read
+# from src/: an offline GPU machine needs no install, only PyTorch, numpy, tokenizers, safetensors,
+# tqdm and transformers, the packages the benchmarks import.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
-"$PY" -m benchmarks.run --device cuda --append
+if [ -z "${PY:-}" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" - <<'CHECK'
+import importlib, sys
+for name in ("torch", "numpy", "tokenizers", "safetensors", "tqdm", "transformers"):
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        sys.exit(f"gpu.sh: {sys.executable} has no {name} (make install, or set PY to a Python with it)")
+import torch
+if not torch.cuda.is_available():
+    sys.exit(f"gpu.sh: no CUDA device (torch {torch.__version__}); the CPU suite is `make bench`")
+CHECK
+"$PY" -m benchmarks.run --device cuda --append "$@"

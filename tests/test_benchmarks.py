@@ -63,3 +63,28 @@ def test_the_tying_ablation_runs_in_a_fresh_process_and_reports_both_sides():
 
     tied, plain = tying_in_own_process(reps=1, device="cpu", shape="tiny")
     assert all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in (tied, plain)), (tied, plain)
+
+
+def test_gpu_sh_says_in_one_line_what_it_lacks(tmp_path):
+    """benchmarks/gpu.sh on this CPU machine: no CUDA device, one line and a non-zero exit before any
+    benchmark runs; with a Python that lacks a package it needs (here: site-packages switched off by
+    -S), it names the package. BENCHMARKS.md is left as it was."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    root = Path(__file__).parent.parent
+    before = (root / "BENCHMARKS.md").read_bytes()
+    bare = tmp_path / "python"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    bare.chmod(0o755)
+    for py, expected in ((sys.executable, "gpu.sh: no CUDA device"), (str(bare), "has no torch")):
+        if py == sys.executable and torch.cuda.is_available():
+            continue  # a GPU machine would run the suite
+        done = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh")], capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", "PY": py}, timeout=120)  # fmt: skip
+        assert done.returncode == 1 and done.stdout == "", done
+        assert done.stderr.count("\n") == 1 and expected in done.stderr, done.stderr
+    assert (root / "BENCHMARKS.md").read_bytes() == before
