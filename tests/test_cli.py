@@ -160,6 +160,7 @@ def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]
         (["trace", "--set", "d_model=1000000", "--set", "n_layers=1", "--seq", "1"], "out of memory"),
         (["count", "--sweep", "seq=8,16", "--out", str(tmp)], "a .png file"),
         (["count", "--sweep", "seq=8,16", "--out", "/proc/llmlab/s.png"], "No such file or directory: /proc/llmlab"),
+        (["count", "--sweep", "seq=8,16", "--out", "/sys/s.png"], "--out /sys/s.png: cannot write in /sys"),  # root too
         (["run", "--minutes", "nan", "--out", str(tmp / "tour")], "--minutes must be a positive finite number"),
         ([*gen, "--top-p", "0"], "top_p must be in (0, 1]"),
         ([*gen, "--top-p", "1.5"], "top_p must be in (0, 1]"),

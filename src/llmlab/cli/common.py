@@ -6,6 +6,7 @@ import argparse
 import inspect
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -107,8 +108,12 @@ def use_color(mode: str) -> bool:
 
 def check_writable(path: str | Path, flag: str) -> None:
     """Fail before any long work if the file `path` could not be written: its folder is made now
-    (an OSError names what is missing) and must be writable."""
+    (an OSError names what is missing), and an empty file is made in it and removed. (Permission
+    bits alone would not say: root passes `os.access` on a folder that refuses files, such as /sys.)"""
     parent = Path(path).parent
     parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{flag} {path}: cannot write in {parent}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{Path(path).name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror or e})") from None
