@@ -111,3 +111,34 @@ def test_run_never_replaces_a_users_run_or_files_where_a_tour_model_goes(tmp_pat
     with pytest.raises(UserError, match="holds something the tour did not make"):
         tour.trained("draft", TINY_VARIANTS["notes"], replace(TINY_TRAIN, max_steps=2), str(corpus_file))
     assert (out / "draft" / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("mine", ["report.html", "tour.json", "draft/notes.txt", "bios/config.json",
+                                  "entropy/notes.txt", "knowledge"])  # fmt: skip
+def test_run_refuses_before_training_to_replace_a_users_report_or_files(tmp_path, corpus_file, capsys, mine):
+    """report.html and tour.json are replaced only if an earlier tour wrote them, and a model's or
+    a figure's folder only if it holds what the tour writes; the refusal comes before any training
+    (a foreign draft/ or bios/ was refused only when its section came, minutes in; report.html and
+    tour.json were overwritten)."""
+    out = tmp_path / "tour"
+    path = out / mine
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{}" if mine.endswith(".json") else "mine")
+    code = main(["run", "--out", str(out), "--quick", "--data", str(corpus_file), "--minutes", "0.04"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "move it or choose another --out" in err[0], err
+    assert path.read_text() == ("{}" if mine.endswith(".json") else "mine")
+    assert not (out / "notes").exists()  # nothing trained
+
+
+def test_the_tours_own_report_and_tour_json_are_recognised(tmp_path):
+    """What `run_tour` writes passes `check_out` again (so a second tour may replace it)."""
+    from llmlab.report import render
+    from llmlab.sections import check_out
+
+    tour = Tour(tmp_path, quick=True, data="stdlib", log=lambda _: None, progress=False)
+    (tmp_path / "report.html").write_text(render(tour))
+    (tmp_path / "tour.json").write_text(json.dumps(tour.to_json()))
+    (tmp_path / "entropy").mkdir()
+    (tmp_path / "entropy" / "reliability.png").write_bytes(b"\x89PNG")
+    check_out(tmp_path)

@@ -19,7 +19,18 @@ from pathlib import Path
 
 from llmlab.config import preset
 from llmlab.run_dir import write_json, write_text
-from llmlab.sections import Section, Tour, accounting, entropy, generation, knowledge, rejection, training
+from llmlab.sections import (
+    REPORT_MARK,
+    Section,
+    Tour,
+    accounting,
+    check_out,
+    entropy,
+    generation,
+    knowledge,
+    rejection,
+    training,
+)
 
 SECTIONS: list[Callable[[Tour], Section]] = [
     training.section,
@@ -36,6 +47,7 @@ def run_tour(out: Path, quick: bool = False, data: str = "stdlib", minutes: floa
              progress: bool = True) -> Tour:  # fmt: skip
     """Train (or reuse) the notes' model, run every section, write report.html and tour.json."""
     t0 = time.perf_counter()
+    check_out(out)  # a user's files where the tour writes: refused now, not after minutes of training
     tour = Tour(out, quick, data, log, retrain, progress)
     minutes = minutes if minutes is not None else (0.6 if quick else 4.0)
     p = preset("notes")
@@ -54,7 +66,7 @@ def render(tour: Tour) -> str:
     sections = "".join(f"<section><h2>{html.escape(s.title)}</h2>{s.body}</section>" for s in tour.sections)
     timing = f"Tour time: {tour.seconds:.0f} s" + (" (quick)" if tour.quick else "") + _reused(tour)
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>llmlab tour</title>
+<html lang="en"><head><meta charset="utf-8">{REPORT_MARK}
 <style>
 body {{ font: 15px/1.5 system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; }}
 table {{ border-collapse: collapse; }}

@@ -72,6 +72,45 @@ class Tour:
         }  # fmt: skip
 
 
+MODELS = ("notes", "draft", "bios")  # the runs `Tour.trained` writes into --out: the report's, rejection's, knowledge's
+FIGURES = ("entropy", "knowledge")  # folders of the PNGs the entropy and knowledge sections draw
+REPORT_MARK = "<title>llmlab tour</title>"  # in the head of every report.html the tour writes
+
+
+def check_out(out: Path) -> None:
+    """Raise UserError, before any training, if the tour would replace in `out` anything it did
+    not make: a user's run or files where a model goes, a report.html or tour.json that is not
+    an earlier tour's, or a figure folder holding anything but PNGs."""
+    for name in MODELS:
+        _refuse_foreign(out / name)
+    _refuse_foreign_file(out / "report.html", lambda text: REPORT_MARK in text[:500])
+    _refuse_foreign_file(out / "tour.json", _is_tour_json)
+    for name in FIGURES:
+        folder = out / name
+        if folder.exists() and (not folder.is_dir() or any(p.suffix != ".png" or not p.is_file()
+                                                           for p in folder.iterdir())):  # fmt: skip
+            raise UserError(f"{folder} holds something the tour did not make; move it or choose another --out")
+
+
+def _refuse_foreign_file(path: Path, is_ours: Callable[[str], bool]) -> None:
+    if not path.exists():
+        return
+    try:
+        if path.is_file() and is_ours(path.read_text(encoding="utf-8")):
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    raise UserError(f"{path} is not the tour's own; move it or choose another --out")
+
+
+def _is_tour_json(text: str) -> bool:
+    try:
+        saved = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(saved, dict) and {"report", "sections"} <= saved.keys()
+
+
 def _refuse_foreign(run_dir: Path) -> None:
     """Raise UserError unless `run_dir` is absent, empty or a model an earlier tour trained:
     the tour replaces its own models, never a user's run or files."""
