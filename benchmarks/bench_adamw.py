@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import interleaved_medians
+from benchmarks.common import at_least_one, interleaved_medians
 from benchmarks.shapes import model_pair
 from llmlab.config import TrainConfig
 from llmlab.train import make_optimizer
@@ -71,7 +71,7 @@ def bench(shape: str = "124M", reps: int = 7, bf16: bool = False) -> tuple[float
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="124M", choices=["tiny", "124M"])
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--reps", type=at_least_one, default=7)
     p.add_argument("--bf16", action="store_true", help="gradients from a bf16-autocast backward")
     args = p.parse_args(argv)
     ours_s, hf_s, ours_f, hf_f = bench(args.shape, args.reps, args.bf16)

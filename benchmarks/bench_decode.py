@@ -76,3 +76,29 @@ def bench(
         probe_s=seconds[-1] if probe else None,
         ours_fp32=NEW / seconds[2] if weights is not None else None,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One shape's decoding row alone: `python -m benchmarks.bench_decode --shape tiny` (make bench runs all)."""
+    import argparse
+
+    from benchmarks.common import Row, at_least_one, markdown_table
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="tiny", choices=["tiny", "124M"])
+    p.add_argument("--reps", type=at_least_one, default=5, help="repetitions (the median is reported)")
+    p.add_argument("--weights", choices=["float16", "bfloat16"], help="llmlab with 16-bit copies of its matrices")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    weights = getattr(torch, args.weights) if args.weights else None
+    d = bench(args.shape, reps=args.reps, device=args.device, weights=weights)
+    same = "same tokens" if d.agree == NEW else f"the first {d.agree} of {NEW} tokens the same"
+    note = same + (f"; llmlab fp32 in the same turns {d.ours_fp32:.1f} tokens/s" if d.ours_fp32 else "")
+    name = f"greedy decoding, {args.shape}, B=1" + (f", {args.weights} weights" if weights else ", fp32")
+    print(markdown_table([Row(name, d.ours, d.peer, "tokens/s", "–", note)]))
+
+
+if __name__ == "__main__":
+    main()

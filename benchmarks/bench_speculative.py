@@ -31,13 +31,15 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import interleaved_medians
+from benchmarks.common import at_least_one, interleaved_medians
+from llmlab.errors import UserError
 from llmlab.model import GPT, KVCache
 from llmlab.run_dir import Run, load_run
 from llmlab.sampling import SamplingConfig, encode_prompt
 from llmlab.speculative import SpeculativeStats, check_same_tokenizer, side_by_side
 
 PROMPTS = ("def ", "class ", "import ", "    return ", "if __name__")
+CALL_CONTEXT = 64  # cached tokens before the timed single calls (fewer where the context is shorter)
 
 
 def one_repetition(target: GPT, draft: GPT, prompts: list[list[int]], n: int, gamma: int, seed: int,
@@ -51,17 +53,30 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default="runs/bench/target-l8")
     p.add_argument("--draft", default="runs/bench/draft-l8")
-    p.add_argument("--gamma", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--new-tokens", type=int, default=100)
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    p.add_argument("--gamma", type=at_least_one, default=4)
+    p.add_argument("--repeats", type=at_least_one, default=5)
+    p.add_argument("--new-tokens", type=at_least_one, default=100)
+    p.add_argument(
+        "--prompt",
+        action="append",
+        dest="prompts",
+        metavar="TEXT",
+        help="a prompt to decode from (repeatable; default: " + ", ".join(map(repr, PROMPTS)) + ")",
+    )
+    p.add_argument("--threads", type=at_least_one, help="torch threads (default: torch's own choice)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    target, draft = load_run(args.target), load_run(args.draft)
-    check_same_tokenizer(target, draft)
-    prompts = [encode_prompt(target.tokenizer, text, target.model_cfg.block_size) for text in PROMPTS]
-    n = min(args.new_tokens, min(target.model_cfg.block_size, draft.model_cfg.block_size) - max(map(len, prompts)))
+    try:  # a missing pair (see the recipe above), a mismatched one or a short context: one line
+        target, draft = load_run(args.target), load_run(args.draft)
+        check_same_tokenizer(target, draft)
+        context = min(target.model_cfg.block_size, draft.model_cfg.block_size)
+        prompts = [encode_prompt(target.tokenizer, text, context) for text in args.prompts or PROMPTS]
+    except UserError as e:
+        p.error(str(e))
+    n = min(args.new_tokens, context - max(map(len, prompts)))
+    if n < 1:
+        p.error(f"the prompts fill the pair's context of {context} tokens; there is no room to decode")
     one_repetition(target.model, draft.model, prompts[:1], 8, args.gamma, 0, SpeculativeStats(args.gamma))  # warm-up
     stats, rates = SpeculativeStats(args.gamma), []
     for rep in range(args.repeats):
@@ -81,11 +96,15 @@ def main(argv: list[str] | None = None) -> None:
         f"| {torch.get_num_threads()} | {os.getloadavg()[0]:.1f} |"
     )
     print(f"\n{n} new tokens × {len(prompts)} prompts per repetition, temperature 1, batch 1, KV cache.")
-    one, many = call_seconds(target.model, [1, args.gamma + 1], context=64)
-    (draft_one,) = call_seconds(draft.model, [1], context=64)
-    print(f"one cached target call: {one * 1e3:.2f} ms for 1 token, {many * 1e3:.2f} ms for "
-          f"γ + 1 = {args.gamma + 1} ({many / one:.2f}×); a draft call {draft_one * 1e3:.2f} ms "
-          f"({draft_one / one:.2f}× the target's)")  # fmt: skip
+    cached = min(CALL_CONTEXT, context - args.gamma - 1)  # tokens already in the cache before the timed calls
+    if cached >= 1:
+        one, many = call_seconds(target.model, [1, args.gamma + 1], context=cached)
+        (draft_one,) = call_seconds(draft.model, [1], context=cached)
+        print(f"one cached target call after {cached} tokens: {one * 1e3:.2f} ms for 1 token, {many * 1e3:.2f} ms "
+              f"for γ + 1 = {args.gamma + 1} ({many / one:.2f}×); a draft call {draft_one * 1e3:.2f} ms "
+              f"({draft_one / one:.2f}× the target's)")  # fmt: skip
+    else:
+        print(f"call costs not timed: γ + 1 = {args.gamma + 1} tokens leave no room in the context of {context}")
     print("command: python -m benchmarks.bench_speculative " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
 
@@ -107,8 +126,12 @@ def call_seconds(model: GPT, lengths: list[int], context: int, reps: int = 15) -
 
 
 def describe(run: Run) -> str:
-    c, summary = run.model_cfg, json.loads((run.path / "summary.json").read_text())
-    return f"L={c.n_layers} H={c.d_model}, {summary['params'] / 1e6:.2f}M params, val loss {summary['val_loss']:.3f}"
+    c = run.model_cfg
+    try:
+        loss = f"val loss {json.loads((run.path / 'summary.json').read_text())['val_loss']:.3f}"
+    except (OSError, ValueError, KeyError, TypeError):
+        loss = "no summary.json"  # imported, or trained before summaries
+    return f"L={c.n_layers} H={c.d_model}, {run.model.num_params() / 1e6:.2f}M params, {loss}"
 
 
 if __name__ == "__main__":

@@ -62,3 +62,25 @@ def bench(shape: str, bf16: bool = False, reps: int = 7, device: str = "cpu", co
     fns = [ours_step] + ([hf_step] if peer else []) + ([probe] if probe else [])
     seconds = interleaved_medians(fns, reps, warmup=3 if compile else 2)
     return tokens / seconds[0], tokens / seconds[1] if peer else None, seconds[-1] if probe else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One shape's training row alone: `python -m benchmarks.bench_train --shape tiny` (make bench runs all)."""
+    import argparse
+
+    from benchmarks.common import Row, at_least_one, markdown_table
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="tiny", choices=list(TRAIN_BATCH))
+    p.add_argument("--reps", type=at_least_one, default=7, help="repetitions (the median is reported)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    ours, hf, _ = bench(args.shape, reps=args.reps, device=args.device)
+    B, S = TRAIN_BATCH[args.shape]
+    print(markdown_table([Row(f"training step, {args.shape}, B={B} S={S}, fp32", ours, hf, "tokens/s", "–")]))
+
+
+if __name__ == "__main__":
+    main()

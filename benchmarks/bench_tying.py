@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from benchmarks.bench_train import step_fn
-from benchmarks.common import interleaved_medians
+from benchmarks.common import at_least_one, interleaved_medians
 from benchmarks.shapes import TRAIN_BATCH, model_pair
 from llmlab.config import TrainConfig
 from llmlab.model import GPT
@@ -57,8 +57,8 @@ def bench(shape: str = "124M", reps: int = 7, device: str = "cpu") -> tuple[floa
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="124M", choices=["tiny", "124M"])
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--reps", type=at_least_one, default=7)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", action="store_true", help='print {"tied": tokens/s, "plain": tokens/s}')
     args = p.parse_args(argv)
     tied, plain = bench(args.shape, args.reps, args.device)

@@ -7,6 +7,8 @@ import os
 import platform
 import re
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -124,14 +126,54 @@ def with_section(old: str, section: str, first: bool = True) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def at_least_one(text: str) -> int:
+    """argparse type: an integer ≥ 1 (repetitions, steps, threads, γ)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def markdown_file(text: str) -> Path:
+    """argparse type: the Markdown file a run's section goes into at its end, checked now, so that
+    minutes of measuring cannot end in a failed write: not a folder, in a folder that takes a new
+    file, and readable text if it exists (its other sections are kept)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; name a Markdown file")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: there is no folder {path.parent}")
+    try:
+        if path.exists():
+            path.read_text(encoding="utf-8")
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"{text}: {getattr(e, 'strerror', None) or e}") from None
+    return path
+
+
+def write_section(path: Path, text: str, first: bool) -> None:
+    """Print `text`, then put it into the Markdown file `path` as a section (`with_section`):
+    printed first, so that a write that fails after all (a full disk) loses no figures."""
+    print(text, flush=True)
+    try:
+        path.write_text(with_section(path.read_text(encoding="utf-8") if path.exists() else "", text, first=first))
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"could not write {path} ({getattr(e, 'strerror', None) or e}); the section is printed above")
+
+
 def ablation_main(script: str, doc: str, heading: str, method: str, rows_of: Callable[[int], list[Row]],
                   argv: list[str] | None = None) -> None:  # fmt: skip
     """The command line of a one-table ablation script such as `benchmarks.bench_compile`:
     `--reps N`, and `--out FILE`, which writes the section last into that Markdown file (or
     replaces it there). `method` says how the sides were timed and what "peer" is."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--reps", type=int, default=35)
-    p.add_argument("--out", help="also write this section into a Markdown file (BENCHMARKS.md)")
+    p.add_argument("--reps", type=at_least_one, default=35)
+    p.add_argument("--out", type=markdown_file, help="also write this section into a Markdown file (BENCHMARKS.md)")
     args = p.parse_args(argv)
     facts = ", ".join(f"{k} {v}" for k, v in machine().items())
     text = f"""{heading}
@@ -141,6 +183,6 @@ Produced by `python -m {script} --reps {args.reps}`: {method.format(reps=args.re
 {markdown_table(rows_of(args.reps))}
 """
     if args.out:
-        path = Path(args.out)
-        path.write_text(with_section(path.read_text() if path.exists() else "", text, first=False))
-    print(text)
+        write_section(args.out, text, first=False)
+    else:
+        print(text)

@@ -23,7 +23,7 @@ from contextlib import ExitStack
 import torch
 
 from benchmarks.bench_decode import NEW, PROMPT
-from benchmarks.common import operator_table, top_operators
+from benchmarks.common import at_least_one, operator_table, top_operators
 from benchmarks.shapes import model_pair
 from llmlab.matvec import weights_in
 from llmlab.memory import _native_stderr_silenced
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="tiny", choices=["tiny", "124M"])
     p.add_argument("--peer", action="store_true", help="profile transformers' generate as well")
-    p.add_argument("--top", type=int, default=12, help="operators to list")
+    p.add_argument("--top", type=at_least_one, default=12, help="operators to list")
     p.add_argument("--weights", choices=["float16", "bfloat16"], help="llmlab with 16-bit copies of its matrices")
     p.add_argument("--peer-dtype", choices=["float16", "bfloat16"], help="transformers' model cast to this dtype")
     args = p.parse_args(argv)

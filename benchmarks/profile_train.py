@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.bench_train import steps
-from benchmarks.common import operator_table, top_operators
+from benchmarks.common import at_least_one, operator_table, top_operators
 from llmlab.memory import _native_stderr_silenced
 
 
@@ -34,8 +34,8 @@ def profile(step: Callable[[], None], n: int) -> list[tuple[str, float, float]]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="tiny", choices=["tiny", "124M"])
-    p.add_argument("--steps", type=int, default=5, help="profiled steps per side")
-    p.add_argument("--top", type=int, default=15, help="operators to list")
+    p.add_argument("--steps", type=at_least_one, default=5, help="profiled steps per side")
+    p.add_argument("--top", type=at_least_one, default=15, help="operators to list")
     args = p.parse_args(argv)
     ours, hf, _ = steps(args.shape)
     for name, step in {"llmlab": ours, "transformers": hf}.items():

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import bench_adamw, bench_decode, bench_train
-from benchmarks.common import Row, machine, markdown_table, sync, with_section
+from benchmarks.common import Row, at_least_one, machine, markdown_file, markdown_table, sync, write_section
 from benchmarks.shapes import TRAIN_BATCH, model_pair
 from llmlab.accounting import cpu_has_native_bf16, measure_matmul_peak, train_step_flops
 
@@ -216,13 +216,15 @@ def _agreement(agree: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=7, help="repetitions per measurement (the median is reported)")
+    p.add_argument("--reps", type=at_least_one, default=7, help="repetitions per measurement (the median is reported)")
     p.add_argument("--quick", action="store_true", help="only the tiny shape, 3 repetitions")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--append", action="store_true",
                    help="put a new section last, not first (one of the same heading is replaced in place)")  # fmt: skip
-    p.add_argument("--out", default="BENCHMARKS.md")
+    p.add_argument("--out", type=markdown_file, default="BENCHMARKS.md", help="(default: %(default)s)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
     reps, shapes = (3, ["tiny"]) if args.quick else (args.reps, ["tiny", "124M"])
     t0 = time.perf_counter()
     train, got = training_rows(args.device, reps, shapes)
@@ -231,10 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += mfu_rows(args.device, got)
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     text = render(rows, command, reps, args.device, time.perf_counter() - t0)
-    path = Path(args.out)
-    old = path.read_text() if path.exists() else ""
-    path.write_text(with_section(old, text, first=not args.append))
-    print(text)
+    write_section(args.out, text, first=not args.append)
     return 0
 
 

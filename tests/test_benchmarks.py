@@ -88,3 +88,65 @@ def test_gpu_sh_says_in_one_line_what_it_lacks(tmp_path):
         assert done.returncode == 1 and done.stdout == "", done
         assert done.stderr.count("\n") == 1 and expected in done.stderr, done.stderr
     assert (root / "BENCHMARKS.md").read_bytes() == before
+
+
+def test_benchmark_arguments_are_checked_before_any_measuring(tmp_path, capsys):
+    """Repetitions below 1, an --out that is a folder, in a missing folder or not text, and CUDA
+    without a device are argparse errors (exit 2, one line) before anything is timed; before, they
+    were tracebacks after the run, which lost its figures."""
+    import pytest
+    import torch
+    from benchmarks import bench_compile, bench_speculative, bench_train
+    from benchmarks import run as bench_run
+
+    (tmp_path / "binary.md").write_bytes(b"\xff\xfe")
+    cases = [
+        (bench_run.main, ["--reps", "0"], "argument --reps: must be at least 1, got 0"),
+        (bench_run.main, ["--reps", "x"], "invalid int value: 'x'"),
+        (bench_run.main, ["--out", str(tmp_path)], "is a directory; name a Markdown file"),
+        (bench_run.main, ["--out", str(tmp_path / "no" / "B.md")], f"there is no folder {tmp_path / 'no'}"),
+        (bench_run.main, ["--out", str(tmp_path / "binary.md")], "binary.md: 'utf-8' codec can't decode"),
+        (bench_compile.main, ["--reps", "-1"], "must be at least 1, got -1"),
+        (bench_speculative.main, ["--gamma", "0"], "argument --gamma: must be at least 1"),
+        (bench_speculative.main, ["--target", str(tmp_path / "none")], "does not exist"),
+        (bench_train.main, ["--device", "tpu"], "invalid choice: 'tpu'"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((bench_run.main, ["--device", "cuda"], "--device cuda: no CUDA device is available"))
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_.value.code == 2 and message in err, (argv, err)
+
+
+def test_a_section_is_printed_before_it_is_written(tmp_path, capsys):
+    """`write_section`: the figures reach stdout first, so a write that fails loses nothing, and
+    the failure is one line naming the file."""
+    import pytest
+    from benchmarks.common import write_section
+
+    out = tmp_path / "B.md"
+    out.write_text("## Other\n\nkept\n")
+    write_section(out, "## Benchmarks on cpu\n\nrows\n", first=True)
+    assert capsys.readouterr().out == "## Benchmarks on cpu\n\nrows\n\n"
+    assert out.read_text() == "## Benchmarks on cpu\n\nrows\n\n## Other\n\nkept\n"
+    out.unlink()
+    out.mkdir()  # the file became a folder during the run
+    with pytest.raises(SystemExit) as exit_:
+        write_section(out, "## Benchmarks on cpu\n\nrows\n", first=True)
+    assert "rows" in capsys.readouterr().out
+    assert str(exit_.value.code).startswith(f"could not write {out} (") and "printed above" in str(exit_.value.code)
+
+
+def test_bench_speculative_runs_on_a_pair_with_a_short_context(trained_run, capsys):
+    """The pair's context (32 here) bounds the decoding and the timed calls' cache; before, the
+    calls assumed 64 cached tokens and raised after the table was printed."""
+    from benchmarks import bench_speculative
+
+    pair = ["--target", str(trained_run), "--draft", str(trained_run)]
+    bench_speculative.main([*pair, "--repeats", "1", "--new-tokens", "4", "--gamma", "3", "--prompt", "def ",
+                            "--prompt", "    return "])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| 3 |" in out and "4 new tokens × 2 prompts" in out
+    assert "one cached target call after 28 tokens:" in out and out.rstrip().splitlines()[-1].startswith("command:")
