@@ -199,7 +199,8 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
     save_hf_checkpoint(hf_model, tmp_path / "good")
     cases = {}
     for name in ("no_weights", "no_config", "llama", "bad_shape", "no_tokenizer", "not_object", "no_vocab",
-                 "garbage_bin", "stray_tensor", "nan_weights", "tensor_bin", "index_list", "int_weights"):  # fmt: skip
+                 "garbage_bin", "stray_tensor", "nan_weights", "tensor_bin", "index_list", "int_weights", "act_list",
+                 "tie_string", "eps_bool", "head_shape"):  # fmt: skip
         shutil.copytree(tmp_path / "good", tmp_path / name)
         cases[name] = tmp_path / name
     (cases["no_weights"] / "model.safetensors").unlink()
@@ -220,6 +221,11 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
     torch.save(torch.zeros(3), cases["tensor_bin"] / "pytorch_model.bin")  # a pickle, but of one tensor
     (cases["index_list"] / "model.safetensors").unlink()
     (cases["index_list"] / "model.safetensors.index.json").write_text("[1]")
+    (cases["act_list"] / "config.json").write_text(json.dumps({**cfg, "activation_function": ["gelu"]}))
+    (cases["tie_string"] / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": "false"}))
+    (cases["eps_bool"] / "config.json").write_text(json.dumps({**cfg, "layer_norm_epsilon": True}))
+    head = cases["head_shape"] / "model.safetensors"  # tied, with a saved lm_head.weight that cannot be wte's copy
+    save_file(load_file(head) | {"lm_head.weight": torch.zeros(3, SMALL["n_embd"])}, head)
     ints = cases["int_weights"] / "model.safetensors"
     save_file({k: v.long() if "wte" in k else v for k, v in load_file(ints).items()}, ints)
     torch.manual_seed(0)
@@ -238,6 +244,10 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
         "tensor_bin": "are not a dictionary of named tensors",
         "index_list": 'model.safetensors.index.json holds no "weight_map" object',
         "int_weights": "tensor 'transformer.wte.weight' holds torch.int64, not floating-point weights",
+        "act_list": 'config.json\'s activation_function must be a string, got ["gelu"]',
+        "tie_string": 'config.json\'s tie_word_embeddings must be true or false, got "false"',
+        "eps_bool": "config.json's layer_norm_epsilon must be a number, got true",
+        "head_shape": f"lm_head.weight has shape (3, {SMALL['n_embd']}), but the config ties it to wte",
     }  # fmt: skip
     for name, message in expected.items():
         out = tmp_path / f"out_{name}"
@@ -268,3 +278,20 @@ def test_a_hugging_face_directory_given_as_a_run_says_to_import_it(tmp_path, hf_
     assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "def"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds a Hugging Face checkpoint, not an llmlab run; `llmlab import-hf" in err
+
+
+def test_import_hf_builds_in_a_folder_of_its_own(tmp_path, hf_model):
+    """The run is assembled in a fresh temporary folder beside --out and renamed: a folder that
+    happens to carry the name a fixed scheme would pick (`.NAME.importing`) is left alone (it was
+    deleted), and the run's folder has mkdir's mode, not mkdtemp's 0700."""
+    from llmlab.cli import main
+    from llmlab.run_dir import DIR_MODE
+
+    save_hf_checkpoint(hf_model, tmp_path / "hf")
+    theirs = tmp_path / ".run.importing"
+    theirs.mkdir()
+    (theirs / "precious.txt").write_text("keep")
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    assert (theirs / "precious.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.importing", "hf", "run"]
+    assert (tmp_path / "run").stat().st_mode & 0o777 == DIR_MODE

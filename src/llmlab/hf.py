@@ -27,6 +27,7 @@ import json
 import pickle
 import re
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,16 @@ from torch import Tensor
 from llmlab.config import ModelConfig, TrainConfig, preset
 from llmlab.errors import UserError
 from llmlab.model import GPT
-from llmlab.run_dir import Run, atomic_write, check_weights, config_json, save_weights, write_json, write_text
+from llmlab.run_dir import (
+    DIR_MODE,
+    Run,
+    atomic_write,
+    check_weights,
+    config_json,
+    save_weights,
+    write_json,
+    write_text,
+)
 from llmlab.tokenizer import BPETokenizer, Tokenizer
 
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
@@ -54,20 +64,34 @@ _BLOCK_KEYS = {
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """A GPT-2 `config.json` (as a dict) → the `gpt2` preset with its sizes."""
-    if hf.get("model_type", "gpt2") != "gpt2":
+    if _get(hf, "model_type", str, "gpt2") != "gpt2":
         raise UserError(f"unsupported architecture {hf.get('model_type')!r} (llmlab imports GPT-2 models)")
-    act = hf.get("activation_function", "gelu_new")
+    act = _get(hf, "activation_function", str, "gelu_new")
     if act not in _ACTIVATIONS:
         raise UserError(f"unsupported GPT-2 activation {act!r} (known: {', '.join(_ACTIVATIONS)})")
     for option, gpt2 in _ATTENTION_SCALING.items():  # they change the function, so importing without them is wrong
-        if hf.get(option, gpt2) != gpt2:
+        if _get(hf, option, bool, gpt2) != gpt2:
             raise UserError(f"unsupported GPT-2 option {option}={json.dumps(hf[option])} (llmlab's attention "
                             f"divides the scores by √D in every layer: {option}={json.dumps(gpt2)})")  # fmt: skip
     return ModelConfig.from_name(
         "gpt2", vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layers=hf["n_layer"],
-        n_heads=hf["n_head"], d_model=hf["n_embd"], d_ff=hf.get("n_inner"), activation=_ACTIVATIONS[act],
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        n_heads=hf["n_head"], d_model=hf["n_embd"], d_ff=_get(hf, "n_inner", int, None),
+        activation=_ACTIVATIONS[act], norm_eps=_get(hf, "layer_norm_epsilon", float, 1e-5),
+        tie_embeddings=_get(hf, "tie_word_embeddings", bool, True),
     )  # fmt: skip
+
+
+def _get(hf: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    """config.json's `key`, which must be JSON of `kind` (or null where the default is null): a
+    string "false" is no false, and a list is no activation's name."""
+    value = hf.get(key, default)
+    if value is None and default is None:
+        return None
+    plain = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))  # true is no number
+    if not (plain or (kind is float and isinstance(value, int) and not isinstance(value, bool))):
+        names = {str: "a string", bool: "true or false", int: "an integer", float: "a number"}
+        raise UserError(f"config.json's {key} must be {names[kind]}, got {json.dumps(value)}")
+    return value
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -116,6 +140,10 @@ def state_dict_from_hf(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Ten
                 out[f"blocks.{layer}.{ours}.{p}"] = t.t().contiguous() if conv and t is not None else t
     # tied (GPT-2's default): the output layer is the embedding, and a saved lm_head.weight is its copy
     out["unembed.weight"] = out["embed.weight"] if cfg.tie_embeddings else sd.get("lm_head.weight")
+    head, wte = sd.get("lm_head.weight"), sd.get("wte.weight")
+    if cfg.tie_embeddings and head is not None and wte is not None and head.shape != wte.shape:
+        raise UserError(f"lm_head.weight has shape {tuple(head.shape)}, but the config ties it to wte, "
+                        f"{tuple(wte.shape)}")  # fmt: skip
     missing = [k for k, v in out.items() if v is None]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -273,10 +301,10 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     cfg, sd, tokenizer = read_hf_dir(src)
     model = GPT(cfg)
     model.load_state_dict(sd)
-    tmp = out.with_name(f".{out.name}.importing")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".importing"))  # a name of its own
     try:
+        tmp.chmod(DIR_MODE)  # mkdtemp makes 0700; a run directory is as mkdir makes it
         save_weights(tmp / "model.safetensors", model)
         write_text(tmp / "tokenizer.json", tokenizer.to_json())
         train_cfg = TrainConfig(tokenizer="bpe", bpe_vocab=max(257, tokenizer.vocab_size))
