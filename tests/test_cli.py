@@ -86,6 +86,20 @@ def test_generate_weights_decodes_with_16_bit_copies(capsys, monkeypatch, traine
     assert out["token_ids"] == expected.token_ids
 
 
+def test_a_streamed_sample_cut_short_ends_its_line_before_the_message(capsys, monkeypatch, trained_run):
+    """Ctrl-C (or an allocation failing) mid-sample: stdout's line is ended before stderr's message,
+    which in a terminal was glued to the text ("def fllmlab: interrupted")."""
+    import llmlab.sampling
+
+    def cut_short(*args, on_text=None, **kwargs):
+        on_text("(x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llmlab.sampling, "generate_text", cut_short)
+    code, out, err = run_cli(capsys, "generate", str(trained_run), "--prompt", "def")
+    assert (code, out, err) == (130, "def(x\n", "llmlab: interrupted\n")
+
+
 def test_generate_stop_string(capsys, trained_run):
     out = json.loads(run_cli(capsys, "generate", str(trained_run), "--prompt", "def f", "--temperature", "0",
                              "--stop", "\n", "--json")[1])  # fmt: skip

@@ -125,17 +125,24 @@ def model_and_prompt(name="notes"):
 
 @pytest.mark.parametrize("name", ["notes", "llama-tiny"])
 def test_greedy_generation_equals_a_naive_loop_past_the_context(name):
-    """Reference: argmax of model(last S tokens)[-1], recomputed from scratch each step (nanoGPT)."""
+    """Reference: argmax of model(last S tokens)[-1], recomputed from scratch each step (nanoGPT).
+    40 new tokens slide the window far past the context S = 8 and wrap generate_ids' buffer of
+    2·S tokens twice; a max_new_tokens far beyond memory (10¹⁸, read for 40 steps) allocates
+    no more than that buffer and gives the same tokens (it tried to allocate them all before)."""
+    import itertools
+
     model, idx = model_and_prompt(name)
     tokens = idx
-    for _ in range(12):  # 5 + 12 > S = 8: the window slides
+    for _ in range(40):  # 5 + 40 > S = 8: the window slides
         nxt = model(tokens[:, -8:])[:, -1].argmax(-1)
         tokens = torch.cat([tokens, nxt[:, None]], 1)
     greedy = SamplingConfig(0.0)
-    with_cache = torch.stack([t for t, _ in generate_ids(model, idx, 12, greedy)], 1)
-    without = torch.stack([t for t, _ in generate_ids(model, idx, 12, greedy, use_cache=False)], 1)
+    with_cache = torch.stack([t for t, _ in generate_ids(model, idx, 40, greedy)], 1)
+    without = torch.stack([t for t, _ in generate_ids(model, idx, 40, greedy, use_cache=False)], 1)
+    endless = torch.stack([t for t, _ in itertools.islice(generate_ids(model, idx, 10**18, greedy), 40)], 1)
     assert torch.equal(with_cache, tokens[:, 5:])
     assert torch.equal(without, tokens[:, 5:])
+    assert torch.equal(endless, tokens[:, 5:])
 
 
 def test_inference_mode_decodes_exactly_what_no_grad_does():

@@ -118,22 +118,30 @@ def generate_ids(model: GPT, idx: Tensor, max_new_tokens: int, cfg: SamplingConf
     """
     B, S0 = idx.shape
     S_max = model.cfg.block_size
-    tokens = torch.empty(B, S0 + max_new_tokens, dtype=idx.dtype, device=idx.device)  # [B, S₀ + new], filled as we go
+    # The tokens so far, filled as we go: [B, S₀ + new], or, for a generation longer than the
+    # context, a buffer of two contexts whose last S_max tokens move to its front when it is full
+    # (a step never reads further back), so that memory does not grow with max_new_tokens.
+    capacity = min(S0 + max_new_tokens, max(S0, S_max) + S_max)
+    tokens = torch.empty(B, capacity, dtype=idx.dtype, device=idx.device)  # [B, capacity]
     tokens[:, :S0] = idx
-    length = S0
+    length = total = S0  # tokens in the buffer; tokens so far (prompt and new)
     cache = None
     if use_cache:  # sized to what this call can fill, not the whole context
         cache = KVCache(model.cfg, B, idx.device, _dtype(model), max_len=min(S_max, S0 + max_new_tokens))
     with direct_attributes(model):  # a fifth of a small model's time per token; see there
         for _ in range(max_new_tokens):
-            if cache is not None and length <= S_max:
+            if cache is not None and total <= S_max:  # then the buffer holds every token: length == total
                 logits = model(tokens[:, cache.pos : length], cache=cache)[:, -1]  # [B, V]
             else:
                 logits = model(tokens[:, max(0, length - S_max) : length])[:, -1]  # [B, V]
             probs = probs_from_logits(logits, cfg)  # [B, V]
             nxt = probs.argmax(-1) if cfg.temperature == 0 else sample(probs, generator)  # [B]: greedy needs no draw
+            if length == capacity:  # the window to the front; it starts at capacity − S_max ≥ S_max: no overlap
+                tokens[:, :S_max] = tokens[:, length - S_max : length]
+                length = S_max
             tokens[:, length] = nxt
             length += 1
+            total += 1
             yield nxt, probs
 
 

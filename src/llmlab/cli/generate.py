@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,28 @@ def _plain(args: argparse.Namespace, prompt: str, sampling: Any, loaded: Any) ->
         if live:
             print(head, end="", flush=True)
         stream = (lambda piece: print(piece, end="", flush=True)) if live else None
-        g = generate_text(loaded.model, loaded.tokenizer, prompt, args.max_new_tokens, sampling,
-                          seed=args.seed + i, stop=args.stop, use_cache=not args.no_cache, on_text=stream)  # fmt: skip
+        with line_ended_on_error(live):
+            g = generate_text(loaded.model, loaded.tokenizer, prompt, args.max_new_tokens, sampling, seed=args.seed + i,
+                              stop=args.stop, use_cache=not args.no_cache, on_text=stream)  # fmt: skip
         samples.append(_sample(args, loaded.tokenizer, g))
         _show_entropy(args, loaded.tokenizer, head, g)
     if args.json:
         print_json({"prompt": prompt, **samples[0], "samples": samples})
     elif not args.entropy:  # end the streamed line
         print()
+
+
+@contextmanager
+def line_ended_on_error(live: bool) -> Iterator[None]:
+    """Around a sample streamed to stdout: if it fails (Ctrl-C, out of memory), its line is ended
+    first, so that the message on stderr starts a line of its own in the terminal."""
+    try:
+        yield
+    except BaseException:
+        if live:
+            with suppress(OSError):  # stdout may be the closed pipe that failed
+                print(flush=True)
+        raise
 
 
 def _sample(args: argparse.Namespace, tokenizer: Any, g: Any) -> dict[str, Any]:
@@ -131,8 +146,9 @@ def _decode_speculatively(args: argparse.Namespace, target: Any, draft: Any, pro
         if stream:
             print(head, end="", flush=True)
         t0 = time.perf_counter()
-        g, stats = speculative_text(target, draft, prompt, n, gamma, sampling, seed=args.seed + i, stop=args.stop,
-                                    on_text=stream)  # fmt: skip
+        with line_ended_on_error(stream is not None):
+            g, stats = speculative_text(target, draft, prompt, n, gamma, sampling, seed=args.seed + i,
+                                        stop=args.stop, on_text=stream)  # fmt: skip
         spec_s += time.perf_counter() - t0
         total.add(stats)
         spec_tokens += len(g.token_ids)
