@@ -54,3 +54,12 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA device"):
             machine.pick_device("cuda")
+    else:
+        with pytest.raises(UserError, match="CUDA device\\(s\\), numbered from 0"):
+            machine.pick_device(f"cuda:{torch.cuda.device_count()}")
+    if not torch.backends.mps.is_available():  # was PyTorch's traceback, "not linked with support for mps"
+        with pytest.raises(UserError, match="no Apple-silicon GPU"):
+            machine.pick_device("mps")
+    for other in ("meta", "xpu", "hpu"):  # devices torch names but llmlab does not run on: were tracebacks
+        with pytest.raises(UserError, match=f"device '{other}' is not one llmlab runs on"):
+            machine.pick_device(other)

@@ -28,14 +28,25 @@ class Dist:
         return self.rank == 0
 
 
+DEVICES = ("cpu", "cuda", "mps")  # the types llmlab runs on; `auto` picks the first available from the last
+
+
 def pick_device(name: str) -> torch.device:
+    """`name` ("auto", "cpu", "cuda", "cuda:1", "mps") as a device this machine has, or a UserError."""
     if name != "auto":
         try:
             device = torch.device(name)
         except RuntimeError:
             raise UserError(f"unknown device {name!r} (try auto, cpu, cuda, mps)") from None
+        if device.type not in DEVICES:
+            raise UserError(f"device {name!r} is not one llmlab runs on (try auto, cpu, cuda, mps)")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("device cuda was asked for, but no CUDA device is available")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {name} was asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                            "device(s), numbered from 0")  # fmt: skip
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise UserError("device mps was asked for, but no Apple-silicon GPU (MPS) is available")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
