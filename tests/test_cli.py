@@ -175,6 +175,9 @@ def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]
         (["count", "--sweep", "seq=8,16", "--out", str(tmp)], "a .png file"),
         (["count", "--sweep", "seq=8,16", "--out", "/proc/llmlab/s.png"], "No such file or directory: /proc/llmlab"),
         (["count", "--sweep", "seq=8,16", "--out", "/sys/s.png"], "--out /sys/s.png: cannot write in /sys"),  # root too
+        (["count", "--seq", "99999999999999999999"], "is too large: one activation would hold 4.8e+41 numbers"),
+        (["count", "--batch", "99999999999999999999"], "batch=99999999999999999999 seq=64 is too large"),
+        (["trace", "--batch", "99999999999999999999"], "batch=99999999999999999999 seq=8 is too large"),
         (["run", "--minutes", "nan", "--out", str(tmp / "tour")], "--minutes must be a positive finite number"),
         ([*gen, "--top-p", "0"], "top_p must be in (0, 1]"),
         ([*gen, "--top-p", "1.5"], "top_p must be in (0, 1]"),

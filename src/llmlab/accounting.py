@@ -389,6 +389,19 @@ def mfu(achieved_flops_per_s: float, peak: float) -> float:
 # --- checks ----------------------------------------------------------------------------------------
 
 
+MAX_ELEMENTS = 1 << 48  # numbers in one activation: 1 PiB of fp32, far beyond any machine, within int64 bytes
+
+
+def check_activation_size(cfg: ModelConfig, batch: int, seq: int) -> None:
+    """UserError if the largest activation of a [batch, seq] forward pass (the attention scores
+    [B, h, S, S], the logits [B, S, V] or the FFN's [B, S, F]) would hold more than MAX_ELEMENTS
+    numbers: PyTorch's size arithmetic overflows int64 not far beyond, even on the meta device."""
+    largest = batch * seq * max(cfg.n_heads * seq, cfg.vocab_size, cfg.ff_width, cfg.d_model)
+    if largest > MAX_ELEMENTS:
+        raise UserError(f"batch={batch} seq={seq} is too large: one activation would hold {largest:.3g} numbers "
+                        f"(at most 2**48 are counted)")  # fmt: skip
+
+
 def fit_context(cfg: ModelConfig, batch: int, seq: int) -> ModelConfig:
     """Check B and S; a model with sinusoidal or RoPE positions is counted at any S (its tables are
     buffers, so no parameter changes), a learned-position model only up to its block_size."""
@@ -396,6 +409,7 @@ def fit_context(cfg: ModelConfig, batch: int, seq: int) -> ModelConfig:
 
     if batch < 1 or seq < 1:
         raise UserError(f"batch and seq must be at least 1, got batch={batch} seq={seq}")
+    check_activation_size(cfg, batch, seq)
     if seq <= cfg.block_size:
         return cfg
     if cfg.positions == "learned":

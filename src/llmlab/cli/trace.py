@@ -28,6 +28,7 @@ def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any, str]:
     import torch
 
     from llmlab import config as cfg_lib
+    from llmlab.accounting import check_activation_size
 
     if args.run and (args.preset or args.sets):
         raise UserError("give a run directory or --preset (with --set), not both")
@@ -60,6 +61,7 @@ def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any, str]:
         raise UserError(f"--batch and --seq must be at least 1, got batch={B} seq={S}")
     if model.cfg.block_size < S:
         raise UserError(f"--seq {S} exceeds the model's context of {model.cfg.block_size} positions")
+    check_activation_size(model.cfg, B, S)
     gen = torch.Generator().manual_seed(args.seed)
     return model, torch.randint(0, model.cfg.vocab_size, (B, S), generator=gen), source  # [B, S]
 
