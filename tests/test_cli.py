@@ -152,6 +152,10 @@ def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]
         ([*train, "--set", "positions=rope", "--set", "rope_base=0"], "rope_base must be above 1"),
         ([*train, "--config", str(tmp)], "is a directory"),
         (["train", "--data", str(corpus), "--out", str(tmp / "empty.txt")], "is a file, not a directory"),
+        (["train", "--data", str(corpus), "--out", str(tmp / "empty.txt" / "r")], "empty.txt is a file, so"),
+        (["run", "--out", str(tmp / "empty.txt" / "tour")], "empty.txt is a file, so"),  # was "Not a directory"
+        (["export-hf", str(run), "--out", str(tmp / "empty.txt" / "hf")], "empty.txt is a file, so"),
+        (["count", "--sweep", "seq=8,16", "--out", str(tmp / "empty.txt" / "s.png")], "empty.txt is a file, so"),
         (["train", "--data", str(corpus), "--out", str(tmp / "not-a-run")], "is a directory that is not empty"),
         (["train", "--out", str(run), "--resume", "--data", str(corpus)], "continues the saved configuration and data"),
         (["train", "--out", str(run), "--resume", "--seed", "3"], "continues the saved configuration and data"),

@@ -44,6 +44,7 @@ from llmlab.run_dir import (
     DIR_MODE,
     Run,
     atomic_write,
+    check_makeable,
     check_weights,
     config_json,
     save_weights,
@@ -296,8 +297,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose another --out")
-    if (file := next((p for p in out.parents if p.exists()), None)) is not None and not file.is_dir():
-        raise UserError(f"{file} is a file, so {out} cannot be made; choose another --out")
+    check_makeable(out)
     cfg, sd, tokenizer = read_hf_dir(src)
     model = GPT(cfg)
     model.load_state_dict(sd)
@@ -323,6 +323,7 @@ def export_hf(run: Run, out: str | Path) -> list[str]:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty directory; choose another --out")
+    check_makeable(out)
     hf_cfg = GPT2Config(**config_to_hf(run.model_cfg)).to_dict() | {"architectures": ["GPT2LMHeadModel"]}
     tied = run.model_cfg.tie_embeddings  # then lm_head.weight is wte's: transformers ties it on loading
     sd = {k: v.contiguous() for k, v in state_dict_to_hf(run.model).items() if not (tied and k == "lm_head.weight")}

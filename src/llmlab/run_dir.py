@@ -31,7 +31,7 @@ from safetensors.torch import load_model, save_model
 
 from llmlab import strict_json
 from llmlab.config import ModelConfig, TrainConfig, from_dict, to_dict
-from llmlab.errors import ConfigError, RunDirError
+from llmlab.errors import ConfigError, RunDirError, UserError
 from llmlab.model import GPT
 from llmlab.tokenizer import Tokenizer, load_tokenizer
 
@@ -39,6 +39,15 @@ REQUIRED = ("config.json", "tokenizer.json", "model.safetensors")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK  # what open() and mkdir() give under this umask
+
+
+def check_makeable(path: str | Path, flag: str = "--out") -> None:
+    """UserError if a file stands where a folder on the way to `path` would have to be made (the
+    OS would say only "Not a directory" or "File exists", naming another path)."""
+    path = Path(path)
+    there = next((p for p in path.parents if p.exists()), None)  # the nearest existing folder above it
+    if there is not None and not there.is_dir():
+        raise UserError(f"{there} is a file, so {path} cannot be made; choose another {flag}")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

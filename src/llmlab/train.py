@@ -36,6 +36,7 @@ from llmlab.machine import Dist, agreed, barrier, setup_distributed
 from llmlab.model import GPT
 from llmlab.run_dir import (
     Run,
+    check_makeable,
     check_run_dir,
     config_json,
     load_run,
@@ -142,6 +143,7 @@ def _check_fresh(out: Path) -> None:
     fails before its first checkpoint can be removed whole (`_remove_unfinished`)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a directory; choose another --out")
+    check_makeable(out)
     if (out / "config.json").exists() or (out / "model.safetensors").exists():
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     if out.is_dir() and any(out.iterdir()):

@@ -79,6 +79,9 @@ def refuse_file_as_out(out: str) -> None:
     """--out names a directory to write into: an existing file there is a one-line error."""
     if Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file, not a directory; choose another --out")
+    from llmlab.run_dir import check_makeable  # here: run_dir imports torch, which --help does without
+
+    check_makeable(out)
 
 
 def print_json(obj: dict[str, Any]) -> None:
@@ -110,7 +113,10 @@ def check_writable(path: str | Path, flag: str) -> None:
     """Fail before any long work if the file `path` could not be written: its folder is made now
     (an OSError names what is missing), and an empty file is made in it and removed. (Permission
     bits alone would not say: root passes `os.access` on a folder that refuses files, such as /sys.)"""
+    from llmlab.run_dir import check_makeable
+
     parent = Path(path).parent
+    check_makeable(path, flag)
     parent.mkdir(parents=True, exist_ok=True)
     try:
         with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{Path(path).name}.", suffix=".probe"):
