@@ -71,16 +71,6 @@ def score(run: Run, text: str, temperature: float = 1.0, top_k: int = 5) -> dict
     return {**scored.to_json(), "tokens": [token_json(t) for t in scored.tokens]}
 
 
-def generate(run: Run, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 1337) -> dict[str, Any]:  # fmt: skip
-    """One sample of `llmlab generate RUN --entropy --json`: text, token ids, each token's entropy."""
-    from llmlab.sampling import SamplingConfig, generate_text
-
-    sampling = SamplingConfig(temperature, top_k, top_p)
-    g = generate_text(run.model, run.tokenizer, prompt, max_new_tokens, sampling, seed=seed)
-    return _generation(run, prompt, g.text, g.token_ids, g.entropies)
-
-
 def _generation(run: Run, prompt: str, text: str, ids: Sequence[int], entropies: Sequence[float]) -> dict[str, Any]:
     from llmlab.score import generation_json
 
@@ -90,9 +80,10 @@ def _generation(run: Run, prompt: str, text: str, ids: Sequence[int], entropies:
 def generate_stream(run: Run, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None,
                     seed: int = 1337) -> Iterator[dict[str, Any]]:  # fmt: skip
-    """`generate`, one line per new token as it is drawn, {"token_id", "text", "entropy"}, then
-    {"done": <what `generate` returns>}. The request is checked now; the model runs only as the
-    lines are read (by whoever holds the model's lock)."""
+    """One sample of `llmlab generate RUN --entropy --json`, a line per new token as it is drawn,
+    {"token_id", "text", "entropy"}, then {"done": {prompt, text, token ids, each token's text and
+    entropy}}. The request is checked now; the model runs only as the lines are read (by whoever
+    holds the model's lock)."""
     from llmlab.sampling import SamplingConfig, stream_tokens
     from llmlab.score import next_piece
 
