@@ -108,3 +108,13 @@ def test_config_and_cli_import_without_torch():
     """`llmlab --help` and config errors must not pay for importing torch."""
     code = "import sys, llmlab.config, llmlab.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("text", ["model = 3\n", "[[model]]\nn_layers = 1\n", 'model = "abc"\n', "train = [1, 2]\n"])
+def test_a_config_entry_that_is_no_table_is_one_error(tmp_path, text):
+    """`model = 3` and `[[model]]` were TypeErrors; `model = "abc"` read as keys 'a', 'b', 'c'."""
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    name = text.strip("[").split()[0].strip("]")
+    with pytest.raises(ConfigError, match=rf"{name} in .* must be a table, \[{name}\]"):
+        load_toml(path, preset("notes"))

@@ -292,6 +292,9 @@ def load_toml(path: str | Path, base: Preset) -> Preset:
     extra = set(data) - {"model", "train"}
     if extra:
         raise ConfigError(f"unknown table {sorted(extra)[0]!r} in {path} (expected [model], [train])")
+    for name in ("model", "train"):
+        if not isinstance(data.get(name, {}), dict):  # `model = 3`, or `[[model]]`, an array of tables
+            raise ConfigError(f"{name} in {path} must be a table, [{name}], with name = value lines")
     return Preset(_override(base.model, data.get("model", {})), _override(base.train, data.get("train", {})))
 
 
