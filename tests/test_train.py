@@ -399,3 +399,75 @@ def test_training_reports_exact_flops_per_second_and_mfu_against_the_cached_peak
     S = model_cfg.block_size
     assert result.flops_per_second == pytest.approx(result.tokens_per_second * train_step_flops(model_cfg, 1, S) / S)
     assert result.mfu == pytest.approx(result.flops_per_second / 2e9)
+
+
+def _tiny_run(tmp_path, corpus_file, name, **train):
+    cfg = replace(TINY_TRAIN, **{"max_steps": 4, "eval_interval": 2, "eval_iters": 1, **train})
+    return train_lib.train(TINY_VARIANTS["notes"], cfg, str(corpus_file), tmp_path / name, progress=False)
+
+
+def test_resume_with_a_train_state_that_does_not_fit_is_one_line(tmp_path, corpus_file, capsys):
+    """A train_state.pt that loads but is no state of this run (a foreign dict, a step as text,
+    another model's optimiser) is one line and exit 2; they were a KeyError, a TypeError and the
+    optimiser's ValueError."""
+    _tiny_run(tmp_path, corpus_file, "r")
+    other = replace(TINY_VARIANTS["notes"], n_layers=TINY_VARIANTS["notes"].n_layers + 1)
+    train_lib.train(other, replace(TINY_TRAIN, max_steps=2, eval_interval=2, eval_iters=1), str(corpus_file),
+                    tmp_path / "other", progress=False)  # fmt: skip
+    good = load_train_state(tmp_path / "r")
+    cases = {
+        "lacks a valid 'step'": {"foo": 1},
+        "lacks a valid 'elapsed'": {**good, "elapsed": "10"},
+        "lacks a valid 'step'  ": {**good, "step": "10"},
+        "does not fit this run (ValueError); is it another run's?": load_train_state(tmp_path / "other"),
+    }
+    for message, state in cases.items():
+        torch.save(state, tmp_path / "r" / "train_state.pt")
+        code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "r"), "--resume", "--max-steps", "8")
+        assert code == 2 and err.count("\n") == 1 and message.strip() in err, (message, err)
+
+
+def test_tokens_per_second_counts_every_step_when_metrics_csv_was_deleted(tmp_path, corpus_file):
+    """Reference: steps × tokens per step ÷ the training time train_state.pt records. With the
+    metrics rows of the resumed steps alone (metrics.csv deleted, as its error advises), the rate
+    divided their count by the whole run's time: 2.4× too low in the review that found it."""
+    _tiny_run(tmp_path, corpus_file, "r")
+    (tmp_path / "r" / "metrics.csv").unlink()
+    cfg = replace(TINY_TRAIN, max_steps=6)
+    result = train_lib.train(TINY_VARIANTS["notes"], cfg, "unused", tmp_path / "r", resume=True, progress=False)
+    state = load_train_state(tmp_path / "r")
+    tokens_per_step = TINY_TRAIN.batch_size * TINY_TRAIN.grad_accum * TINY_VARIANTS["notes"].block_size
+    assert state["step"] == 6
+    assert result.tokens_per_second == pytest.approx(6 * tokens_per_step / state["train_time"])
+
+
+def test_a_run_out_of_minutes_at_once_still_takes_a_step_and_saves_it(tmp_path, corpus_file):
+    """--max-minutes 1e-9: one step, a checkpoint and a finite loss; before, 0 steps, a NaN train
+    loss, exit 0, and a run directory without weights that neither resume nor a new run took."""
+    result = _tiny_run(tmp_path, corpus_file, "r", max_minutes=1e-9, max_steps=100)
+    assert result.steps == 1 and result.stopped_by == "max_minutes" and math.isfinite(result.train_loss)
+    assert load_run(tmp_path / "r").model is not None
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_to_delete_it(tmp_path, corpus_file, capsys):
+    """What SIGTERM leaves of a new run (config.json, tokenizer.json and data/, no weights): both
+    a new run and --resume say what it is, where they pointed at each other."""
+    _tiny_run(tmp_path, corpus_file, "r")
+    (tmp_path / "r" / "model.safetensors").unlink()
+    code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "r"), "--resume")
+    assert code == 2 and "stopped before its first checkpoint (killed, say): there is nothing to resume" in err
+    code, _, err = run_cli(capsys, "train", "--data", str(corpus_file), "--out", str(tmp_path / "r"))
+    assert code == 2 and "stopped before its first checkpoint (killed, say), so there is nothing to resume" in err
+
+
+def test_a_borrowed_tokenizer_is_the_one_config_json_names(tmp_path, corpus_file, trained_run, capsys):
+    """--tokenizer beside --tokenizer-from is refused (it was ignored); and config.json names the
+    borrowed tokenizer's kind, not the preset's (a char tokenizer was recorded as bpe)."""
+    code, _, err = run_cli(capsys, "train", "--data", str(corpus_file), "--out", str(tmp_path / "x"),
+                           "--tokenizer-from", str(trained_run), "--tokenizer", "bpe")  # fmt: skip
+    assert code == 2 and "--tokenizer-from brings its run's tokenizer and vocabulary; drop --tokenizer" in err
+    cfg = replace(TINY_TRAIN, max_steps=2, eval_interval=2, eval_iters=1, tokenizer="bpe")
+    train(TINY_VARIANTS["notes"], cfg, str(corpus_file), tmp_path / "r", tokenizer_from=str(trained_run),
+          progress=False)  # fmt: skip
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["train"]["tokenizer"]
+    assert saved == json.loads((trained_run / "tokenizer.json").read_text())["type"] == "char"

@@ -240,10 +240,21 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     return Run(path, model_cfg, train_cfg, tokenizer, model.to(device).eval(), meta)
 
 
+TRAIN_STATE = {"step": int, "optimizer": dict, "rng_torch": torch.Tensor, "elapsed": (int, float),
+               "train_time": (int, float)}  # what `train_state.pt` holds, and of what type  # fmt: skip
+
+
 def load_train_state(path: Path) -> dict[str, Any]:
+    """train_state.pt, checked to hold every entry a resume reads, each of its type."""
     try:
-        return torch.load(path / "train_state.pt", weights_only=True, map_location="cpu")
+        state = torch.load(path / "train_state.pt", weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise RunDirError(f"{path} has no train_state.pt to resume from") from None
     except Exception as e:  # torch raises several types for a truncated or foreign file
         raise RunDirError(f"{path / 'train_state.pt'} is corrupt ({type(e).__name__})") from None
+    for key, kind in TRAIN_STATE.items():
+        if not isinstance(state, dict) or not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise RunDirError(f"{path / 'train_state.pt'} is corrupt: it lacks a valid {key!r}")
+    if state["step"] < 0:
+        raise RunDirError(f"{path / 'train_state.pt'} is corrupt: step {state['step']} is negative")
+    return state

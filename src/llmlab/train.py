@@ -31,7 +31,7 @@ from llmlab import data as data_lib
 from llmlab.accounting import cached_peak, mfu, train_step_flops
 from llmlab.config import ModelConfig, TrainConfig
 from llmlab.entropy import cross_entropy, perplexity
-from llmlab.errors import TrainingDiverged, UserError
+from llmlab.errors import RunDirError, TrainingDiverged, UserError
 from llmlab.machine import Dist, agreed, barrier, setup_distributed
 from llmlab.model import GPT
 from llmlab.run_dir import (
@@ -107,6 +107,7 @@ def prepare(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data: str
         text = data_lib.load_source(data)
         if tokenizer_from is not None:
             tokenizer = load_tokenizer(check_run_dir(tokenizer_from) / "tokenizer.json")
+            train_cfg = replace(train_cfg, tokenizer=tokenizer.kind)  # config.json names the tokenizer it has
         else:
             tokenizer = train_tokenizer(train_cfg.tokenizer, text, train_cfg.bpe_vocab)
         _write_token_cache(out, text, tokenizer, train_cfg.val_fraction, model_cfg.block_size)
@@ -138,12 +139,21 @@ def _rebuild_token_cache(run: Run, out: Path, d: Dist) -> None:
     barrier(d)
 
 
+def check_resumable(out: Path) -> None:
+    if (out / "config.json").is_file() and not (out / "model.safetensors").exists():
+        raise UserError(f"{out} holds a run that stopped before its first checkpoint (killed, say): there is "
+                        "nothing to resume; delete it and train again")  # fmt: skip
+
+
 def _check_fresh(out: Path) -> None:
     """A new run goes into a directory that does not exist yet or is empty, so that a run that
     fails before its first checkpoint can be removed whole (`_remove_unfinished`)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a directory; choose another --out")
     check_makeable(out)
+    if (out / "config.json").exists() and not (out / "model.safetensors").exists():
+        raise UserError(f"{out} holds a run that stopped before its first checkpoint (killed, say), so there is "
+                        "nothing to resume: delete it, or choose another --out")  # fmt: skip
     if (out / "config.json").exists() or (out / "model.safetensors").exists():
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     if out.is_dir() and any(out.iterdir()):
@@ -231,8 +241,13 @@ def compiled_or_eager(forward: Callable[..., Any]) -> Callable[..., Any]:
 def _check_unfinished(out: Path, cfg: TrainConfig, state: dict[str, Any]) -> None:
     """A resume with nothing left to do is an error that says how to train further."""
     if state["step"] >= cfg.max_steps:
-        raise UserError(f"the run in {out} has done its {cfg.max_steps} steps; resume with --max-steps above "
-                        f"{state['step']} to train further")  # fmt: skip
+        done = (
+            f"its {cfg.max_steps} steps"
+            if state["step"] == cfg.max_steps
+            else (f"{state['step']} steps, and --max-steps {cfg.max_steps} asks for no more")
+        )
+        raise UserError(f"the run in {out} has done {done}; resume with --max-steps above {state['step']} to "
+                        "train further")  # fmt: skip
     if cfg.max_minutes and state["elapsed"] >= 60 * cfg.max_minutes:
         raise UserError(f"the run in {out} has used its {cfg.max_minutes:g} minutes; resume with a larger "
                         "--max-minutes to train further")  # fmt: skip
@@ -262,6 +277,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | 
     out = Path(out)
     d = setup_distributed(train_cfg.device)
     if resume:
+        check_resumable(out)
         run = load_run(out)
         train_cfg = replace(run.train_cfg, max_steps=train_cfg.max_steps, max_minutes=train_cfg.max_minutes,
                             device=train_cfg.device)  # fmt: skip
@@ -349,9 +365,13 @@ class _Loop:
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world * model_cfg.block_size
         torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank, reproducibly
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:  # a train_state.pt of another run, or a hand-edited one, loads but does not fit
+                self.optimizer.load_state_dict(state["optimizer"])
+                torch.set_rng_state(state["rng_torch"])
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise RunDirError(f"{out / 'train_state.pt'} does not fit this run ({type(e).__name__}); is it "
+                                  "another run's?") from None  # fmt: skip
             self.step, self.prev_elapsed, self.train_time = state["step"], state["elapsed"], state["train_time"]
-            torch.set_rng_state(state["rng_torch"])
             self.rows = [r for r in read_metrics(out / "metrics.csv") if r["step"] <= self.step]
         self.start = time.perf_counter()
 
@@ -363,8 +383,9 @@ class _Loop:
         return max(p, elapsed / (60 * self.cfg.max_minutes)) if self.cfg.max_minutes else p
 
     def tokens_per_second(self) -> float:
-        steps = len(self.rows)
-        return steps * self.tokens_per_step / self.train_time if self.train_time else 0.0
+        """Over every step of the run, resumed sessions too: train_time counts them all (the
+        metrics rows may not, where a damaged metrics.csv was deleted)."""
+        return self.step * self.tokens_per_step / self.train_time if self.train_time else 0.0
 
     def recent_train_loss(self) -> float:
         recent = [r["train_loss"] for r in self.rows[-self.cfg.eval_interval :]]
@@ -380,7 +401,7 @@ class _Loop:
                 if stop and self.step > first:  # Ctrl-C: the step it came in is done (and saved below)
                     stopped_by = "interrupt"
                     break
-                if self.cfg.max_minutes and elapsed >= 60 * self.cfg.max_minutes:
+                if self.cfg.max_minutes and elapsed >= 60 * self.cfg.max_minutes and self.step > first:  # ≥ 1 step
                     stopped_by = "max_minutes"
                     break
                 loss, lr, seconds = self.train_step(elapsed)

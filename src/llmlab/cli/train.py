@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmlab import config as cfg_lib
@@ -33,8 +34,9 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"--init-from keeps its run's model; --set {model_keys[0]} would change it (only training "
                         "settings may be set)")  # fmt: skip
     preset = resolve_config(args)
-    if args.vocab_size is not None and args.tokenizer_from:
-        raise UserError("--tokenizer-from brings its run's tokenizer and vocabulary; drop --vocab-size")
+    if args.tokenizer_from and (args.vocab_size is not None or args.tokenizer):
+        raise UserError("--tokenizer-from brings its run's tokenizer and vocabulary; drop --tokenizer and "
+                        "--vocab-size")  # fmt: skip
     if args.vocab_size is not None and preset.train.tokenizer != "bpe":
         raise UserError(f"--vocab-size sizes a BPE tokenizer; this run's tokenizer is {preset.train.tokenizer} "
                         "(add --tokenizer bpe)")  # fmt: skip
@@ -56,6 +58,9 @@ def resume(args: argparse.Namespace) -> None:
     if any(getattr(args, name) not in (None, []) for name in RESUME_FIXED) or args.preset != DEFAULT_PRESET:
         raise UserError("--resume continues the saved configuration and data; only --max-steps, --max-minutes "
                         "and --device may change")  # fmt: skip
+    from llmlab.train import check_resumable
+
+    check_resumable(Path(args.out))
     model_cfg, saved, _ = read_config(check_run_dir(args.out))
     given = {"max_steps": args.max_steps, "max_minutes": args.max_minutes, "device": args.device}
     _, train_cfg = cfg_lib.apply_overrides(model_cfg, saved, {k: v for k, v in given.items() if v is not None})
