@@ -156,6 +156,9 @@ def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]
         (["run", "--out", str(tmp / "empty.txt" / "tour")], "empty.txt is a file, so"),  # was "Not a directory"
         (["export-hf", str(run), "--out", str(tmp / "empty.txt" / "hf")], "empty.txt is a file, so"),
         (["count", "--sweep", "seq=8,16", "--out", str(tmp / "empty.txt" / "s.png")], "empty.txt is a file, so"),
+        (["score", str(run), "--text", "x", "--html", str(tmp / "empty.txt" / "s.html")], "empty.txt is a file, so"),
+        (["score", str(run), "--val", "50", "--calibration", "--out", str(tmp / "empty.txt" / "c")], "is a file, so"),
+        (["rft", "--task", "addition", "--write-corpus", str(tmp / "empty.txt" / "a.txt")], "empty.txt is a file, so"),
         (["train", "--data", str(corpus), "--out", str(tmp / "not-a-run")], "is a directory that is not empty"),
         (["train", "--out", str(run), "--resume", "--data", str(corpus)], "continues the saved configuration and data"),
         (["train", "--out", str(run), "--resume", "--seed", "3"], "continues the saved configuration and data"),

@@ -69,7 +69,7 @@ def test_neurons_lists_the_most_active_memories_of_every_layer(capsys, bios_run)
 def test_edit_writes_a_new_run_and_leaves_the_source_untouched(capsys, bios_run, tmp_path):
     before = digest(bios_run)
     prompt, subject, target = a_fact(bios_run)
-    out = tmp_path / "edited"
+    out = tmp_path / "runs" / "edited"  # its folder is made, as train's and score's are
     code, stdout, _ = run_cli(capsys, "knowledge", "edit", str(bios_run), "--method", "rome", "--prompt", prompt,
                               "--subject", subject, "--target", target, "--out", str(out), "--json")  # fmt: skip
     report = json.loads(stdout)
@@ -164,6 +164,7 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "fields.jsonl").write_text('{"prompt": "{} was born in", "subject": "A"}\n')
     (tmp / "empty.jsonl").write_text("\n")
     (tmp / "exists").mkdir()
+    (tmp / "afile").write_text("")
     edit = ["knowledge", "edit", str(run), "--method", "rome", "--out", str(tmp / "new")]
     fact = ["--prompt", prompt, "--subject", subject, "--target", target]
     loc = ["knowledge", "locate", str(run), "--out", str(tmp / "maps")]
@@ -194,7 +195,8 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
         ([*edit, *fact, "--set", "steps=many"], "steps='many'"),
         (["knowledge", "edit", str(run), "--method", "rome", *fact, "--out", str(tmp / "exists")], "already exists"),
         (["knowledge", "edit", str(run), "--method", "rome", *fact, "--out", str(run)], "already exists"),
-        (["knowledge", "edit", str(run), "--method", "rome", *fact, "--out", str(tmp / "no" / "x")], "does not exist"),
+        ([*edit[:5], *fact, "--out", str(run / "sub")], "inside the source run"),
+        ([*edit[:5], *fact, "--out", str(tmp / "afile" / "x")], "afile is a file, so"),
         (["knowledge", "eval", str(run), "--method", "rome", "--mode", "parallel"], "unknown mode 'parallel'"),
         (["knowledge", "eval", str(run), "--method", "memit", "--edits", "0"], "--edits must be at least 1"),
         ([*evaluate, "--requests", str(tmp / "fields.jsonl")], "line 1 must be an object"),

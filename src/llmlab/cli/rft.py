@@ -63,13 +63,14 @@ def _progress(line: str) -> None:
 
 
 def _write_corpus(args: argparse.Namespace, task: Task) -> None:
-    from llmlab.run_dir import write_text
+    from llmlab.run_dir import check_makeable, write_text
 
     path = Path(args.write_corpus)
     if path.is_dir():
         raise UserError(f"--write-corpus {path} is a directory; give a file name such as addition.txt")
     if path.exists():
         raise UserError(f"{path} already exists; --write-corpus never overwrites a file")
+    check_makeable(path, "--write-corpus")
     text = task.corpus()
     write_text(path, text)
     lines = text.count("\n")

@@ -81,6 +81,9 @@ def _output_path(path: str, run: str, flag: str) -> Path:
         raise UserError(f"--html {path!r} is a directory; give a file name such as score.html")
     if flag == "--out" and p.exists() and not p.is_dir():
         raise UserError(f"--out {path!r} is a file; give a directory")
+    from llmlab.run_dir import check_makeable
+
+    check_makeable(p, flag)  # before the scoring, not after it
     return p
 
 

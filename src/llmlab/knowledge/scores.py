@@ -45,7 +45,7 @@ from llmlab.data import read_splits
 from llmlab.errors import UserError
 from llmlab.knowledge import Fact, answer_logprob, edit, encode_all, teacher_forced
 from llmlab.model import GPT
-from llmlab.run_dir import DIR_MODE, Run, config_json, load_run, save_weights, write_json, write_text
+from llmlab.run_dir import DIR_MODE, Run, check_makeable, config_json, load_run, save_weights, write_json, write_text
 from llmlab.sampling import SamplingConfig, generate_batch
 from llmlab.tokenizer import Tokenizer
 
@@ -319,10 +319,12 @@ def edit_run(source: str | Path, out: str | Path, method: str, facts: Sequence[F
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose a new --out (the source run is never overwritten)")
-    if not out.parent.is_dir():
-        raise UserError(f"the folder {str(out.parent)!r} for --out does not exist")
+    check_makeable(out)
+    if Path(source).resolve() in out.resolve().parents:
+        raise UserError(f"--out {out} is inside the source run {source}; write the edited run somewhere else")
     run = load_run(source, device)
     report, params, stats = edit_and_score(run, method, facts, params)
+    out.parent.mkdir(parents=True, exist_ok=True)  # as train and score make theirs
     write_edited_run(run, out, method, params, facts, stats if method != "ft-l" else None)
     return {"run": str(out), "source": str(run.path), **report}
 
