@@ -328,3 +328,13 @@ def test_non_overlapping_windows_equal_the_training_evaluation_batches():
                for x, y in sequential_batches(tokens, 16, 4)]  # fmt: skip
     torch.testing.assert_close(sc.surprisal, torch.cat(ref))
     assert sc.windows == 10
+
+
+def test_visible_shows_whitespace_and_escapes_every_other_control_character():
+    """The token table printed a raw carriage return (which sent the terminal's cursor back over the
+    row) and raw NUL/VT in the alternatives. Reference: Python's repr escapes of the Cc category."""
+    from llmlab.score import visible
+
+    assert visible("a b\n\t") == "a␣b⏎⇥"
+    assert [visible(c) for c in "\r\x00\x0b\x1b\x7f\x85"] == ["\\r", "\\x00", "\\x0b", "\\x1b", "\\x7f", "\\x85"]
+    assert visible("é中🙂") == "é中🙂" and visible("") == "∅"

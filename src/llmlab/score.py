@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import html
 import math
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -291,8 +292,12 @@ def _edges(scale: Scale) -> list[float]:
 
 
 def visible(piece: str) -> str:
-    """A token's text with whitespace made visible, for tables and tooltips."""
-    return piece.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥") or "∅"
+    """A token's text with whitespace made visible, for tables and tooltips; any other control
+    character (a carriage return would move the terminal's cursor back over the row) as its
+    escape, \r or \x00. The empty text is ∅."""
+    shown = piece.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥")
+    shown = "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in shown)
+    return shown or "∅"
 
 
 def token_table(scored: ScoredText) -> str:
