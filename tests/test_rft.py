@@ -66,6 +66,20 @@ def test_verify_counts_exceptions_and_non_bools_as_rejections():
     assert verify(lambda *a: "yes", Example("1+1="), "2") == (False, "the verifier returned 'yes', not a bool")
     assert verify(exact_match, Example("1+1=", "2"), "2") == (True, None)
 
+    def leaves(*args):
+        raise SystemExit(3)  # ended the whole run with exit 3 and no message
+
+    assert verify(leaves, Example("1+1="), "2") == (False, "SystemExit: 3")
+
+
+def test_an_accuracy_names_its_verifier_errors():
+    """best-of's and round 0's pass@1 printed 0.000 with no word of the verifier failing on every sample."""
+    from llmlab.rft import format_accuracy
+
+    h = {"rate": 0.0, "ci95": [0.0, 0.008], "correct": 0, "total": 500}
+    assert format_accuracy(h) == "0.000 (95% CI 0.000–0.008, 0/500)"
+    assert format_accuracy(h | {"verifier_errors": 500}) == "0.000 (95% CI 0.000–0.008, 0/500), 500 verifier errors"
+
 
 def test_load_verifier_and_its_errors(tmp_path, monkeypatch):
     assert load_verifier("llmlab.tasks:exact_match") is exact_match

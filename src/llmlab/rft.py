@@ -69,7 +69,7 @@ def verify(verifier: Verifier, example: Example, completion: str) -> tuple[bool,
     rejects the sample and the error is reported; it never stops the run."""
     try:
         result = verifier(example.prompt, completion, example.answer)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # sys.exit() in a verifier ended the run silently; Ctrl-C still stops it
         return False, f"{type(e).__name__}: {e}"
     if not isinstance(result, bool | np.bool_):
         return False, f"the verifier returned {result!r}, not a bool"
@@ -307,6 +307,8 @@ def _publish(last: Path, out: Path) -> None:
 
 
 def format_accuracy(h: dict[str, Any]) -> str:
-    """0.312 (95% CI 0.272–0.355, 156/500)"""
+    """0.312 (95% CI 0.272–0.355, 156/500), and ", 12 verifier errors" where the verifier failed
+    on some samples (each counted as rejected)."""
     lo, hi = h["ci95"]
-    return f"{h['rate']:.3f} (95% CI {lo:.3f}–{hi:.3f}, {h['correct']}/{h['total']})"
+    errors = f", {h['verifier_errors']:,} verifier errors" if h.get("verifier_errors") else ""
+    return f"{h['rate']:.3f} (95% CI {lo:.3f}–{hi:.3f}, {h['correct']}/{h['total']}){errors}"
