@@ -421,10 +421,12 @@ def test_resume_with_a_train_state_that_does_not_fit_is_one_line(tmp_path, corpu
         "lacks a valid 'step'  ": {**good, "step": "10"},
         "does not fit this run (ValueError); is it another run's?": load_train_state(tmp_path / "other"),
     }
+    config = (tmp_path / "r" / "config.json").read_text()
     for message, state in cases.items():
         torch.save(state, tmp_path / "r" / "train_state.pt")
         code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "r"), "--resume", "--max-steps", "8")
         assert code == 2 and err.count("\n") == 1 and message.strip() in err, (message, err)
+        assert (tmp_path / "r" / "config.json").read_text() == config  # its max_steps not rewritten
 
 
 def test_tokens_per_second_counts_every_step_when_metrics_csv_was_deleted(tmp_path, corpus_file):

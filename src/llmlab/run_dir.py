@@ -240,8 +240,9 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     return Run(path, model_cfg, train_cfg, tokenizer, model.to(device).eval(), meta)
 
 
+# what train_state.pt holds, each entry of its type
 TRAIN_STATE = {"step": int, "optimizer": dict, "rng_torch": torch.Tensor, "elapsed": (int, float),
-               "train_time": (int, float)}  # what `train_state.pt` holds, and of what type  # fmt: skip
+               "train_time": (int, float)}  # fmt: skip
 
 
 def load_train_state(path: Path) -> dict[str, Any]:

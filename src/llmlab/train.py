@@ -284,10 +284,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | 
         model, model_cfg, state = run.model, run.model_cfg, load_train_state(out)
         _rebuild_token_cache(run, out, d)  # first, so that a finished run gets its cache back too
         _check_unfinished(out, train_cfg, state)
-        if d.main and train_cfg.max_steps != run.train_cfg.max_steps:  # a longer schedule is the run's from now on
-            saved = replace(run.train_cfg, max_steps=train_cfg.max_steps)  # (minutes and device: this session's)
-            write_json(out / "config.json", config_json(model_cfg, saved, **run.meta))
-        splits, loop = _start(model, model_cfg, train_cfg, out, d, state)
+        splits, loop = _start(model, model_cfg, train_cfg, out, d, state)  # first: a state that does not fit is
+        if d.main and train_cfg.max_steps != run.train_cfg.max_steps:  # refused before config.json changes
+            saved = replace(run.train_cfg, max_steps=train_cfg.max_steps)  # the schedule's length is the run's
+            write_json(out / "config.json", config_json(model_cfg, saved, **run.meta))  # from now on (not minutes)
         stopped_by = loop.run(progress)
     else:
         if d.main:
