@@ -473,3 +473,21 @@ def test_a_borrowed_tokenizer_is_the_one_config_json_names(tmp_path, corpus_file
           progress=False)  # fmt: skip
     saved = json.loads((tmp_path / "r" / "config.json").read_text())["train"]["tokenizer"]
     assert saved == json.loads((trained_run / "tokenizer.json").read_text())["type"] == "char"
+
+
+@pytest.mark.parametrize("name", ["notes", "llama-tiny", "gpt2"])
+def test_the_memory_check_counts_what_the_model_has(name, monkeypatch):
+    """check_fits_in_memory's count (one layer, plus n_layers − 1 more) against the model's own
+    parameter count (reference: sum of p.numel(), on the meta device), and its refusal past the
+    machine's memory."""
+    from llmlab.config import preset
+
+    cfg = preset(name).model
+    with torch.device("meta"):
+        real = sum(p.numel() for p in GPT(cfg).parameters())
+    train_lib.check_fits_in_memory(cfg, torch.device("cpu"))  # fits: no error
+    memory = 16 * real - 1  # bytes: a machine that 16 bytes a parameter would just overflow (pages of 1 byte)
+    monkeypatch.setattr(train_lib.os, "sysconf", lambda key: memory if key == "SC_PHYS_PAGES" else 1)
+    with pytest.raises(UserError, match=f"the model would have {real:,} parameters: training it on the CPU needs"):
+        train_lib.check_fits_in_memory(cfg, torch.device("cpu"))
+    train_lib.check_fits_in_memory(cfg, torch.device("cuda"))  # its fp32 weights, 4 bytes a parameter, fit

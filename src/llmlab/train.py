@@ -11,6 +11,7 @@ alone writes.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import signal
 import sys
@@ -28,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from llmlab import data as data_lib
-from llmlab.accounting import cached_peak, mfu, train_step_flops
+from llmlab.accounting import cached_peak, count_params, mfu, train_step_flops
 from llmlab.config import ModelConfig, TrainConfig
 from llmlab.entropy import cross_entropy, perplexity
 from llmlab.errors import RunDirError, TrainingDiverged, UserError
@@ -324,9 +325,26 @@ def _fresh(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: Path,
         extra = {**(extra or {}), "init_from": str(init_from)}
     model_cfg, _ = prepare(out, model_cfg, train_cfg, data, tokenizer_from, d, extra or {})
     torch.manual_seed(train_cfg.seed)
+    if base is None:
+        check_fits_in_memory(model_cfg, d.device)  # n_layers=10⁸ hung in GPT(model_cfg) until killed
     model = base.model if base is not None else GPT(model_cfg)
     splits, loop = _start(model, model_cfg, train_cfg, out, d, None)
     return model, model_cfg, splits, loop, loop.run(progress)
+
+
+def check_fits_in_memory(cfg: ModelConfig, device: torch.device) -> None:
+    """UserError if the model cannot be built in this machine's memory: its fp32 weights (4 bytes a
+    parameter, made on the CPU before moving to `device`), and on the CPU training's 16 bytes a
+    parameter (weights, gradients and AdamW's two moments, notes §2.3). The count is the formula's,
+    one layer times n_layers, so that even an absurd size is refused at once."""
+    one = count_params(replace(cfg, n_layers=1))
+    params = one + (cfg.n_layers - 1) * (count_params(replace(cfg, n_layers=2)) - one)
+    need = params * (16 if device.type == "cpu" else 4)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory:
+        what = "training it on the CPU needs" if device.type == "cpu" else "its fp32 weights alone need"
+        raise UserError(f"the model would have {params:,} parameters: {what} {need / 2**30:,.1f} GiB, and this "
+                        f"machine has {memory / 2**30:,.1f} GiB")  # fmt: skip
 
 
 def _start(model: GPT, model_cfg: ModelConfig, train_cfg: TrainConfig, out: Path, d: Dist,
