@@ -389,7 +389,8 @@ def mfu(achieved_flops_per_s: float, peak: float) -> float:
 # --- checks ----------------------------------------------------------------------------------------
 
 
-MAX_ELEMENTS = 1 << 48  # numbers in one activation: 1 PiB of fp32, far beyond any machine, within int64 bytes
+MAX_EXPONENT = 48
+MAX_ELEMENTS = 1 << MAX_EXPONENT  # numbers in one activation: 1 PiB of fp32, far beyond any machine, within int64
 
 
 def check_activation_size(cfg: ModelConfig, batch: int, seq: int) -> None:
@@ -399,7 +400,7 @@ def check_activation_size(cfg: ModelConfig, batch: int, seq: int) -> None:
     largest = batch * seq * max(cfg.n_heads * seq, cfg.vocab_size, cfg.ff_width, cfg.d_model)
     if largest > MAX_ELEMENTS:
         raise UserError(f"batch={batch} seq={seq} is too large: one activation would hold {largest:.3g} numbers "
-                        f"(at most 2**48 are counted)")  # fmt: skip
+                        f"(at most 2**{MAX_EXPONENT} are counted)")  # fmt: skip
 
 
 def fit_context(cfg: ModelConfig, batch: int, seq: int) -> ModelConfig:

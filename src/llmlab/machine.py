@@ -28,7 +28,7 @@ class Dist:
         return self.rank == 0
 
 
-DEVICES = ("cpu", "cuda", "mps")  # the types llmlab runs on; `auto` picks the first available from the last
+DEVICES = ("cpu", "cuda", "mps")  # the device types llmlab runs on (`auto` tries cuda, then mps, then cpu)
 
 
 def pick_device(name: str) -> torch.device:

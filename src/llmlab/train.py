@@ -140,8 +140,13 @@ def _rebuild_token_cache(run: Run, out: Path, d: Dist) -> None:
     barrier(d)
 
 
+def _stopped_before_checkpoint(out: Path) -> bool:
+    """What a new run killed before its first checkpoint leaves: a config, but no weights."""
+    return (out / "config.json").is_file() and not (out / "model.safetensors").exists()
+
+
 def check_resumable(out: Path) -> None:
-    if (out / "config.json").is_file() and not (out / "model.safetensors").exists():
+    if _stopped_before_checkpoint(out):
         raise UserError(f"{out} holds a run that stopped before its first checkpoint (killed, say): there is "
                         "nothing to resume; delete it and train again")  # fmt: skip
 
@@ -152,7 +157,7 @@ def _check_fresh(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a directory; choose another --out")
     check_makeable(out)
-    if (out / "config.json").exists() and not (out / "model.safetensors").exists():
+    if _stopped_before_checkpoint(out):
         raise UserError(f"{out} holds a run that stopped before its first checkpoint (killed, say), so there is "
                         "nothing to resume: delete it, or choose another --out")  # fmt: skip
     if (out / "config.json").exists() or (out / "model.safetensors").exists():
