@@ -60,6 +60,29 @@ def test_causality_changing_token_j_leaves_earlier_logits_unchanged(name, attent
     assert not torch.allclose(a[:, j], b[:, j])
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 16, 8), (1, 2, 64, 256)])
+def test_bf16_training_on_cpu_attends_in_fp32_only_below_the_threshold(shape):
+    """Reference: F.scaled_dot_product_attention itself, on the same bf16 q, k, v upcast to fp32
+    (rounded back to bf16) below S·D = FP32_ATTENTION_BELOW, and in bf16 from there on; the
+    gradients reach q, k and v in bf16 either way."""
+    from llmlab.model import FP32_ATTENTION_BELOW, attends_in_fp32
+
+    attn = build("gpt2", attention="sdpa").train().blocks[0].attn
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(shape, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    below = shape[2] * shape[3] < FP32_ATTENTION_BELOW
+    assert attends_in_fp32(q) == below
+    assert not attends_in_fp32(q.detach()) and not attends_in_fp32(q.detach().float().requires_grad_())
+    z = attn.sdpa(q, k, v)
+    up = (lambda t: t.float()) if below else (lambda t: t)
+    ref = F.scaled_dot_product_attention(up(q), up(k), up(v), is_causal=True).bfloat16()
+    assert z.dtype == torch.bfloat16 and torch.equal(z, ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # which runs SDPA in bf16 unless told not to
+        assert torch.equal(attn.sdpa(q, k, v), ref)
+    z.sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_explicit_attention_equals_sdpa(name):
     """Reference: torch.nn.functional.scaled_dot_product_attention (the "sdpa" path)."""
