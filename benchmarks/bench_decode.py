@@ -16,6 +16,7 @@ import torch
 from benchmarks.common import interleaved_medians, sync
 from benchmarks.shapes import model_pair
 from llmlab.matvec import weights_in
+from llmlab.model import KVCache
 from llmlab.sampling import SamplingConfig, generate_ids
 
 PROMPT, NEW = 16, 128
@@ -28,6 +29,30 @@ class Decoding:
     agree: int  # how many leading tokens the two decoders agree on: NEW when they are the same
     probe_s: float | None = None  # median seconds of the probe, timed in the same turns
     ours_fp32: float | None = None  # tokens/s of llmlab in fp32, in the same turns, when `weights` was given
+    logits16: LogitAgreement | None = None  # the 16-bit weights' next-token logits against fp32's, when given
+
+
+@dataclass
+class LogitAgreement:
+    """16-bit weights against fp32 on the same tokens: the prompt and fp32's greedy continuation,
+    fed one at a time through the KV cache as decoding does (so every product is a one-row one)."""
+
+    top1: float  # the fraction of positions whose most likely next token is the same
+    max_abs: float  # the largest |logit₁₆ − logit₃₂| over all positions and tokens
+    scale: float  # the standard deviation of fp32's logits, for scale
+
+
+def stepwise_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """ids [1, S] → next-token logits [S, V], each position fed alone through the KV cache."""
+    cache = KVCache(model.cfg, 1, ids.device, torch.float32, max_len=ids.shape[1])
+    with torch.inference_mode():
+        return torch.cat([model(ids[:, i : i + 1], cache=cache)[0] for i in range(ids.shape[1])])
+
+
+def agreement(fp32: torch.Tensor, half: torch.Tensor) -> LogitAgreement:
+    """fp32, half [S, V] logits → how closely they agree."""
+    top1 = (fp32.argmax(-1) == half.argmax(-1)).float().mean().item()
+    return LogitAgreement(top1, (half - fp32).abs().max().item(), fp32.std().item())
 
 
 def bench(
@@ -62,20 +87,31 @@ def bench(
         sync(idx.device)
         return out[:, PROMPT:]
 
+    fp32_model = copy.deepcopy(ours) if weights is not None else None  # the baseline; `ours` gets the copies
+    logits16 = None
     with ExitStack() as stack:
         sides = [decoder(ours), hf_run]
-        if weights is not None:
-            sides.append(decoder(copy.deepcopy(ours)))  # the fp32 baseline; `ours` gets the copies
+        if fp32_model is not None:
+            sides.append(decoder(fp32_model))
             stack.enter_context(weights_in(ours, weights))
         differ = (sides[0]() != hf_run())[0].nonzero()
         seconds = interleaved_medians(sides + ([probe] if probe else []), reps)
+        if fp32_model is not None:
+            ids = torch.cat([idx, sides[2]()], 1)  # [1, PROMPT + NEW]: fp32's own greedy tokens
+            logits16 = agreement(stepwise_logits(fp32_model, ids), stepwise_logits(ours, ids))
     return Decoding(
         ours=NEW / seconds[0],
         peer=NEW / seconds[1],
         agree=int(differ[0]) if len(differ) else NEW,
         probe_s=seconds[-1] if probe else None,
         ours_fp32=NEW / seconds[2] if weights is not None else None,
+        logits16=logits16,
     )
+
+
+def describe(a: LogitAgreement) -> str:
+    return (f"next-token logits against fp32's on the same {PROMPT + NEW} tokens: the same top token at "
+            f"{a.top1:.1%} of positions, |Δ| ≤ {a.max_abs:.3f} (their spread σ = {a.scale:.2f})")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     d = bench(args.shape, reps=args.reps, device=args.device, weights=weights)
     same = "same tokens" if d.agree == NEW else f"the first {d.agree} of {NEW} tokens the same"
     note = same + (f"; llmlab fp32 in the same turns {d.ours_fp32:.1f} tokens/s" if d.ours_fp32 else "")
+    note += f"; {describe(d.logits16)}" if d.logits16 else ""
     name = f"greedy decoding, {args.shape}, B=1" + (f", {args.weights} weights" if weights else ", fp32")
     print(markdown_table([Row(name, d.ours, d.peer, "tokens/s", "–", note)]))
 

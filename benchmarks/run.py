@@ -173,15 +173,16 @@ def mfu_rows(device: str, got: Training) -> list[Row]:
 def decoding_rows(device: str, reps: int, shapes: list[str]) -> list[Row]:
     """At 124M a read pass over 256 MB takes its turn beside the two decoders; the ceiling is the
     median read bandwidth of those passes, the note also gives the fastest of five afterwards.
-    Then llmlab with fp16 copies of its matrices, against transformers in fp32 (in fp16 its
-    `generate` runs every op in 16 bits, 6× slower than fp32 on a CPU without 16-bit arithmetic)."""
+    Then llmlab with 16-bit copies of its matrices (`weights16`), against transformers in fp32
+    (in 16 bits its `generate` runs every op in 16 bits, 6× slower than fp32 on an AVX2 CPU)."""
     rows = []
     for shape in shapes:
         probe, nbytes = read_pass(device) if shape == "124M" else (None, 0)
         d = bench_decode.bench(shape, reps=_reps(shape, reps), device=device, probe=probe)
         goal = DECODE_GOAL[shape]
-        rows.append(Row(f"greedy decoding, {shape}, B=1, fp32", d.ours, d.peer, "tokens/s", f"≥ {goal}×",
-                        _agreement(d.agree), goal=goal))  # fmt: skip
+        row = Row(f"greedy decoding, {shape}, B=1, fp32", d.ours, d.peer, "tokens/s", f"≥ {goal}×",
+                  _agreement(d.agree), goal=goal)  # fmt: skip
+        rows.append(row)
         if d.probe_s is None:
             continue
         best = memory_bandwidth(device)
@@ -189,23 +190,35 @@ def decoding_rows(device: str, reps: int, shapes: list[str]) -> list[Row]:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         bandwidth = nbytes / d.probe_s
         ceiling = bandwidth / weight_bytes
+        if row.shortfall is not None:  # how near the peer already is to the ceiling both share
+            row.note += (f"; transformers decodes at {100 * d.peer / ceiling:.0f}% of the bandwidth ceiling "
+                         f"(next row), so {goal}× would take {100 * goal * d.peer / ceiling:.0f}% of it")  # fmt: skip
         rows.append(Row("greedy decoding, 124M, against the bandwidth ceiling", 100 * d.ours / ceiling, None,
                         "% of ceiling", "≥ 70%",
                         f"{weight_bytes / 1e6:.0f} MB read per token at the {bandwidth / 1e9:.1f} GB/s a read "
                         f"pass ran at in turn with decoding (median) = {ceiling:.1f} tokens/s; "
                         f"{100 * d.ours * weight_bytes / best:.1f}% against the fastest pass afterwards, "
                         f"{best / 1e9:.1f} GB/s", goal=70.0))  # fmt: skip
-        h = bench_decode.bench(shape, reps=reps, device=device, probe=probe, weights=torch.float16)
-        assert h.probe_s is not None and h.ours_fp32 is not None
+        dtype = weights16(device)
+        h = bench_decode.bench(shape, reps=reps, device=device, probe=probe, weights=dtype)
+        assert h.probe_s is not None and h.ours_fp32 is not None and h.logits16 is not None
         ceiling = nbytes / h.probe_s / weight_bytes
-        rows.append(Row("greedy decoding, 124M, B=1, fp16 weights (matvec.weights_in) vs transformers fp32", h.ours,
-                        h.peer, "tokens/s", "–",
+        name = str(dtype).removeprefix("torch.")
+        rows.append(Row(f"greedy decoding, 124M, B=1, {name} weights (matvec.weights_in) vs transformers fp32",
+                        h.ours, h.peer, "tokens/s", "–",
                         f"{_agreement(h.agree)}; {h.ours / h.ours_fp32:.2f}× llmlab in fp32 in the same turns "
                         f"({h.ours_fp32:.1f} tokens/s); {100 * h.ours / ceiling:.1f}% of the fp32 ceiling "
                         f"({ceiling:.1f} tokens/s in these turns), {50 * h.ours / ceiling:.1f}% of the 16-bit one "
-                        "(half the bytes)"))  # fmt: skip
+                        f"(half the bytes); {bench_decode.describe(h.logits16)}"))  # fmt: skip
         del probe
     return rows
+
+
+def weights16(device: str) -> torch.dtype:
+    """The 16-bit type whose one-row products run fastest here: bf16 on a GPU or a CPU with bf16
+    instructions, fp16 on one without, whose F16C instructions widen fp16 in hardware
+    (`llmlab.matvec.weights_in`)."""
+    return torch.bfloat16 if device != "cpu" or cpu_has_native_bf16() else torch.float16
 
 
 def _agreement(agree: int) -> str:

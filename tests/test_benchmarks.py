@@ -150,3 +150,24 @@ def test_bench_speculative_runs_on_a_pair_with_a_short_context(trained_run, caps
     out = capsys.readouterr().out
     assert "| 3 |" in out and "4 new tokens × 2 prompts" in out
     assert "one cached target call after 28 tokens:" in out and out.rstrip().splitlines()[-1].startswith("command:")
+
+
+def test_the_16_bit_decoding_row_checks_its_logits_against_fp32():
+    """bench_decode's agreement: the next-token logits fed one at a time equal the model's own
+    whole-sequence forward (the reference), and `agreement` counts top tokens and the largest
+    difference as torch.argmax and a max over |Δ| do, here on hand-made logits."""
+    import torch
+
+    from benchmarks.bench_decode import agreement, stepwise_logits
+    from benchmarks.shapes import model_pair
+
+    model, _ = model_pair("tiny")
+    ids = torch.randint(0, 65, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole = model.eval()(ids)[0]  # [S, V]
+    torch.testing.assert_close(stepwise_logits(model, ids), whole, rtol=1e-5, atol=1e-5)
+    fp32 = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 5.0], [2.0, 2.5, 0.0]])
+    half = fp32 + torch.tensor([[0.0, 2.5, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, -0.25], [0.75, 0.0, 0.0]])
+    a = agreement(fp32, half)
+    assert (a.top1, a.max_abs) == (0.5, 2.5)  # rows 0 and 3 change their top token
+    assert abs(a.scale - fp32.std().item()) < 1e-12
