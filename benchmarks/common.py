@@ -60,8 +60,26 @@ def machine() -> dict[str, str]:
     interesting = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     return {
         "cpu": model, "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),
-        "cpu flags": " ".join(interesting) or "-", "torch": torch.__version__, "python": platform.python_version(),
+        "cpu flags": " ".join(interesting) or "-", "last-level cache": last_level_cache(),
+        "torch": torch.__version__, "python": platform.python_version(),
     }  # fmt: skip
+
+
+def last_level_cache() -> str:
+    """The last-level CPU cache as Linux reports it ("L3 480 MiB"; on a VM, the host's, shared); "-" where
+    unknown. Beside the bandwidth ceiling: a model whose weights fit in it reads them from cache."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level, size = (index / "level").read_text().strip(), (index / "size").read_text().strip()
+        except OSError:
+            continue
+        sizes.append((int(level), size))
+    if not sizes:
+        return "-"
+    level, size = max(sizes)
+    kib = int(size[:-1]) if size.endswith("K") and size[:-1].isdigit() else None
+    return f"L{level} {kib / 1024:g} MiB" if kib else f"L{level} {size}"
 
 
 @dataclass
