@@ -2,7 +2,7 @@
 `F.gelu(approximate="tanh")` (PyTorch's fused kernel, what llmlab runs outside training),
 transformers' `NewGELUActivation` (`pow`, `tanh` and `mul`s), and `llmlab.gelu.GeluTanh`, the
 same function written with `sigmoid`, since 1 + tanh(z) = 2σ(2z), that stores its derivative
-(what llmlab trains with on an AVX2 CPU, `llmlab.gelu.SLOW_TANH`):
+(what llmlab trains with on CPU):
 
     GELU(x) = ½x(1 + tanh z) = x·σ(2z),   z = √(2/π)(x + 0.044715x³)
 
@@ -27,7 +27,6 @@ from torch import Tensor
 from benchmarks.bench_train import steps
 from benchmarks.common import Row, ablation_main, interleaved_medians
 from benchmarks.shapes import SHAPES, TRAIN_BATCH
-from llmlab import gelu
 from llmlab import model as llmlab_model
 from llmlab.gelu import GeluTanh
 
@@ -93,16 +92,12 @@ def bench(reps: int = 35) -> list[Row]:
     )
     step, _, tokens = steps("tiny")
 
-    def sigmoid_step() -> None:
-        with activation(lambda h: GeluTanh.apply(h) if h.requires_grad else torch_gelu(h)):
-            step()
-
     def fused_step() -> None:
         with activation(torch_gelu):
             step()
 
     (step_s, fused_step_s), (step_faults, fused_faults) = steady_medians(
-        [sigmoid_step, fused_step], turns=max(1, reps // 5), per_turn=6
+        [step, fused_step], turns=max(1, reps // 5), per_turn=6
     )
     shape = f"[{B}, {S}, {x.shape[-1]}]"
     us = "calls/s"
@@ -113,15 +108,10 @@ def bench(reps: int = 35) -> list[Row]:
             1 / peer_s, us, "–", f"{ours_s * 1e6:.0f} against {peer_s * 1e6:.0f} µs; 4 a training step"),
         Row(f"GELU forward + backward, {shape}: llmlab.gelu.GeluTanh vs F.gelu(tanh)", 1 / sig_s, 1 / ours_s, us,
             "–", f"{sig_s * 1e6:.0f} against {ours_s * 1e6:.0f} µs"),
-        Row(f"training step, tiny, fp32: llmlab with GeluTanh vs with F.gelu(tanh) (default: {default_gelu()})",
-            tokens / step_s,
+        Row("training step, tiny, fp32: llmlab with GeluTanh (its default) vs with F.gelu(tanh)", tokens / step_s,
             tokens / fused_step_s, "tokens/s", "–", f"{step_s * 1e3:.1f} against {fused_step_s * 1e3:.1f} ms, in "
             f"turns of 6 steps; page faults a step: {step_faults:,.0f} against {fused_faults:,.0f}"),
     ]  # fmt: skip
-
-
-def default_gelu() -> str:
-    return "GeluTanh" if gelu.SLOW_TANH and gelu.FAST_PATH else "F.gelu"
 
 
 def main(argv: list[str] | None = None) -> None:

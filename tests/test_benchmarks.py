@@ -157,7 +157,6 @@ def test_the_16_bit_decoding_row_checks_its_logits_against_fp32():
     whole-sequence forward (the reference), and `agreement` counts top tokens and the largest
     difference as torch.argmax and a max over |Δ| do, here on hand-made logits."""
     import torch
-
     from benchmarks.bench_decode import agreement, stepwise_logits
     from benchmarks.shapes import model_pair
 

@@ -15,10 +15,7 @@ which stores x: one [..., F] tensor (during the forward one buffer more is alive
 
 `gelu_tanh` takes this path only where it pays and its float32 error stays within a few
 roundings (gradients within about twice `F.gelu`'s own error, and better in the negative tail):
-a float32 CPU tensor that needs a gradient, with `FAST_PATH` on, on a CPU whose PyTorch kernels
-are AVX2's (`SLOW_TANH`). With AVX-512 the vectorised `tanh` is fast and the fused kernel wins:
-on a 2-core Sapphire Rapids `GeluTanh` took 1011 µs against `F.gelu`'s 790 (0.78×) and a tiny
-training step 43.3 against 40.2 ms (`python -m benchmarks.bench_activation`, 2026-12-02). Everywhere else (inference,
+a float32 CPU tensor that needs a gradient, with `FAST_PATH` on. Everywhere else (inference,
 other dtypes, CUDA, where the fused kernel is one pass) it is `F.gelu`. The path is first-order
 only, having no x to differentiate again: a second derivative through it (`create_graph=True`)
 is an error that says to set `llmlab.gelu.FAST_PATH = False`. `tests/test_gelu.py` holds the
@@ -36,7 +33,6 @@ from torch import Tensor
 C, A = math.sqrt(2 / math.pi), 0.044715
 X2_MAX = 400.0  # x² is clamped here: σ(2z) is exactly 0 or 1 from |x| = 20 on, in float32
 FAST_PATH = True  # False: always F.gelu (for second derivatives, or to compare)
-SLOW_TANH = torch.backends.cpu.get_cpu_capability() == "AVX2"  # where GeluTanh was measured to pay
 
 
 class GeluTanh(torch.autograd.Function):
@@ -61,7 +57,7 @@ class GeluTanh(torch.autograd.Function):
 
 
 def takes_fast_path(x: Tensor) -> bool:
-    return (FAST_PATH and SLOW_TANH and x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu"
+    return (FAST_PATH and x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu"
             and x.dtype == torch.float32)  # fmt: skip
 
 
