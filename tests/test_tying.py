@@ -17,10 +17,12 @@ from llmlab.model import GPT
 from tests.conftest import TINY_VARIANTS
 
 
-@pytest.fixture(autouse=True)
-def _every_size(monkeypatch):
-    """These tiny models are below the size where the model takes the path on its own."""
+@pytest.fixture(autouse=True, params=[False, True], ids=["h·Wᵀ", "(W·hᵀ)ᵀ"])
+def _every_size(monkeypatch, request):
+    """These tiny models are below the size where the model takes the path on its own; each test
+    runs with the head's product in both layouts (`TRANSPOSED_HEAD`: AMD CPUs, or the others)."""
     monkeypatch.setattr(tying, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(tying, "TRANSPOSED_HEAD", request.param)
 
 
 def tied_model(name: str = "gpt2") -> GPT:

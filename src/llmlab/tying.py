@@ -14,10 +14,12 @@ layer's gradient and adds the lookup's B·S rows into it in place:
 
 The lookup's backward always runs after the head's, because the head reads what the lookup
 produced; the gradient autograd accumulates is the same sum (tested against plain autograd). On
-the CPU the head also computes its product as (W·hᵀ)ᵀ: MKL multiplies [V, H]·[H, B·S] about 1.4×
-faster than [B·S, H]·[H, V] here. Together they make a GPT-2 124M training step (B = 1,
-S = 256) 1.09–1.41× as fast on this project's 2-core machine (`python -m benchmarks.bench_tying`:
-1.41×, 109 against 78 tokens/s, on 2026-12-01; 1.09× inside that day's `make bench`).
+an AMD CPU the head also computes its product as (W·hᵀ)ᵀ (`TRANSPOSED_HEAD`): there MKL multiplied
+[V, H]·[H, B·S] about 1.4× faster than [B·S, H]·[H, V], while on an Intel Sapphire Rapids the
+plain h·Wᵀ made the whole 124M step 1.034× faster (930 against 962 ms, in turns). Together they
+make a GPT-2 124M training step (B = 1, S = 256) 1.09–1.41× as fast on the 2-core AMD machine
+(`python -m benchmarks.bench_tying`: 1.41×, 109 against 78 tokens/s, on 2026-12-01; 1.09×
+inside that day's `make bench`) and 1.36× on the Intel one (252 against 185, 2026-12-02).
 
 It pays only where [V, H] is large, so the model takes this path for matrices of at least
 `MIN_ELEMENTS` (at nanoGPT's V = 65, H = 128 the two autograd.Functions cost as much as they
@@ -34,6 +36,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 MIN_ELEMENTS = 1 << 20  # 4 MB of fp32; GPT-2's W_E is 38.6 M elements
+
+
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("AuthenticAMD", "GenuineIntel"), or "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+TRANSPOSED_HEAD = cpu_vendor() == "AuthenticAMD"  # the CPU head's product as (W·hᵀ)ᵀ; see above
 
 
 class TiedGradient:
@@ -57,7 +71,8 @@ class _Head(torch.autograd.Function):
         ctx.save_for_backward(h, weight)
         ctx.tie = tie
         rows = h.reshape(-1, h.shape[-1])  # [B·S, H]
-        logits = (weight @ rows.T).T.contiguous() if h.device.type == "cpu" else rows @ weight.T  # [B·S, V]
+        transposed = TRANSPOSED_HEAD and h.device.type == "cpu"
+        logits = (weight @ rows.T).T.contiguous() if transposed else rows @ weight.T  # [B·S, V]
         return logits.view(*h.shape[:-1], weight.shape[0])
 
     @staticmethod
