@@ -68,20 +68,23 @@ class TiedGradient:
 class _Head(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: Tensor, weight: Tensor, tie: TiedGradient) -> Tensor:
-        ctx.save_for_backward(h, weight)
-        ctx.tie = tie
-        rows = h.reshape(-1, h.shape[-1])  # [B·S, H]
-        transposed = TRANSPOSED_HEAD and h.device.type == "cpu"
-        logits = (weight @ rows.T).T.contiguous() if transposed else rows @ weight.T  # [B·S, V]
+        kind = h.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+        w = weight.to(dtype)  # [V, H]: under autocast its copy, cast once and kept for the backward
+        ctx.save_for_backward(h, w)
+        ctx.tie, ctx.weight_dtype = tie, weight.dtype
+        rows = h.reshape(-1, h.shape[-1]).to(dtype)  # [B·S, H]
+        transposed = TRANSPOSED_HEAD and kind == "cpu"
+        logits = (w @ rows.T).T.contiguous() if transposed else rows @ w.T  # [B·S, V]
         return logits.view(*h.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        h, weight = ctx.saved_tensors
+        h, w = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # [B·S, V]; bf16 under autocast, as the forward product was
         rows = h.reshape(-1, h.shape[-1]).to(g.dtype)  # [B·S, H]
-        ctx.tie.grad = (g.T @ rows).to(weight.dtype)  # [V, H], fresh: the lookup adds into it in place
-        return (g @ weight.to(g.dtype)).view(h.shape).to(h.dtype), None, None
+        ctx.tie.grad = (g.T @ rows).to(ctx.weight_dtype)  # [V, H], fresh: the lookup adds into it in place
+        return (g @ w.to(g.dtype)).view(h.shape).to(h.dtype), None, None
 
 
 class _Lookup(torch.autograd.Function):
