@@ -130,7 +130,7 @@ def matvec16(x: Tensor, weight16: Tensor, bias: Tensor | None) -> Tensor:
     x is rounded to W's dtype, PyTorch's 16-bit matrix-vector kernel accumulates in fp32 on every
     thread, and its result is rounded to 16 bits, then widened back; b is added in fp32. bf16 goes
     through `torch.mv`, which on a CPU with AVX512-BF16 read GPT-2's bf16 weights at 20-27 GB/s
-    against `F.linear`'s 14-17 (a 2-core Sapphire Rapids, torch 2.13); fp16 through `F.linear`,
+    against `F.linear`'s 14-22 (a 2-core Sapphire Rapids, torch 2.13); fp16 through `F.linear`,
     faster than `torch.mv` on both machines measured (11 against 8 GB/s there).
     """
     if weight16.dtype == torch.bfloat16:
