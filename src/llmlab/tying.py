@@ -69,7 +69,8 @@ class _Head(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: Tensor, weight: Tensor, tie: TiedGradient) -> Tensor:
         kind = h.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+        autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)  # not on "meta"
+        dtype = torch.get_autocast_dtype(kind) if autocast else weight.dtype
         w = weight.to(dtype)  # [V, H]: under autocast its copy, cast once and kept for the backward
         ctx.save_for_backward(h, w)
         ctx.tie, ctx.weight_dtype = tie, weight.dtype
