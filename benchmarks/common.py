@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from llmlab.machine import cpuinfo
+
 
 def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
     """Median wall time of `fn()` over `reps` runs after `warmup` unmeasured ones."""
@@ -46,17 +48,8 @@ def sync(device: torch.device) -> None:
 
 
 def machine() -> dict[str, str]:
-    flags = set()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    flags = set((cpuinfo("flags") or "").split())
+    model = cpuinfo("model name") or platform.processor() or platform.machine()
     interesting = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     return {
         "cpu": model, "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),

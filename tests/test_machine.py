@@ -63,3 +63,18 @@ def test_device_selection():
     for other in ("meta", "xpu", "hpu"):  # devices torch names but llmlab does not run on: were tracebacks
         with pytest.raises(UserError, match=f"device '{other}' is not one llmlab runs on"):
             machine.pick_device(other)
+
+
+def test_cpuinfo_reads_the_first_line_of_a_field(monkeypatch, tmp_path):
+    """Reference: a /proc/cpuinfo written here, two processors, and none at all."""
+    cpuinfo = machine.cpuinfo
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2\n"
+                    "processor\t: 1\nvendor_id\t: GenuineIntel\n")  # fmt: skip
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(fake if p == "/proc/cpuinfo" else p, *a, **k))
+    got = cpuinfo("vendor_id"), cpuinfo("model name"), cpuinfo("flags")
+    assert got == ("AuthenticAMD", "AMD EPYC 7B13", "fpu avx2")
+    assert cpuinfo("model") is None and cpuinfo("bogomips") is None  # a prefix of a field is not the field
+    fake.unlink()
+    assert cpuinfo("flags") is None

@@ -37,6 +37,7 @@ from typing import Any
 
 from llmlab.config import ModelConfig
 from llmlab.errors import UserError
+from llmlab.machine import cpuinfo
 
 COMPONENTS = ("embedding", "positions", "attention", "ffn", "norms", "head")
 
@@ -343,12 +344,8 @@ def cpu_has_native_bf16() -> bool | None:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX-BF16 in
     /proc/cpuinfo); None where that cannot be read. Without them PyTorch emulates bf16 matmuls:
     on this project's AVX2 machine at 1-16 GFLOP/s against 100-135 fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        return None
-    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    flags = cpuinfo("flags")
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 def peak_flops(device: str = "cpu", dtype: str = "float32", refresh: bool = False,

@@ -82,3 +82,17 @@ def agreed(elapsed: float, interrupted: bool, d: Dist) -> tuple[float, bool]:
     t = torch.tensor([elapsed, float(interrupted)], dtype=torch.float64, device=d.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t[0]), bool(t[1])
+
+
+def cpuinfo(field: str) -> str | None:
+    """The value of /proc/cpuinfo's first `field` line ("flags", "vendor_id", "model name"), or
+    None where there is no such line or file (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == field:
+                    return value.strip()
+    except OSError:
+        return None
+    return None

@@ -35,19 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llmlab.machine import cpuinfo
+
 MIN_ELEMENTS = 1 << 20  # 4 MB of fp32; GPT-2's W_E is 38.6 M elements
 
 
-def cpu_vendor() -> str:
-    """/proc/cpuinfo's vendor_id ("AuthenticAMD", "GenuineIntel"), or "" where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
-
-
-TRANSPOSED_HEAD = cpu_vendor() == "AuthenticAMD"  # the CPU head's product as (W·hᵀ)ᵀ; see above
+TRANSPOSED_HEAD = cpuinfo("vendor_id") == "AuthenticAMD"  # the CPU head's product as (W·hᵀ)ᵀ; see above
 
 
 class TiedGradient:
