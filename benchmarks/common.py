@@ -61,18 +61,18 @@ def machine() -> dict[str, str]:
 def last_level_cache() -> str:
     """The last-level CPU cache as Linux reports it ("L3 480 MiB"; on a VM, the host's, shared); "-" where
     unknown. Beside the bandwidth ceiling: a model whose weights fit in it reads them from cache."""
-    sizes = []
+    units = {"K": 1, "M": 1024, "G": 1024 * 1024}
+    caches = []  # (level, KiB)
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
             level, size = (index / "level").read_text().strip(), (index / "size").read_text().strip()
-        except OSError:
+            caches.append((int(level), int(size[:-1]) * units[size[-1]]))
+        except (OSError, ValueError, KeyError, IndexError):
             continue
-        sizes.append((int(level), size))
-    if not sizes:
+    if not caches:
         return "-"
-    level, size = max(sizes)
-    kib = int(size[:-1]) if size.endswith("K") and size[:-1].isdigit() else None
-    return f"L{level} {kib / 1024:g} MiB" if kib else f"L{level} {size}"
+    level, kib = max(caches)
+    return f"L{level} {kib / 1024:g} MiB" if kib >= 1024 else f"L{level} {kib} KiB"
 
 
 @dataclass

@@ -170,3 +170,22 @@ def test_the_16_bit_decoding_row_checks_its_logits_against_fp32():
     a = agreement(fp32, half)
     assert (a.top1, a.max_abs) == (0.5, 2.5)  # rows 0 and 3 change their top token
     assert abs(a.scale - fp32.std().item()) < 1e-12
+
+
+def test_the_last_level_cache_is_the_largest_of_the_highest_level(monkeypatch, tmp_path):
+    """Reference: a sysfs cache directory written here (sizes compared as numbers, not strings)."""
+    from benchmarks import common
+
+    def write(caches: list[tuple[str, str]]) -> None:
+        for i, (level, size) in enumerate(caches):
+            (tmp_path / f"index{i}").mkdir(exist_ok=True)
+            (tmp_path / f"index{i}" / "level").write_text(level + "\n")
+            (tmp_path / f"index{i}" / "size").write_text(size + "\n")
+
+    real_path = common.Path
+    monkeypatch.setattr(common, "Path", lambda p: tmp_path if p.endswith("/cache") else real_path(p))
+    assert common.last_level_cache() == "-"
+    write([("1", "48K"), ("1", "32K"), ("2", "8K"), ("2", "16K")])
+    assert common.last_level_cache() == "L2 16 KiB"
+    write([("1", "48K"), ("1", "32K"), ("2", "8K"), ("2", "16K"), ("3", "480M")])
+    assert common.last_level_cache() == "L3 480 MiB"

@@ -101,3 +101,14 @@ def test_logits_equal_the_plain_forward():
     x, _ = batch()
     fast = model(x)
     torch.testing.assert_close(fast, model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_float64_under_autocast_stays_float64_as_plain_autograd_does():
+    """Reference: h·Wᵀ by plain autograd, which autocast leaves in float64 (it lowers fp32 and fp16 only)."""
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    h = torch.randn(2, 3, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, plain = tying.TiedGradient().head(h, W), h @ W.T
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)

@@ -62,7 +62,8 @@ class _Head(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: Tensor, weight: Tensor, tie: TiedGradient) -> Tensor:
         kind = h.device.type
-        autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)  # not on "meta"
+        autocast = (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)  # not on "meta"
+                    and weight.dtype != torch.float64)  # which autocast leaves alone  # fmt: skip
         dtype = torch.get_autocast_dtype(kind) if autocast else weight.dtype
         w = weight.to(dtype)  # [V, H]: under autocast its copy, cast once and kept for the backward
         ctx.save_for_backward(h, w)
