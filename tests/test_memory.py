@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from llmlab import memory
+from llmlab import memory, tying
 from llmlab.config import PRESETS, TrainConfig, preset
 from llmlab.entropy import cross_entropy
 from llmlab.errors import UserError
@@ -129,11 +129,16 @@ def test_notes_and_zero_breakdowns_both_sum_to_16():
     assert zero["fp16 weights"] + zero["fp16 gradients"] == 4 and sum(zero.values()) - 4 == 12
 
 
-def test_bf16_autocast_keeps_a_bf16_copy_of_every_linear_weight():
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2"])
+@pytest.mark.parametrize("tied_path", [False, True])
+def test_bf16_autocast_keeps_a_bf16_copy_of_every_linear_weight(name, tied_path, monkeypatch):
     """Reference: saved_tensors_hooks under torch.autocast(bfloat16): the bf16 tensors shaped like a
-    Linear weight (or its transpose) add up to 2 bytes per Linear weight, the tied head included."""
-    cfg = replace(TINY_VARIANTS["llama-tiny"], vocab_size=37, d_model=40, n_heads=4)
+    Linear weight (or its transpose) add up to 2 bytes per Linear weight, the tied head included,
+    also through llmlab.tying's one-gradient path (which keeps its own bf16 copy of W)."""
+    monkeypatch.setattr(tying, "MIN_ELEMENTS", 0 if tied_path else 1 << 40)
+    cfg = replace(TINY_VARIANTS[name], vocab_size=37, d_model=40, n_heads=4)
     model = GPT(cfg).train()
+    assert model._tied_training() == (tied_path and cfg.tie_embeddings)
     linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     shapes = {tuple(w.shape) for w in linear} | {tuple(w.shape)[::-1] for w in linear}
     saved: dict[int, int] = {}
