@@ -96,7 +96,7 @@ def test_benchmark_arguments_are_checked_before_any_measuring(tmp_path, capsys):
     were tracebacks after the run, which lost its figures."""
     import pytest
     import torch
-    from benchmarks import bench_compile, bench_speculative, bench_train
+    from benchmarks import bench_attention, bench_compile, bench_speculative, bench_train
     from benchmarks import run as bench_run
 
     (tmp_path / "binary.md").write_bytes(b"\xff\xfe")
@@ -107,6 +107,7 @@ def test_benchmark_arguments_are_checked_before_any_measuring(tmp_path, capsys):
         (bench_run.main, ["--out", str(tmp_path / "no" / "B.md")], f"there is no folder {tmp_path / 'no'}"),
         (bench_run.main, ["--out", str(tmp_path / "binary.md")], "binary.md: 'utf-8' codec can't decode"),
         (bench_compile.main, ["--reps", "-1"], "must be at least 1, got -1"),
+        (bench_attention.main, ["--reps", "0"], "must be at least 1, got 0"),
         (bench_speculative.main, ["--gamma", "0"], "argument --gamma: must be at least 1"),
         (bench_speculative.main, ["--target", str(tmp_path / "none")], "does not exist"),
         (bench_train.main, ["--device", "tpu"], "invalid choice: 'tpu'"),
@@ -189,3 +190,15 @@ def test_the_last_level_cache_is_the_largest_of_the_highest_level(monkeypatch, t
     assert common.last_level_cache() == "L2 16 KiB"
     write([("1", "48K"), ("1", "32K"), ("2", "8K"), ("2", "16K"), ("3", "480M")])
     assert common.last_level_cache() == "L3 480 MiB"
+
+
+def test_the_attention_ablation_names_the_route_llmlab_takes_at_each_shape():
+    """bench_attention's rows: one per shape, each saying whether llmlab's bf16 training attends
+    through fp32, which is S·D < 16,384 (llmlab.model.FP32_ATTENTION_BELOW)."""
+    from benchmarks import bench_attention
+
+    rows = bench_attention.rows(1)
+    assert len(rows) == len(bench_attention.SHAPES)
+    for (_, _, S, D), row in zip(bench_attention.SHAPES, rows, strict=True):
+        assert row.note.endswith("llmlab takes " + ("fp32" if S * D < 16_384 else "bf16"))
+        assert row.ours > 0 and row.peer > 0

@@ -253,7 +253,8 @@ def attends_in_fp32(q: Tensor) -> bool:
     on a 2-core Sapphire Rapids, torch 2.13, bf16 against the fp32 route: [12, 4, 64, 32] 3.5
     against 0.9 ms, the tiny training shape; [4, 12, 128, 64] 8.0 against 4.1; [1, 12, 512, 32]
     7.2 against 5.8; at [1, 12, 256, 64], GPT-2 at S = 256, 3.3 against 3.4, and at [8, 12, 256,
-    64] 24 against 28, so bf16 stays). Inference stays in 16 bits: the bf16 forward alone is faster."""
+    64] 24 against 28, so bf16 stays; `python -m benchmarks.bench_attention` times these shapes).
+    Inference stays in 16 bits: the bf16 forward alone is faster."""
     return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
             and q.shape[-2] * q.shape[-1] < FP32_ATTENTION_BELOW)  # fmt: skip
 
