@@ -68,22 +68,41 @@ def test_generate_greedy_streams_what_the_library_returns(capsys, trained_run):
     assert code == 0 and out == "def f" + expected + "\n"
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_generate_weights_decodes_with_16_bit_copies(capsys, monkeypatch, trained_run, dtype):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "packed"])
+def test_generate_weights_decodes_with_copies(capsys, monkeypatch, trained_run, dtype):
     """Reference: generate_text inside llmlab.matvec.weights_in (tested against fp32 in test_matvec)."""
     from llmlab import matvec
 
+    if dtype == "packed" and not matvec.ONEDNN:
+        pytest.skip("this PyTorch has no oneDNN")
     monkeypatch.setattr(matvec, "MIN_ELEMENTS", 1)  # the tiny run's matrices count as large
     calls = []
-    real = matvec.matvec16
-    monkeypatch.setattr(matvec, "matvec16", lambda *a: calls.append(a[1].dtype) or real(*a))
+    name = "onednn_linear" if dtype == "packed" else "matvec16"
+    real = getattr(matvec, name)
+
+    def counted(x, weight, bias):
+        if x.numel() == x.shape[-1]:  # one row: a new token (the prompt's rows may take oneDNN on the parameter)
+            calls.append(weight.is_mkldnn or weight.dtype)
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(matvec, name, counted)
     argv = ["generate", str(trained_run), "--prompt", "def f", "--temperature", "0", "--max-new-tokens", "20"]
     out = json.loads(run_cli(capsys, *argv, "--weights", dtype, "--json")[1])
-    assert calls and set(calls) == {getattr(torch, dtype)}
+    assert calls and set(calls) == ({True} if dtype == "packed" else {getattr(torch, dtype)})  # every one-row product
     run = load_run(trained_run)
-    with matvec.weights_in(run.model, getattr(torch, dtype)):
+    with matvec.weights_in(run.model, torch.float32 if dtype == "packed" else getattr(torch, dtype)):
         expected = generate_text(run.model, run.tokenizer, "def f", 20, SamplingConfig(0.0))
     assert out["token_ids"] == expected.token_ids
+
+
+def test_generate_weights_packed_without_onednn_is_one_line(capsys, monkeypatch, trained_run):
+    from llmlab import matvec
+
+    monkeypatch.setattr(matvec, "ONEDNN", False)
+    code, _, err = run_cli(capsys, "generate", str(trained_run), "--prompt", "a", "--weights", "packed")
+    assert code == 2 and err.strip().splitlines() == [
+        "llmlab: error: --weights packed needs PyTorch built with oneDNN (torch.backends.mkldnn); this one is not"
+    ]
 
 
 def test_a_streamed_sample_cut_short_ends_its_line_before_the_message(capsys, monkeypatch, trained_run):

@@ -1,5 +1,6 @@
-"""The decoding fast paths equal the plain ones: split matrix-vector products against
-`torch.nn.functional.linear`, and greedy decoding with and without them token for token."""
+"""The decoding fast paths equal the plain ones: oneDNN's inner product and split matrix-vector
+products against `torch.nn.functional.linear`, and greedy decoding with and without them token
+for token."""
 
 from __future__ import annotations
 
@@ -38,10 +39,35 @@ def test_split_matvec_equals_f_linear(parts, N, bias):
         assert got.shape == (*shape[:-1], N)
 
 
-def test_linear_takes_the_split_only_for_a_few_rows_of_a_large_weight(monkeypatch, two_threads):
+@pytest.mark.skipif(not matvec.ONEDNN, reason="this PyTorch has no oneDNN")
+@pytest.mark.parametrize(("N", "bias"), [(1000, True), (1001, False), (7, True)])
+def test_onednn_linear_equals_f_linear(N, bias):
+    """Reference: F.linear on the same x, W, b, for every leading shape a few rows come in, and a
+    strided x."""
+    g = torch.Generator().manual_seed(N)
+    W = torch.randn(N, 96, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    shapes = [(96,), (1, 96), (1, 1, 96), (2, 96), (1, 5, 96), (3, 2, 96)]
+    for x in [torch.randn(*shape, generator=g) for shape in shapes] + [torch.randn(3, 192, generator=g)[:, ::2]]:
+        got = matvec.onednn_linear(x, W, b)
+        torch.testing.assert_close(got, F.linear(x, W, b), rtol=1e-5, atol=1e-5)
+        assert got.shape == (*x.shape[:-1], N)
+
+
+@pytest.fixture(params=["onednn", "split"])
+def product(request, monkeypatch):
+    """Each fast product in turn: oneDNN's where this PyTorch has it, and the split without it."""
+    if request.param == "onednn" and not matvec.ONEDNN:
+        pytest.skip("this PyTorch has no oneDNN")
+    monkeypatch.setattr(matvec, "ONEDNN", request.param == "onednn")
     calls = []
-    real = matvec.split_matvec
-    monkeypatch.setattr(matvec, "split_matvec", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = getattr(matvec, f"{request.param}_linear" if request.param == "onednn" else "split_matvec")
+    monkeypatch.setattr(matvec, real.__name__, lambda *a: calls.append(a[0].shape) or real(*a))
+    return request.param, calls
+
+
+def test_linear_takes_a_fast_product_only_for_a_few_rows_of_a_large_weight(monkeypatch, two_threads, product):
+    name, calls = product
     monkeypatch.setattr(matvec, "MIN_ELEMENTS", 64 * 64)
     big, small = matvec.Linear(64, 64), matvec.Linear(64, 63)  # 4096 and 4032 elements
     x = torch.randn(1, 1, 64)
@@ -50,8 +76,13 @@ def test_linear_takes_the_split_only_for_a_few_rows_of_a_large_weight(monkeypatc
         torch.testing.assert_close(big(x), F.linear(x, big.weight, big.bias), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(big(few), F.linear(few, big.weight, big.bias), rtol=1e-5, atol=1e-5)
         small(x), big(torch.randn(1, matvec.FEW_ROWS + 1, 64)), big(torch.randn(0, 64))  # too small; too many; none
-    assert calls == [(1, 1, 64), few.shape]
+        big.double()(x.double())  # fp64: the split, never oneDNN's fp32 primitive
+        big.float()
+    assert calls == [(1, 1, 64), few.shape] + ([(1, 1, 64)] if name == "split" else [])
     calls.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = big(x)  # autocast: F.linear, which casts to bf16 as autocast does
+    assert y.dtype == torch.bfloat16 and calls == []
     big(x).sum().backward()  # a gradient is taken: the plain path, so autograd sees every product
     torch.testing.assert_close(big.weight.grad, x.reshape(1, 64).expand(64, 64))  # d(Σ x·Wᵀ)/dW = 1·x
     big.requires_grad_(False)
@@ -62,7 +93,7 @@ def test_linear_takes_the_split_only_for_a_few_rows_of_a_large_weight(monkeypatc
     torch.set_num_threads(1)
     with torch.no_grad():
         big(x), big(few)
-    assert calls == []  # one thread: nothing to split over
+    assert calls == ([] if name == "split" else [(1, 1, 64), few.shape])  # one thread: nothing to split over
 
 
 def test_torch_func_transforms_take_the_plain_path(monkeypatch, two_threads):
@@ -90,11 +121,12 @@ def test_forward_mode_dual_tensors_take_the_plain_path(monkeypatch, two_threads)
     torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
     assert matvec.no_dual_level()  # closed again: decoding splits as before
     with torch.no_grad():
-        assert matvec.use_split(x, lin.weight, lin.bias)
+        assert matvec.few_row_product(x, lin.weight, lin.bias) is not None
 
 
-def test_greedy_decoding_is_the_same_with_and_without_the_split(monkeypatch, two_threads):
-    """GPT-2 layout, every Linear split (MIN_ELEMENTS lowered): the same tokens as plain F.linear."""
+def test_greedy_decoding_is_the_same_with_and_without_the_fast_products(monkeypatch, two_threads, product):
+    """GPT-2 layout, every Linear on a fast product (MIN_ELEMENTS lowered): the same tokens as plain F.linear."""
+    _, calls = product
     cfg = replace(preset("gpt2").model, vocab_size=301, n_layers=2, d_model=64, n_heads=4, block_size=64)
     torch.manual_seed(0)
     model = GPT(cfg).eval()
@@ -104,9 +136,6 @@ def test_greedy_decoding_is_the_same_with_and_without_the_split(monkeypatch, two
         return [int(t) for t, _ in generate_ids(model, idx, 40, SamplingConfig(0.0))]
 
     monkeypatch.setattr(matvec, "MIN_ELEMENTS", 1)
-    calls = []
-    real = matvec.split_matvec
-    monkeypatch.setattr(matvec, "split_matvec", lambda *a: calls.append(1) or real(*a))
     fast = decode()
     assert len(calls) == 40 * (4 * cfg.n_layers + 1)  # qkv, out, w1, w2, head: the 5-row prompt, then each step
     monkeypatch.setattr(matvec, "MIN_ELEMENTS", 1 << 62)
@@ -129,9 +158,12 @@ ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}  # the spacing of 16-bi
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matvec16_is_the_fp32_product_of_the_rounded_operands(dtype, bias):
+@pytest.mark.parametrize("mv", [True, False])
+def test_matvec16_is_the_fp32_product_of_the_rounded_operands(monkeypatch, dtype, bias, mv):
     """Reference: F.linear in fp32 on x and W rounded to 16 bits, its result rounded to 16 bits
-    (what a 16-bit kernel accumulating in fp32 returns), then + b in fp32."""
+    (what a 16-bit kernel accumulating in fp32 returns), then + b in fp32; bf16 through torch.mv
+    (Intel CPUs) and F.linear (the others) alike."""
+    monkeypatch.setattr(matvec, "BF16_MV", mv)
     g = torch.Generator().manual_seed(3)
     W, x = torch.randn(300, 96, generator=g), torch.randn(1, 1, 96, generator=g)
     b = torch.randn(300, generator=g) if bias else None
@@ -167,8 +199,8 @@ def test_weights_in_changes_only_one_row_products_of_large_weights(monkeypatch, 
     with torch.no_grad():
         steps32, prompt32 = logits_one_token_at_a_time(model, ids), model(ids)
         with matvec.weights_in(model, dtype):
-            large = [m for m in model.modules() if isinstance(m, matvec.Linear) and m.weight16 is not None]
-            assert len(large) == 4 * 2 + 1 and all(m.weight16.dtype == dtype for m in large)
+            large = [m for m in model.modules() if isinstance(m, matvec.Linear) and m.weight_copy is not None]
+            assert len(large) == 4 * 2 + 1 and all(m.weight_copy.dtype == dtype for m in large)
             steps16, prompt16 = logits_one_token_at_a_time(model, ids), model(ids)
     assert torch.equal(prompt16, prompt32)  # several rows: the fp32 parameters
     assert not torch.equal(steps16, steps32)  # one row: the 16-bit copies
@@ -176,7 +208,7 @@ def test_weights_in_changes_only_one_row_products_of_large_weights(monkeypatch, 
     torch.testing.assert_close(steps16, steps32, rtol=0, atol=2 * ULP[dtype] * scale)
     assert torch.equal(steps16.argmax(-1), steps32.argmax(-1))
     assert {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()} == params
-    assert all("weight16" not in m.__dict__ for m in model.modules())
+    assert all("weight_copy" not in m.__dict__ for m in model.modules())
 
 
 def test_weights_in_nests_shares_tied_copies_and_keeps_gradients_exact(monkeypatch):
@@ -185,24 +217,72 @@ def test_weights_in_nests_shares_tied_copies_and_keeps_gradients_exact(monkeypat
     monkeypatch.setattr(matvec, "MIN_ELEMENTS", 64 * 64)
     linears = [m for m in model.modules() if isinstance(m, matvec.Linear) and m.weight.numel() >= 64 * 64]
     with matvec.weights_in(model, torch.bfloat16):
-        outer = [m.weight16 for m in linears]
+        outer = [m.weight_copy for m in linears]
         with matvec.weights_in(model, torch.float16):
-            assert all(m.weight16.dtype == torch.float16 for m in linears)
-        assert all(m.weight16 is c for m, c in zip(linears, outer, strict=True))  # the outer block's copies are back
+            assert all(m.weight_copy.dtype == torch.float16 for m in linears)
+        assert all(m.weight_copy is c for m, c in zip(linears, outer, strict=True))  # the outer block's copies are back
         x = torch.randn(1, 1, 64, requires_grad=True)
         w1 = model.blocks[0].mlp.w1
         w1(x).sum().backward()  # a gradient is taken: the fp32 parameter, not the copy
         torch.testing.assert_close(x.grad, w1.weight.sum(0).reshape(1, 1, 64))
-    assert all("weight16" not in m.__dict__ for m in model.modules())
+    assert all("weight_copy" not in m.__dict__ for m in model.modules())
     twins = [matvec.Linear(64, 64), matvec.Linear(64, 64)]
     twins[1].weight = twins[0].weight  # two Linears, one weight: one copy
     with matvec.weights_in(torch.nn.Sequential(*twins), torch.float16):
-        assert twins[0].weight16 is twins[1].weight16
+        assert twins[0].weight_copy is twins[1].weight_copy
 
 
 def test_weights_in_leaves_small_weights_and_rejects_other_dtypes():
     model = gpt2_like()  # every weight below the real MIN_ELEMENTS
     with matvec.weights_in(model, torch.float16):
-        assert all(m.weight16 is None for m in model.modules() if isinstance(m, matvec.Linear))
-    with pytest.raises(ValueError, match="float16 or torch.bfloat16"), matvec.weights_in(model, torch.int8):
+        assert all(m.weight_copy is None for m in model.modules() if isinstance(m, matvec.Linear))
+    dtypes = "torch.float16, torch.bfloat16 or torch.float32"
+    with pytest.raises(ValueError, match=dtypes), matvec.weights_in(model, torch.int8):
         pass
+
+
+def test_packed_weights_need_onednn(monkeypatch):
+    monkeypatch.setattr(matvec, "ONEDNN", False)
+    with (
+        pytest.raises(ValueError, match="need PyTorch built with oneDNN"),
+        matvec.weights_in(gpt2_like(), torch.float32),
+    ):
+        pass
+
+
+@pytest.mark.skipif(not matvec.ONEDNN, reason="this PyTorch has no oneDNN")
+def test_packed_fp32_weights_decode_as_the_parameters_do(monkeypatch):
+    """Reference: the same model through F.linear on its parameters (`ONEDNN` off, one thread: no
+    fast product at all). Packed copies change the layout, not the numbers: one-token steps agree to
+    fp32 rounding and greedy decoding gives the same tokens; a prompt of several rows and any
+    gradient use the parameters; on exit nothing of the copies is left."""
+    model = gpt2_like()
+    monkeypatch.setattr(matvec, "MIN_ELEMENTS", 64 * 64)
+    ids = torch.randint(0, 301, (1, 24), generator=torch.Generator().manual_seed(2))
+    idx = ids[:, :5]
+
+    def decode() -> list[int]:
+        return [int(t) for t, _ in generate_ids(model, idx, 40, SamplingConfig(0.0))]
+
+    with torch_threads(1), pytest.MonkeyPatch.context() as plain:
+        plain.setattr(matvec, "ONEDNN", False)
+        with torch.no_grad():
+            steps, prompt = logits_one_token_at_a_time(model, ids), model(ids)
+        tokens = decode()
+    calls = []
+    real = matvec.onednn_linear
+    monkeypatch.setattr(matvec, "onednn_linear", lambda *a: calls.append(a[1].is_mkldnn) or real(*a))
+    with matvec.weights_in(model, torch.float32):
+        large = [m for m in model.modules() if isinstance(m, matvec.Linear) and m.weight_copy is not None]
+        assert len(large) == 4 * 2 + 1 and all(m.weight_copy.is_mkldnn for m in large)
+        with torch.no_grad():
+            packed_steps = logits_one_token_at_a_time(model, ids)
+            assert calls == [True] * (24 * len(large))  # every one-row product read a packed copy
+            torch.testing.assert_close(model(ids), prompt, rtol=1e-5, atol=1e-5)  # several rows: the parameters
+        assert decode() == tokens
+        x = torch.randn(1, 1, 64, requires_grad=True)
+        w1 = model.blocks[0].mlp.w1
+        w1(x).sum().backward()  # a gradient is taken: the fp32 parameter, not the copy
+        torch.testing.assert_close(x.grad, w1.weight.sum(0).reshape(1, 1, 64))
+    torch.testing.assert_close(packed_steps, steps, rtol=1e-5, atol=1e-5)
+    assert all("weight_copy" not in m.__dict__ for m in model.modules())

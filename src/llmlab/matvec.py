@@ -30,6 +30,14 @@ A token's products are small enough that Python's share counts: for one row and 
 rows split evenly (on 2 threads, all of GPT-2's but the output layer's 50,257), the batch's
 output is already y's layout, and the call skips the buffer and the slicing (measured once
 against the general path: about 20 of 140 µs for GPT-2's [2304, 768] W^QKV, 3-4% of a token).
+
+Where PyTorch is built with oneDNN (its x86 wheels are), fp32 products of a few rows go to
+oneDNN's inner-product primitive instead (`onednn_linear`, the kernel `torch.compile` calls for
+a CPU linear): it reads W as stored, runs on every thread and, unlike MKL on an AMD CPU, uses
+AVX-512 there. On a 2-core AMD EPYC (Zen 5, AVX-512) it decoded GPT-2 124M at 51 tokens/s
+against the split's 41 (one run, in turns; `bench_matvec` gives the per-matrix figures: 22-28
+GB/s for one row against the split's 21-26, 1.3-2.4× the split's speed for 5-32 rows, and with
+one thread 1.2-2× `F.linear`). The split remains for other dtypes and builds without oneDNN.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from llmlab.machine import cpuinfo
 
 MIN_ELEMENTS = 1 << 18  # 1 MiB of fp32: GPT-2 124M's matrices are 0.6-38.6 M elements, the tiny preset's 65 K
 FEW_ROWS = 32  # rows: 1.1-1.3× `F.linear` at 32 in `bench_matvec`, 0.9-2.0× at 64
@@ -77,6 +87,21 @@ def split_matvec(x: Tensor, weight: Tensor, bias: Tensor | None, parts: int) -> 
     return y.view(*x.shape[:-1], N)
 
 
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x·Wᵀ + b through oneDNN's inner product, x [..., K] fp32, W [N, K] as stored. → [..., N]."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _has_onednn_linear() -> bool:
+    try:  # a private op: if a later PyTorch renames it, the split takes over
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise is not None
+    except (AttributeError, RuntimeError):
+        return False
+
+
+ONEDNN = _has_onednn_linear()
+
+
 def one_row(x: Tensor) -> bool:
     return x.numel() == x.shape[-1]
 
@@ -90,17 +115,22 @@ def no_grad_taken(*tensors: Tensor | None) -> bool:
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
 
-def use_split(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
-    return (
+def few_row_product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str | None:
+    """Which fast product x·Wᵀ + b takes: "onednn", "split", or None for `F.linear`."""
+    if not (
         0 < rows_of(x) <= FEW_ROWS  # fails first, for every call of many rows
         and weight.numel() >= MIN_ELEMENTS
         and x.device.type == "cpu"
-        and torch.get_num_threads() > 1
         and weight.dtype == x.dtype
-        and no_grad_taken(x, weight, bias)  # the split writes into a buffer (`out=`), which autograd does not follow,
-        and not torch._C._are_functorch_transforms_active()  # nor do torch.func's vmap and jvp
-        and no_dual_level()  # nor forward-mode AD's dual tensors
-    )
+        and no_grad_taken(x, weight, bias)  # neither product has a gradient formula, and the split writes `out=`,
+        and not torch._C._are_functorch_transforms_active()  # which torch.func's vmap and jvp do not follow,
+        and no_dual_level()  # nor forward-mode AD's dual tensors;
+        and not torch.is_autocast_enabled("cpu")  # and neither casts as autocast would
+    ):
+        return None
+    if ONEDNN and x.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
+        return "onednn"
+    return "split" if torch.get_num_threads() > 1 else None
 
 
 def no_dual_level() -> bool:
@@ -109,31 +139,38 @@ def no_dual_level() -> bool:
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same state dict), with `split_matvec` for a few input rows."""
+    """`nn.Linear` (same parameters, same state dict), with a fast product for a few input rows."""
 
-    weight16: Tensor | None = None  # a 16-bit copy of the weight, set inside `weights_in`
+    weight_copy: Tensor | None = None  # a 16-bit or a packed fp32 copy of the weight, set inside `weights_in`
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight16 is not None and one_row(x) and no_grad_taken(x, self.weight, self.bias):
-            return matvec16(x, self.weight16, self.bias)  # inside `weights_in`; the copy has no gradient
-        if use_split(x, self.weight, self.bias):
+        copy = self.weight_copy
+        if copy is not None and one_row(x) and no_grad_taken(x, self.weight, self.bias):  # inside `weights_in`;
+            return onednn_linear(x, copy, self.bias) if copy.is_mkldnn else matvec16(x, copy, self.bias)  # no grad
+        product = few_row_product(x, self.weight, self.bias)
+        if product == "onednn":
+            return onednn_linear(x, self.weight, self.bias)
+        if product == "split":
             return split_matvec(x, self.weight, self.bias, torch.get_num_threads())
         return F.linear(x, self.weight, self.bias)
 
 
 # --- 16-bit weights: half the bytes per token -------------------------------------------------
 
+BF16_MV = cpuinfo("vendor_id") == "GenuineIntel"  # bf16 one-row products through torch.mv; see matvec16
+
 
 def matvec16(x: Tensor, weight16: Tensor, bias: Tensor | None) -> Tensor:
     """x·Wᵀ + b for one fp32 row x [..., K], with W [N, K] stored in fp16 or bf16. → [..., N] fp32.
 
     x is rounded to W's dtype, PyTorch's 16-bit matrix-vector kernel accumulates in fp32 on every
-    thread, and its result is rounded to 16 bits, then widened back; b is added in fp32. bf16 goes
-    through `torch.mv`, which on a CPU with AVX512-BF16 read GPT-2's bf16 weights at 20-27 GB/s
-    against `F.linear`'s 14-22 (a 2-core Sapphire Rapids, torch 2.13); fp16 through `F.linear`,
-    faster than `torch.mv` on both machines measured (11 against 8 GB/s there).
+    thread, and its result is rounded to 16 bits, then widened back; b is added in fp32. On an
+    Intel CPU bf16 goes through `torch.mv`, which on a 2-core Sapphire Rapids read GPT-2's bf16
+    weights at 20-27 GB/s against `F.linear`'s 14-22 (torch 2.13); elsewhere through `F.linear`
+    (`BF16_MV`): on a 2-core Zen 5 `torch.mv` read 8-14 GB/s against its 14-19. fp16 goes through
+    `F.linear`, as fast as `torch.mv` or faster on every machine measured (30-33 GB/s on the Zen 5).
     """
-    if weight16.dtype == torch.bfloat16:
+    if weight16.dtype == torch.bfloat16 and BF16_MV:
         y = torch.mv(weight16, x.reshape(-1).to(weight16.dtype)).to(x.dtype).view(*x.shape[:-1], -1)
     else:
         y = F.linear(x.to(weight16.dtype), weight16).to(x.dtype)
@@ -143,33 +180,52 @@ def matvec16(x: Tensor, weight16: Tensor, bias: Tensor | None) -> Tensor:
 @contextmanager
 def weights_in(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
     """Inside the block, the large `Linear`s of `model` (≥ `MIN_ELEMENTS`) multiply one input row
-    by a copy of their weight in `dtype` (torch.float16 or torch.bfloat16).
+    by a copy of their weight: in `dtype` for torch.float16 or torch.bfloat16, or for
+    torch.float32 the same numbers in oneDNN's blocked layout (`pack`).
 
     Decoding a token reads every weight once, so its time is bytes over bandwidth, and 16 bits
-    halve the bytes. On an AVX2 CPU fp16 pays most: the F16C instructions widen it in hardware,
-    while bf16 is widened in software; with AVX512-BF16 bf16 pays, and fp16 runs at half its
-    speed (`python -m benchmarks.bench_matvec`, the `matvec16` columns). Only one-row products
+    halve the bytes. Which 16-bit type pays depends on the CPU, not on its flags alone: on an
+    AVX2 CPU fp16, which F16C widens in hardware, while bf16 is widened in software; on a
+    Sapphire Rapids (AVX512-BF16) bf16, with fp16 at half its speed; on a Zen 5 (AVX512-BF16
+    too) fp16, twice as fast as bf16 (`python -m benchmarks.bench_matvec`, the `matvec16`
+    columns). Packed fp32 reads the same bytes, faster (see `pack`). Only one-row products
     change: a prompt's rows still multiply by the fp32 parameter (without 16-bit matrix
     instructions PyTorch runs those 2-3× slower), and biases, norms, embeddings, attention, the
-    KV cache and the softmax stay fp32, and so does any product
-    whose gradient is taken. The copies are made on entry, so edits to the parameters inside the
-    block are not seen, and are dropped on exit (an enclosing block's copies come back). fp16
-    overflows above 65,504: a model whose activations grow that large needs bf16.
+    KV cache and the softmax stay fp32, and so does any product whose gradient is taken. The
+    copies are made on entry, so edits to the parameters inside the block are not seen, and are
+    dropped on exit (an enclosing block's copies come back). fp16 overflows above 65,504: a
+    model whose activations grow that large needs bf16.
     """
-    if dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"16-bit weights are torch.float16 or torch.bfloat16, got {dtype}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(
+            f"copies of the weights are torch.float16, torch.bfloat16 or torch.float32 (packed), got {dtype}"
+        )
+    if dtype == torch.float32 and not ONEDNN:
+        raise ValueError("packed fp32 weights need PyTorch built with oneDNN (torch.backends.mkldnn)")
     large = [m for m in model.modules() if isinstance(m, Linear) and m.weight.numel() >= MIN_ELEMENTS]
-    before = [m.__dict__.get("weight16") for m in large]  # a block around this one keeps its copies
+    before = [m.__dict__.get("weight_copy") for m in large]  # a block around this one keeps its copies
     try:
         copies: dict[int, Tensor] = {}  # one copy per weight: Linears that share a weight share it
         for module in large:
             w = module.weight
             if id(w) not in copies:
-                copies[id(w)] = w.detach().to(dtype)
-            module.weight16 = copies[id(w)]
+                copies[id(w)] = pack(w.detach()) if dtype == torch.float32 else w.detach().to(dtype)
+            module.weight_copy = copies[id(w)]
         yield model
     finally:
         for module, copy in zip(large, before, strict=True):
-            module.__dict__.pop("weight16", None)
+            module.__dict__.pop("weight_copy", None)
             if copy is not None:
-                module.weight16 = copy
+                module.weight_copy = copy
+
+
+def pack(weight: Tensor) -> Tensor:
+    """W [N, K] fp32 → the same numbers in oneDNN's blocked layout for its inner product (an
+    opaque `torch._mkldnn` tensor, what `torch.compile` freezes a CPU linear's weight into).
+
+    oneDNN reads a packed weight faster than one as stored: on a 2-core Zen 5, 35-44 GB/s
+    against 31 for GPT-2's [3072, 768] and [50257, 768] (`bench_matvec`), and GPT-2 124M decoded
+    at 63 tokens/s against 52 (one run, in turns). Packing costs a copy of the weights, and time:
+    0.9-1.1 s for 124M's 498 MB there, as much as decoding 50 tokens.
+    """
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
