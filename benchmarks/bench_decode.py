@@ -1,12 +1,13 @@
 """Decoding tokens/s, batch 1, greedy, KV cache, a 16-token prompt and 128 new tokens: llmlab's
 generate against transformers' `generate` on the same weights and dtype; optionally llmlab with
-16-bit copies of its matrices (`llmlab.matvec.weights_in`) against transformers in fp32, with
-llmlab in fp32 timed in the same turns. The tiny shape's context is widened from 64 to 144
+16-bit or packed fp32 copies of its matrices (`llmlab.matvec.weights_in`) against transformers in
+fp32, with llmlab in fp32 timed in the same turns. The tiny shape's context is widened from 64 to 144
 positions so that neither side slides a window."""
 
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ class Decoding:
     agree: int  # how many leading tokens the two decoders agree on: NEW when they are the same
     probe_s: float | None = None  # median seconds of the probe, timed in the same turns
     ours_fp32: float | None = None  # tokens/s of llmlab in fp32, in the same turns, when `weights` was given
-    logits16: LogitAgreement | None = None  # the 16-bit weights' next-token logits against fp32's, when given
+    logits16: LogitAgreement | None = None  # the copies' next-token logits against fp32's, when given
+    copy_s: float | None = None  # seconds `weights_in` took to make the copies (before timing), when given
 
 
 @dataclass
@@ -64,8 +66,9 @@ def bench(
     weights: torch.dtype | None = None,
 ) -> Decoding:
     """llmlab against transformers at `shape`; `probe()` (a ceiling's measurement) takes its turn
-    too, if given. `weights` (torch.float16 or torch.bfloat16) decodes llmlab's side with 16-bit
-    copies of its matrices, made once before timing, and times a plain fp32 copy of it beside."""
+    too, if given. `weights` (torch.float16, torch.bfloat16, or torch.float32 for packed fp32)
+    decodes llmlab's side with copies of its matrices, made once before timing (how long that took
+    is returned too), and times a plain fp32 copy of it beside."""
     ours, hf = model_pair(shape, min_positions=PROMPT + NEW)
     ours.to(device, dtype)
     hf.to(device, dtype)
@@ -88,12 +91,14 @@ def bench(
         return out[:, PROMPT:]
 
     fp32_model = copy.deepcopy(ours) if weights is not None else None  # the baseline; `ours` gets the copies
-    logits16 = None
+    logits16 = copy_s = None
     with ExitStack() as stack:
         sides = [decoder(ours), hf_run]
         if fp32_model is not None:
             sides.append(decoder(fp32_model))
+            t0 = time.perf_counter()
             stack.enter_context(weights_in(ours, weights))
+            copy_s = time.perf_counter() - t0
         differ = (sides[0]() != hf_run())[0].nonzero()
         seconds = interleaved_medians(sides + ([probe] if probe else []), reps)
         if fp32_model is not None:
@@ -106,6 +111,7 @@ def bench(
         probe_s=seconds[-1] if probe else None,
         ours_fp32=NEW / seconds[2] if weights is not None else None,
         logits16=logits16,
+        copy_s=copy_s,
     )
 
 
@@ -123,16 +129,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="tiny", choices=["tiny", "124M"])
     p.add_argument("--reps", type=at_least_one, default=5, help="repetitions (the median is reported)")
-    p.add_argument("--weights", choices=["float16", "bfloat16"], help="llmlab with 16-bit copies of its matrices")
+    p.add_argument("--weights", choices=["float16", "bfloat16", "packed"],
+                   help="llmlab with 16-bit copies of its matrices, or fp32 ones packed for oneDNN")  # fmt: skip
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    weights = getattr(torch, args.weights) if args.weights else None
+    weights = torch.float32 if args.weights == "packed" else getattr(torch, args.weights) if args.weights else None
     d = bench(args.shape, reps=args.reps, device=args.device, weights=weights)
     same = "same tokens" if d.agree == NEW else f"the first {d.agree} of {NEW} tokens the same"
     note = same + (f"; llmlab fp32 in the same turns {d.ours_fp32:.1f} tokens/s" if d.ours_fp32 else "")
-    note += f"; {describe(d.logits16)}" if d.logits16 else ""
+    note += f"; copies made in {d.copy_s:.2f} s, before timing; {describe(d.logits16)}" if d.logits16 else ""
     name = f"greedy decoding, {args.shape}, B=1" + (f", {args.weights} weights" if weights else ", fp32")
     print(markdown_table([Row(name, d.ours, d.peer, "tokens/s", "–", note)]))
 

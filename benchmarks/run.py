@@ -22,8 +22,18 @@ from pathlib import Path
 import torch
 
 from benchmarks import bench_adamw, bench_decode, bench_train
-from benchmarks.common import Row, at_least_one, machine, markdown_file, markdown_table, sync, write_section
+from benchmarks.common import (
+    Row,
+    at_least_one,
+    interleaved_medians,
+    machine,
+    markdown_file,
+    markdown_table,
+    sync,
+    write_section,
+)
 from benchmarks.shapes import TRAIN_BATCH, model_pair
+from llmlab import matvec
 from llmlab.accounting import cpu_has_native_bf16, measure_matmul_peak, train_step_flops
 
 
@@ -173,8 +183,9 @@ def mfu_rows(device: str, got: Training) -> list[Row]:
 def decoding_rows(device: str, reps: int, shapes: list[str]) -> list[Row]:
     """At 124M a read pass over 256 MB takes its turn beside the two decoders; the ceiling is the
     median read bandwidth of those passes, the note also gives the fastest of five afterwards.
-    Then llmlab with 16-bit copies of its matrices (`weights16`), against transformers in fp32
-    (in 16 bits its `generate` runs every op in 16 bits, 6× slower than fp32 on an AVX2 CPU)."""
+    Then llmlab with copies of its matrices against transformers in fp32: fp32 packed for oneDNN
+    (on a CPU with it), and 16-bit (the faster type here, `weights16`). transformers stays fp32:
+    in 16 bits its `generate` runs every op in 16 bits, 6× slower than fp32 on an AVX2 CPU."""
     rows = []
     for shape in shapes:
         probe, nbytes = read_pass(device) if shape == "124M" else (None, 0)
@@ -199,26 +210,42 @@ def decoding_rows(device: str, reps: int, shapes: list[str]) -> list[Row]:
                         f"pass ran at in turn with decoding (median) = {ceiling:.1f} tokens/s; "
                         f"{100 * d.ours * weight_bytes / best:.1f}% against the fastest pass afterwards, "
                         f"{best / 1e9:.1f} GB/s", goal=70.0))  # fmt: skip
-        dtype = weights16(device)
-        h = bench_decode.bench(shape, reps=reps, device=device, probe=probe, weights=dtype)
-        assert h.probe_s is not None and h.ours_fp32 is not None and h.logits16 is not None
-        ceiling = nbytes / h.probe_s / weight_bytes
-        name = str(dtype).removeprefix("torch.")
-        rows.append(Row(f"greedy decoding, 124M, B=1, {name} weights (matvec.weights_in) vs transformers fp32",
-                        h.ours, h.peer, "tokens/s", "–",
-                        f"{_agreement(h.agree)}; {h.ours / h.ours_fp32:.2f}× llmlab in fp32 in the same turns "
-                        f"({h.ours_fp32:.1f} tokens/s); {100 * h.ours / ceiling:.1f}% of the fp32 ceiling "
-                        f"({ceiling:.1f} tokens/s in these turns), {50 * h.ours / ceiling:.1f}% of the 16-bit one "
-                        f"(half the bytes); {bench_decode.describe(h.logits16)}"))  # fmt: skip
+        copies = ([torch.float32] if device == "cpu" and matvec.ONEDNN else []) + [weights16(device)]
+        for dtype in copies:  # packed fp32 (the same bytes, read faster), then 16 bits (half the bytes)
+            h = bench_decode.bench(shape, reps=reps, device=device, probe=probe, weights=dtype)
+            assert h.probe_s is not None and h.ours_fp32 is not None and h.logits16 is not None
+            ceiling = nbytes / h.probe_s / weight_bytes
+            if dtype == torch.float32:
+                name, own = "packed fp32 weights (generate --weights packed)", f"{100 * h.ours / ceiling:.1f}% of it"
+            else:
+                kind = str(dtype).removeprefix("torch.")
+                name = f"{kind} weights (generate --weights {kind})"
+                own = f"{50 * h.ours / ceiling:.1f}% of the 16-bit one (half the bytes)"
+            rows.append(Row(f"greedy decoding, 124M, B=1, {name} vs transformers fp32", h.ours, h.peer, "tokens/s", "–",
+                            f"{_agreement(h.agree)}; {h.ours / h.ours_fp32:.2f}× llmlab in fp32 in the same turns "
+                            f"({h.ours_fp32:.1f} tokens/s); the fp32 ceiling in these turns {ceiling:.1f} tokens/s, "
+                            f"{own}; the copies took {h.copy_s:.2f} s to make, before timing; "
+                            f"{bench_decode.describe(h.logits16)}"))  # fmt: skip
         del probe
     return rows
 
 
-def weights16(device: str) -> torch.dtype:
-    """The 16-bit type whose one-row products run fastest here: bf16 on a GPU or a CPU with bf16
-    instructions, fp16 on one without, whose F16C instructions widen fp16 in hardware
-    (`llmlab.matvec.weights_in`)."""
-    return torch.bfloat16 if device != "cpu" or cpu_has_native_bf16() else torch.float16
+def weights16(device: str, reps: int = 5) -> torch.dtype:
+    """The 16-bit type whose one-row products run fastest here, timed in turns through llmlab's
+    own `matvec16` on copies of GPT-2's [3072, 768] W1 that outgrow the caches (≥ 256 MB of fp32):
+    bf16 on a GPU. CPU flags do not tell: with AVX512-BF16 bf16 was the faster on a Sapphire Rapids
+    and fp16 twice as fast on a Zen 5 (`python -m benchmarks.bench_matvec`)."""
+    if device != "cpu":
+        return torch.bfloat16
+    w = torch.randn(3072, 768)
+    copies = (256 << 20) // (w.numel() * 4)
+    x = torch.randn(1, 1, 768)
+    dtypes = (torch.bfloat16, torch.float16)
+    stacks = [[w.to(dtype) for _ in range(copies)] for dtype in dtypes]
+    passes = [lambda ws=ws: [matvec.matvec16(x, w16, None) for w16 in ws] for ws in stacks]
+    with torch.inference_mode():
+        seconds = interleaved_medians(passes, reps, warmup=1)
+    return dtypes[seconds.index(min(seconds))]
 
 
 def _agreement(agree: int) -> str:
