@@ -35,9 +35,9 @@ Where PyTorch is built with oneDNN (its x86 wheels are), fp32 products of a few 
 oneDNN's inner-product primitive instead (`onednn_linear`, the kernel `torch.compile` calls for
 a CPU linear): it reads W as stored, runs on every thread and, unlike MKL on an AMD CPU, uses
 AVX-512 there. On a 2-core AMD EPYC (Zen 5, AVX-512) it decoded GPT-2 124M at 51 tokens/s
-against the split's 41 (one run, in turns; `bench_matvec` gives the per-matrix figures: 22-28
-GB/s for one row against the split's 21-26, 1.3-2.4× the split's speed for 5-32 rows, and with
-one thread 1.2-2× `F.linear`). The split remains for other dtypes and builds without oneDNN.
+against the split's 41 (one run, in turns); per matrix (`bench_matvec`) one row ran at 19-30
+GB/s against the split's 21-24, 5-32 rows 1.2-2.2× as fast as the split, and with one thread
+1.2-2× `F.linear`. The split remains for other dtypes and for builds without oneDNN.
 """
 
 from __future__ import annotations
@@ -223,9 +223,9 @@ def pack(weight: Tensor) -> Tensor:
     """W [N, K] fp32 → the same numbers in oneDNN's blocked layout for its inner product (an
     opaque `torch._mkldnn` tensor, what `torch.compile` freezes a CPU linear's weight into).
 
-    oneDNN reads a packed weight faster than one as stored: on a 2-core Zen 5, 35-44 GB/s
-    against 31 for GPT-2's [3072, 768] and [50257, 768] (`bench_matvec`), and GPT-2 124M decoded
-    at 63 tokens/s against 52 (one run, in turns). Packing costs a copy of the weights, and time:
+    oneDNN reads a packed weight faster than one as stored: on a 2-core Zen 5, 27-36 GB/s
+    against 19-30 for GPT-2's matrices (`bench_matvec`), and GPT-2 124M decoded at 63 tokens/s
+    against 52 (one run, in turns). Packing costs a copy of the weights, and time:
     0.9-1.1 s for 124M's 498 MB there, as much as decoding 50 tokens.
     """
     return torch.ops.mkldnn._reorder_linear_weight(weight)
