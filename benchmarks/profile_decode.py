@@ -1,14 +1,14 @@
 """Where one decoded token's time goes: the profile behind the decoding rows of BENCHMARKS.md.
 
     python -m benchmarks.profile_decode [--shape tiny|124M] [--peer] [--top 12]
-                                        [--weights float16|bfloat16] [--peer-dtype float16|bfloat16]
+                                        [--weights float16|bfloat16|packed] [--peer-dtype float16|bfloat16]
 
 Decodes as `bench_decode` does (batch 1, greedy, KV cache, 16-token prompt, 128 new tokens), once
 plainly for the wall time and once under PyTorch's profiler. Per token it prints the wall time,
 the time spent inside ATen operators (the profiler's self CPU time, summed), and the rest: Python,
 nn.Module calls and dispatch, which no kernel does. Then the operators that take the most time,
 with their calls per token. `--peer` profiles transformers' `generate` on the same weights too.
-`--weights` decodes llmlab's side with 16-bit copies of its matrices (`llmlab.matvec.weights_in`);
+`--weights` decodes llmlab's side with copies of its matrices (`llmlab.matvec.weights_in`);
 `--peer-dtype` casts transformers' whole model, as `torch_dtype=` does.
 """
 
@@ -32,7 +32,7 @@ from llmlab.sampling import SamplingConfig, generate_ids
 
 def decoders(shape: str, stack: ExitStack, weights: torch.dtype | None = None,
              peer_dtype: torch.dtype = torch.float32) -> dict[str, Callable[[], object]]:  # fmt: skip
-    """The two decoders; with `weights`, llmlab's 16-bit copies are made once, held by `stack`."""
+    """The two decoders; with `weights`, llmlab's copies (16-bit, or fp32 packed) are made once, held by `stack`."""
     ours, hf = model_pair(shape, min_positions=PROMPT + NEW)
     if weights is not None:
         stack.enter_context(weights_in(ours, weights))
@@ -68,10 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", default="tiny", choices=["tiny", "124M"])
     p.add_argument("--peer", action="store_true", help="profile transformers' generate as well")
     p.add_argument("--top", type=at_least_one, default=12, help="operators to list")
-    p.add_argument("--weights", choices=["float16", "bfloat16"], help="llmlab with 16-bit copies of its matrices")
+    p.add_argument("--weights", choices=["float16", "bfloat16", "packed"],
+                   help="llmlab with 16-bit copies of its matrices, or fp32 ones packed for oneDNN")  # fmt: skip
     p.add_argument("--peer-dtype", choices=["float16", "bfloat16"], help="transformers' model cast to this dtype")
     args = p.parse_args(argv)
-    dtype = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    dtype = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16, "packed": torch.float32}
     with ExitStack() as stack:
         runs = decoders(args.shape, stack, dtype[args.weights], dtype[args.peer_dtype] or torch.float32)
         for name in ["llmlab", "transformers"] if args.peer else ["llmlab"]:

@@ -33,11 +33,11 @@ against the general path: about 20 of 140 µs for GPT-2's [2304, 768] W^QKV, 3-4
 
 Where PyTorch is built with oneDNN (its x86 wheels are), fp32 products of a few rows go to
 oneDNN's inner-product primitive instead (`onednn_linear`, the kernel `torch.compile` calls for
-a CPU linear): it reads W as stored, runs on every thread and, unlike MKL on an AMD CPU, uses
-AVX-512 there. On a 2-core AMD EPYC (Zen 5, AVX-512) it decoded GPT-2 124M at 51 tokens/s
-against the split's 41 (one run, in turns); per matrix (`bench_matvec`) one row ran at 19-30
-GB/s against the split's 21-24, 5-32 rows 1.2-2.2× as fast as the split, and with one thread
-1.2-2× `F.linear`. The split remains for other dtypes and for builds without oneDNN.
+a CPU linear): it reads W as stored and runs on every thread. On a 2-core AMD EPYC (Zen 5,
+AVX-512) it decoded GPT-2 124M at 51 tokens/s against the split's 41 (one run, in turns); per
+matrix (`bench_matvec`) one row ran at 19-30 GB/s against the split's 21-24, 5-32 rows 1.2-2.2×
+as fast as the split, and with one thread 1.2-2× `F.linear`. The split remains for other dtypes
+and for builds without oneDNN.
 """
 
 from __future__ import annotations
