@@ -95,6 +95,23 @@ def test_generate_weights_decodes_with_copies(capsys, monkeypatch, trained_run, 
     assert out["token_ids"] == expected.token_ids
 
 
+def test_generate_weights_packed_off_the_cpu_is_one_line(capsys, monkeypatch, trained_run):
+    import llmlab.run_dir
+
+    real = llmlab.run_dir.load_run
+
+    def on_meta(path, device="cpu"):  # a run loaded onto a device that is not the CPU
+        run = real(path, device)
+        run.model.to("meta")
+        return run
+
+    monkeypatch.setattr(llmlab.run_dir, "load_run", on_meta)
+    code, _, err = run_cli(capsys, "generate", str(trained_run), "--prompt", "a", "--weights", "packed")
+    assert code == 2 and err.strip().splitlines() == [
+        "llmlab: error: --weights packed is for decoding on the CPU, not on meta"
+    ]
+
+
 def test_generate_weights_packed_without_onednn_is_one_line(capsys, monkeypatch, trained_run):
     from llmlab import matvec
 

@@ -241,7 +241,13 @@ def test_weights_in_leaves_small_weights_and_rejects_other_dtypes():
         pass
 
 
-def test_packed_weights_need_onednn(monkeypatch):
+def test_packed_weights_need_onednn_and_a_fp32_model_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(matvec, "MIN_ELEMENTS", 64 * 64)
+    monkeypatch.setattr(matvec, "ONEDNN", True)  # the model is refused before anything is packed
+    model = gpt2_like().double()
+    with pytest.raises(ValueError, match="for a model in fp32 on the CPU"), matvec.weights_in(model, torch.float32):
+        pass
+    assert all("weight_copy" not in m.__dict__ for m in model.modules())
     monkeypatch.setattr(matvec, "ONEDNN", False)
     with (
         pytest.raises(ValueError, match="need PyTorch built with oneDNN"),

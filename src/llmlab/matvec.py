@@ -203,6 +203,8 @@ def weights_in(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
     if dtype == torch.float32 and not ONEDNN:
         raise ValueError("packed fp32 weights need PyTorch built with oneDNN (torch.backends.mkldnn)")
     large = [m for m in model.modules() if isinstance(m, Linear) and m.weight.numel() >= MIN_ELEMENTS]
+    if dtype == torch.float32 and any(m.weight.device.type != "cpu" or m.weight.dtype != dtype for m in large):
+        raise ValueError("packed fp32 weights are for a model in fp32 on the CPU")
     before = [m.__dict__.get("weight_copy") for m in large]  # a block around this one keeps its copies
     try:
         copies: dict[int, Tensor] = {}  # one copy per weight: Linears that share a weight share it

@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> None:
     loaded = load_run(args.run, pick_device(args.device or "cpu"))
     if args.weights == "packed" and not matvec.ONEDNN:
         raise UserError("--weights packed needs PyTorch built with oneDNN (torch.backends.mkldnn); this one is not")
+    device = next(loaded.model.parameters()).device
+    if args.weights == "packed" and device.type != "cpu":
+        raise UserError(f"--weights packed is for decoding on the CPU, not on {device}")
     copies = torch.float32 if args.weights == "packed" else getattr(torch, args.weights)
     with nullcontext() if args.weights == "float32" else matvec.weights_in(loaded.model, copies):
         _plain(args, prompt, sampling, loaded)
