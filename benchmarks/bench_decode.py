@@ -16,6 +16,7 @@ import torch
 
 from benchmarks.common import interleaved_medians, sync
 from benchmarks.shapes import model_pair
+from llmlab import matvec
 from llmlab.matvec import weights_in
 from llmlab.model import KVCache
 from llmlab.sampling import SamplingConfig, generate_ids
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="llmlab with 16-bit copies of its matrices, or fp32 ones packed for oneDNN")  # fmt: skip
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args(argv)
+    if args.weights == "packed" and (args.device != "cpu" or not matvec.ONEDNN):
+        p.error("--weights packed is for the CPU, with PyTorch built with oneDNN")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     weights = torch.float32 if args.weights == "packed" else getattr(torch, args.weights) if args.weights else None

@@ -25,6 +25,7 @@ import torch
 from benchmarks.bench_decode import NEW, PROMPT
 from benchmarks.common import at_least_one, operator_table, top_operators
 from benchmarks.shapes import model_pair
+from llmlab import matvec
 from llmlab.matvec import weights_in
 from llmlab.memory import _native_stderr_silenced
 from llmlab.sampling import SamplingConfig, generate_ids
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="llmlab with 16-bit copies of its matrices, or fp32 ones packed for oneDNN")  # fmt: skip
     p.add_argument("--peer-dtype", choices=["float16", "bfloat16"], help="transformers' model cast to this dtype")
     args = p.parse_args(argv)
+    if args.weights == "packed" and not matvec.ONEDNN:
+        p.error("--weights packed needs PyTorch built with oneDNN")
     dtype = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16, "packed": torch.float32}
     with ExitStack() as stack:
         runs = decoders(args.shape, stack, dtype[args.weights], dtype[args.peer_dtype] or torch.float32)

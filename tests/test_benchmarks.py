@@ -91,12 +91,12 @@ def test_gpu_sh_says_in_one_line_what_it_lacks(tmp_path):
 
 
 def test_benchmark_arguments_are_checked_before_any_measuring(tmp_path, capsys):
-    """Repetitions below 1, an --out that is a folder, in a missing folder or not text, and CUDA
-    without a device are argparse errors (exit 2, one line) before anything is timed; before, they
-    were tracebacks after the run, which lost its figures."""
+    """Repetitions below 1, an --out that is a folder, in a missing folder or not text, CUDA
+    without a device and packed weights off the CPU are argparse errors (exit 2, one line) before
+    anything is timed; before, they were tracebacks after the run, which lost its figures."""
     import pytest
     import torch
-    from benchmarks import bench_attention, bench_compile, bench_speculative, bench_train
+    from benchmarks import bench_attention, bench_compile, bench_decode, bench_speculative, bench_train
     from benchmarks import run as bench_run
 
     (tmp_path / "binary.md").write_bytes(b"\xff\xfe")
@@ -111,6 +111,7 @@ def test_benchmark_arguments_are_checked_before_any_measuring(tmp_path, capsys):
         (bench_speculative.main, ["--gamma", "0"], "argument --gamma: must be at least 1"),
         (bench_speculative.main, ["--target", str(tmp_path / "none")], "does not exist"),
         (bench_train.main, ["--device", "tpu"], "invalid choice: 'tpu'"),
+        (bench_decode.main, ["--weights", "packed", "--device", "cuda"], "--weights packed is for the CPU"),
     ]
     if not torch.cuda.is_available():
         cases.append((bench_run.main, ["--device", "cuda"], "--device cuda: no CUDA device is available"))

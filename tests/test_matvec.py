@@ -52,6 +52,19 @@ def test_onednn_linear_equals_f_linear(N, bias):
         got = matvec.onednn_linear(x, W, b)
         torch.testing.assert_close(got, F.linear(x, W, b), rtol=1e-5, atol=1e-5)
         assert got.shape == (*x.shape[:-1], N)
+    if bias:  # a strided bias (oneDNN itself would read it as dense: 4.4 off before `contiguous`)
+        b2 = torch.randn(N, 2, generator=g)[:, 0]
+        x = torch.randn(1, 1, 96, generator=g)
+        torch.testing.assert_close(matvec.onednn_linear(x, W, b2), F.linear(x, W, b2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not matvec.ONEDNN, reason="this PyTorch has no oneDNN")
+def test_onednn_is_skipped_when_switched_off():
+    W, x = torch.randn(1024, 256), torch.randn(1, 256)
+    with torch.no_grad():
+        assert matvec.few_row_product(x, W) == "onednn"
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert matvec.few_row_product(x, W) != "onednn"
 
 
 @pytest.fixture(params=["onednn", "split"])
@@ -292,3 +305,46 @@ def test_packed_fp32_weights_decode_as_the_parameters_do(monkeypatch):
         torch.testing.assert_close(x.grad, w1.weight.sum(0).reshape(1, 1, 64))
     torch.testing.assert_close(packed_steps, steps, rtol=1e-5, atol=1e-5)
     assert all("weight_copy" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.skipif(not matvec.ONEDNN, reason="this PyTorch has no oneDNN")
+def test_packed_copies_step_aside_for_what_they_were_not_packed_for(monkeypatch):
+    """Forward-mode AD (jvp, dual tensors) and a model cast to fp64 inside the block take the
+    plain product on the parameters. Reference: the tangent of x·Wᵀ + b is ẋ·Wᵀ; F.linear in fp64."""
+    monkeypatch.setattr(matvec, "MIN_ELEMENTS", 64 * 64)
+    lin = matvec.Linear(64, 128).requires_grad_(False)
+    x, dx = torch.randn(1, 1, 64), torch.randn(1, 1, 64)
+    with matvec.weights_in(lin, torch.float32):
+        assert lin.weight_copy.is_mkldnn
+        y, dy = torch.func.jvp(lin, (x,), (dx,))
+        torch.testing.assert_close(dy, dx @ lin.weight.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        with torch.no_grad(), forward_ad.dual_level():
+            _, tangent = forward_ad.unpack_dual(lin(forward_ad.make_dual(x, dx)))
+        torch.testing.assert_close(tangent, dx @ lin.weight.T, rtol=1e-5, atol=1e-5)
+        lin.double()
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x.double()), F.linear(x.double(), lin.weight, lin.bias))
+
+
+def test_parametrized_weights_get_a_copy_each(monkeypatch):
+    """A parametrized weight is a new tensor at each access: its id may be reused by the next
+    one's. Reference: each module's own weight, rounded to fp16 (the modules' weights differ 1-4×)."""
+
+    class Scale(torch.nn.Module):
+        def __init__(self, k: float) -> None:
+            super().__init__()
+            self.k = k
+
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w * self.k
+
+    monkeypatch.setattr(matvec, "MIN_ELEMENTS", 64 * 64)
+    torch.manual_seed(0)
+    mods = [matvec.Linear(64, 64, bias=False) for _ in range(4)]
+    for k, m in enumerate(mods, 1):
+        torch.nn.utils.parametrize.register_parametrization(m, "weight", Scale(float(k)))
+    x = torch.randn(1, 64)
+    with torch.no_grad(), matvec.weights_in(torch.nn.Sequential(*mods), torch.float16):
+        for m in mods:
+            torch.testing.assert_close(m(x), matvec.matvec16(x, m.weight.half(), None))  # this module's own weight

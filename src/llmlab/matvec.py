@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from llmlab.machine import cpuinfo
 
 MIN_ELEMENTS = 1 << 18  # 1 MiB of fp32: GPT-2 124M's matrices are 0.6-38.6 M elements, the tiny preset's 65 K
-FEW_ROWS = 32  # rows: 1.1-1.3× `F.linear` at 32 in `bench_matvec`, 0.9-2.0× at 64
+FEW_ROWS = 32  # rows: at 32 the split was 1.1-1.3× `F.linear` (AVX2 machine), oneDNN 1.5-2.2× the split (Zen 5)
 
 
 def split_matvec(x: Tensor, weight: Tensor, bias: Tensor | None, parts: int) -> Tensor:
@@ -88,7 +88,8 @@ def split_matvec(x: Tensor, weight: Tensor, bias: Tensor | None, parts: int) -> 
 
 
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x·Wᵀ + b through oneDNN's inner product, x [..., K] fp32, W [N, K] as stored. → [..., N]."""
+    """x·Wᵀ + b through oneDNN's inner product, x [..., K] fp32, W [N, K] as stored or packed. → [..., N]."""
+    bias = None if bias is None else bias.contiguous()  # oneDNN reads b as dense whatever its strides
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -123,14 +124,24 @@ def few_row_product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> st
         and x.device.type == "cpu"
         and weight.dtype == x.dtype
         and no_grad_taken(x, weight, bias)  # neither product has a gradient formula, and the split writes `out=`,
-        and not torch._C._are_functorch_transforms_active()  # which torch.func's vmap and jvp do not follow,
-        and no_dual_level()  # nor forward-mode AD's dual tensors;
+        and untraced()
         and not torch.is_autocast_enabled("cpu")  # and neither casts as autocast would
     ):
         return None
-    if ONEDNN and x.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
+    if onednn_enabled() and x.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
         return "onednn"
     return "split" if torch.get_num_threads() > 1 else None
+
+
+def untraced() -> bool:
+    """Whether neither torch.func's vmap and jvp nor forward-mode AD's dual tensors are active:
+    the fast products have no rules for them (and the split writes `out=`, which they do not follow)."""
+    return not torch._C._are_functorch_transforms_active() and no_dual_level()
+
+
+def onednn_enabled() -> bool:
+    """oneDNN is built in and not switched off (`torch.backends.mkldnn.flags(enabled=False)`)."""
+    return ONEDNN and torch._C._get_mkldnn_enabled()
 
 
 def no_dual_level() -> bool:
@@ -144,9 +155,12 @@ class Linear(nn.Linear):
     weight_copy: Tensor | None = None  # a 16-bit or a packed fp32 copy of the weight, set inside `weights_in`
 
     def forward(self, x: Tensor) -> Tensor:
-        copy = self.weight_copy
-        if copy is not None and one_row(x) and no_grad_taken(x, self.weight, self.bias):  # inside `weights_in`;
-            return onednn_linear(x, copy, self.bias) if copy.is_mkldnn else matvec16(x, copy, self.bias)  # no grad
+        copy = self.weight_copy  # inside `weights_in`
+        if copy is not None and one_row(x) and no_grad_taken(x, self.weight, self.bias) and untraced():
+            if not copy.is_mkldnn:
+                return matvec16(x, copy, self.bias)
+            if x.dtype == torch.float32 and x.device.type == "cpu" and onednn_enabled():  # what the packing assumed
+                return onednn_linear(x, copy, self.bias)
         product = few_row_product(x, self.weight, self.bias)
         if product == "onednn":
             return onednn_linear(x, self.weight, self.bias)
@@ -169,6 +183,7 @@ def matvec16(x: Tensor, weight16: Tensor, bias: Tensor | None) -> Tensor:
     weights at 20-27 GB/s against `F.linear`'s 14-22 (torch 2.13); elsewhere through `F.linear`
     (`BF16_MV`): on a 2-core Zen 5 `torch.mv` read 8-14 GB/s against its 14-19. fp16 goes through
     `F.linear`, as fast as `torch.mv` or faster on every machine measured (30-33 GB/s on the Zen 5).
+    Other Intel CPUs than that Sapphire Rapids are unmeasured.
     """
     if weight16.dtype == torch.bfloat16 and BF16_MV:
         y = torch.mv(weight16, x.reshape(-1).to(weight16.dtype)).to(x.dtype).view(*x.shape[:-1], -1)
@@ -194,7 +209,8 @@ def weights_in(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
     KV cache and the softmax stay fp32, and so does any product whose gradient is taken. The
     copies are made on entry, so edits to the parameters inside the block are not seen, and are
     dropped on exit (an enclosing block's copies come back). fp16 overflows above 65,504: a
-    model whose activations grow that large needs bf16.
+    model whose activations grow that large needs bf16. A packed copy is opaque: inside such a
+    block `copy.deepcopy(model)` and `torch.save(model)` fail; save the state dict instead.
     """
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(
@@ -207,12 +223,14 @@ def weights_in(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
         raise ValueError("packed fp32 weights are for a model in fp32 on the CPU")
     before = [m.__dict__.get("weight_copy") for m in large]  # a block around this one keeps its copies
     try:
-        copies: dict[int, Tensor] = {}  # one copy per weight: Linears that share a weight share it
+        copies: dict[int, tuple[Tensor, Tensor]] = {}  # one copy per weight: Linears that share one share it
         for module in large:
-            w = module.weight
+            w = (
+                module.weight
+            )  # kept alive in `copies`, so that its id is not reused (a parametrized weight is new each time)
             if id(w) not in copies:
-                copies[id(w)] = pack(w.detach()) if dtype == torch.float32 else w.detach().to(dtype)
-            module.weight_copy = copies[id(w)]
+                copies[id(w)] = (w, pack(w.detach()) if dtype == torch.float32 else w.detach().to(dtype))
+            module.weight_copy = copies[id(w)][1]
         yield model
     finally:
         for module, copy in zip(large, before, strict=True):
