@@ -31,7 +31,7 @@ class Decoding:
     agree: int  # how many leading tokens the two decoders agree on: NEW when they are the same
     probe_s: float | None = None  # median seconds of the probe, timed in the same turns
     ours_fp32: float | None = None  # tokens/s of llmlab in fp32, in the same turns, when `weights` was given
-    logits16: LogitAgreement | None = None  # the copies' next-token logits against fp32's, when given
+    copy_logits: LogitAgreement | None = None  # the copies' next-token logits against fp32's, when given
     copy_s: float | None = None  # seconds `weights_in` took to make the copies (before timing), when given
 
 
@@ -92,7 +92,7 @@ def bench(
         return out[:, PROMPT:]
 
     fp32_model = copy.deepcopy(ours) if weights is not None else None  # the baseline; `ours` gets the copies
-    logits16 = copy_s = None
+    copy_logits = copy_s = None
     with ExitStack() as stack:
         sides = [decoder(ours), hf_run]
         if fp32_model is not None:
@@ -104,14 +104,14 @@ def bench(
         seconds = interleaved_medians(sides + ([probe] if probe else []), reps)
         if fp32_model is not None:
             ids = torch.cat([idx, sides[2]()], 1)  # [1, PROMPT + NEW]: fp32's own greedy tokens
-            logits16 = agreement(stepwise_logits(fp32_model, ids), stepwise_logits(ours, ids))
+            copy_logits = agreement(stepwise_logits(fp32_model, ids), stepwise_logits(ours, ids))
     return Decoding(
         ours=NEW / seconds[0],
         peer=NEW / seconds[1],
         agree=int(differ[0]) if len(differ) else NEW,
         probe_s=seconds[-1] if probe else None,
         ours_fp32=NEW / seconds[2] if weights is not None else None,
-        logits16=logits16,
+        copy_logits=copy_logits,
         copy_s=copy_s,
     )
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     d = bench(args.shape, reps=args.reps, device=args.device, weights=weights)
     same = "same tokens" if d.agree == NEW else f"the first {d.agree} of {NEW} tokens the same"
     note = same + (f"; llmlab fp32 in the same turns {d.ours_fp32:.1f} tokens/s" if d.ours_fp32 else "")
-    note += f"; copies made in {d.copy_s:.2f} s, before timing; {describe(d.logits16)}" if d.logits16 else ""
+    note += f"; copies made in {d.copy_s:.2f} s, before timing; {describe(d.copy_logits)}" if d.copy_logits else ""
     name = f"greedy decoding, {args.shape}, B=1" + (f", {args.weights} weights" if weights else ", fp32")
     print(markdown_table([Row(name, d.ours, d.peer, "tokens/s", "–", note)]))
 

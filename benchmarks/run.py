@@ -213,7 +213,7 @@ def decoding_rows(device: str, reps: int, shapes: list[str]) -> list[Row]:
         copies = ([torch.float32] if device == "cpu" and matvec.ONEDNN else []) + [weights16(device)]
         for dtype in copies:  # packed fp32 (the same bytes, read faster), then 16 bits (half the bytes)
             h = bench_decode.bench(shape, reps=reps, device=device, probe=probe, weights=dtype)
-            assert h.probe_s is not None and h.ours_fp32 is not None and h.logits16 is not None
+            assert h.probe_s is not None and h.ours_fp32 is not None and h.copy_logits is not None
             ceiling = nbytes / h.probe_s / weight_bytes
             if dtype == torch.float32:
                 name, own = "packed fp32 weights (generate --weights packed)", f"{100 * h.ours / ceiling:.1f}% of it"
@@ -225,7 +225,7 @@ def decoding_rows(device: str, reps: int, shapes: list[str]) -> list[Row]:
                             f"{_agreement(h.agree)}; {h.ours / h.ours_fp32:.2f}× llmlab in fp32 in the same turns "
                             f"({h.ours_fp32:.1f} tokens/s); the fp32 ceiling in these turns {ceiling:.1f} tokens/s, "
                             f"{own}; the copies took {h.copy_s:.2f} s to make, before timing; "
-                            f"{bench_decode.describe(h.logits16)}"))  # fmt: skip
+                            f"{bench_decode.describe(h.copy_logits)}"))  # fmt: skip
         del probe
     return rows
 
