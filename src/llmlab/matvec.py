@@ -34,10 +34,11 @@ against the general path: about 20 of 140 µs for GPT-2's [2304, 768] W^QKV, 3-4
 Where PyTorch is built with oneDNN (its x86 wheels are), fp32 products of a few rows go to
 oneDNN's inner-product primitive instead (`onednn_linear`, the kernel `torch.compile` calls for
 a CPU linear): it reads W as stored and runs on every thread. On a 2-core AMD EPYC (Zen 5,
-AVX-512) it decoded GPT-2 124M at 51 tokens/s against the split's 41 (one run, in turns); per
-matrix (`bench_matvec`) one row ran at 19-30 GB/s against the split's 21-24, 5-32 rows 1.2-2.2×
-as fast as the split, and with one thread 1.2-2× `F.linear`. The split remains for other dtypes
-and for builds without oneDNN.
+AVX-512) `make bench` gave GPT-2 124M's decoding 1.59× transformers' tokens/s with the split
+(at 26a15e4) and 1.74-1.75× with oneDNN; per matrix (`bench_matvec`) one row ran at 19-30 GB/s
+against the split's 21-24, 5-32 rows 1.2-2.2× as fast as the split, and with one thread
+(`OMP_NUM_THREADS=1`) one row 1.1-1.4× as fast as `F.linear` (15.7-20.5 GB/s against 13.0-19.1).
+The split remains for other dtypes and for builds without oneDNN.
 """
 
 from __future__ import annotations
@@ -123,9 +124,9 @@ def few_row_product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> st
         and weight.numel() >= MIN_ELEMENTS
         and x.device.type == "cpu"
         and weight.dtype == x.dtype
-        and no_grad_taken(x, weight, bias)  # neither product has a gradient formula, and the split writes `out=`,
-        and untraced()
-        and not torch.is_autocast_enabled("cpu")  # and neither casts as autocast would
+        and no_grad_taken(x, weight, bias)  # neither product has a gradient formula,
+        and untraced()  # nor a vmap or forward-mode rule,
+        and not torch.is_autocast_enabled("cpu")  # nor casts as autocast would
     ):
         return None
     if onednn_enabled() and x.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
@@ -225,9 +226,8 @@ def weights_in(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
     try:
         copies: dict[int, tuple[Tensor, Tensor]] = {}  # one copy per weight: Linears that share one share it
         for module in large:
-            w = (
-                module.weight
-            )  # kept alive in `copies`, so that its id is not reused (a parametrized weight is new each time)
+            # `copies` keeps w alive, so that its id is not reused: a parametrized weight is new at each access
+            w = module.weight
             if id(w) not in copies:
                 copies[id(w)] = (w, pack(w.detach()) if dtype == torch.float32 else w.detach().to(dtype))
             module.weight_copy = copies[id(w)][1]
@@ -244,8 +244,8 @@ def pack(weight: Tensor) -> Tensor:
     opaque `torch._mkldnn` tensor, what `torch.compile` freezes a CPU linear's weight into).
 
     oneDNN reads a packed weight faster than one as stored: on a 2-core Zen 5, 27-36 GB/s
-    against 19-30 for GPT-2's matrices (`bench_matvec`), and GPT-2 124M decoded at 63 tokens/s
-    against 52 (one run, in turns). Packing costs a copy of the weights, and time:
-    0.9-1.1 s for 124M's 498 MB there, as much as decoding 50 tokens.
+    against 19-30 for GPT-2's matrices (`bench_matvec`), and GPT-2 124M decoded 1.12-1.14× as
+    fast as from the weights as stored (`make bench`, the packed row). Packing costs a copy of the
+    weights, and time: 0.5-1.1 s for 124M's 498 MB there, as long as decoding 20-50 tokens.
     """
     return torch.ops.mkldnn._reorder_linear_weight(weight)
