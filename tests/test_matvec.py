@@ -59,8 +59,9 @@ def test_onednn_linear_equals_f_linear(N, bias):
 
 
 @pytest.mark.skipif(not matvec.ONEDNN, reason="this PyTorch has no oneDNN")
-def test_onednn_is_skipped_when_switched_off():
+def test_onednn_is_skipped_when_switched_off(monkeypatch):
     W, x = torch.randn(1024, 256), torch.randn(1, 256)
+    monkeypatch.setattr(matvec, "MKL_MV", False)
     with torch.no_grad():
         assert matvec.few_row_product(x, W) == "onednn"
         with torch.backends.mkldnn.flags(enabled=False):
@@ -73,6 +74,7 @@ def product(request, monkeypatch):
     if request.param == "onednn" and not matvec.ONEDNN:
         pytest.skip("this PyTorch has no oneDNN")
     monkeypatch.setattr(matvec, "ONEDNN", request.param == "onednn")
+    monkeypatch.setattr(matvec, "MKL_MV", False)  # one row too: not left to MKL, as on Intel CPUs
     calls = []
     real = getattr(matvec, f"{request.param}_linear" if request.param == "onednn" else "split_matvec")
     monkeypatch.setattr(matvec, real.__name__, lambda *a: calls.append(a[0].shape) or real(*a))
@@ -109,10 +111,26 @@ def test_linear_takes_a_fast_product_only_for_a_few_rows_of_a_large_weight(monke
     assert calls == ([] if name == "split" else [(1, 1, 64), few.shape])  # one thread: nothing to split over
 
 
+@pytest.mark.skipif(not matvec.ONEDNN, reason="this PyTorch has no oneDNN")
+def test_mkl_takes_one_fp32_row_on_intel_cpus(monkeypatch, two_threads):
+    """`MKL_MV` (Intel CPUs): one fp32 row goes to F.linear, a few rows and other dtypes as elsewhere;
+    the output equals F.linear's. Reference: the same dispatch with `MKL_MV` off."""
+    lin = matvec.Linear(256, 1024)
+    one, few = torch.randn(1, 1, 256), torch.randn(1, 5, 256)
+    for mkl, expected in [(True, [None, "onednn", "split"]), (False, ["onednn", "onednn", "split"])]:
+        monkeypatch.setattr(matvec, "MKL_MV", mkl)
+        with torch.no_grad():
+            got = [matvec.few_row_product(x, w) for x, w in [(one, lin.weight), (few, lin.weight),
+                                                               (one.double(), lin.weight.double())]]  # fmt: skip
+            assert got == expected
+            torch.testing.assert_close(lin(one), F.linear(one, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
 def test_torch_func_transforms_take_the_plain_path(monkeypatch, two_threads):
     """vmap and jvp cannot follow the split's `out=` products. Reference: nn.Linear's own
     vmap (the product of each row) and jvp (the product with the tangent, W·ẋ)."""
     monkeypatch.setattr(matvec, "MIN_ELEMENTS", 64 * 64)
+    monkeypatch.setattr(matvec, "MKL_MV", False)  # one fp32 row: not left to MKL, as on Intel CPUs
     lin = matvec.Linear(64, 67).requires_grad_(False)  # 67 rows: the general split, with out=
     xs, dx = torch.randn(3, 1, 64), torch.randn(1, 64)
     torch.testing.assert_close(torch.func.vmap(lin)(xs), F.linear(xs, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
@@ -125,6 +143,7 @@ def test_forward_mode_dual_tensors_take_the_plain_path(monkeypatch, two_threads)
     """`torch.autograd.forward_ad` tangents do not follow `out=` either (NotImplementedError before).
     Reference: the tangent of x·Wᵀ + b is ẋ·Wᵀ; the primal is F.linear's."""
     monkeypatch.setattr(matvec, "MIN_ELEMENTS", 64 * 64)
+    monkeypatch.setattr(matvec, "MKL_MV", False)  # one fp32 row: not left to MKL, as on Intel CPUs
     lin = matvec.Linear(64, 67).requires_grad_(False)  # 67 rows: the general split, with out=
     x, dx = torch.randn(1, 64), torch.randn(1, 64)
     with torch.no_grad(), forward_ad.dual_level():

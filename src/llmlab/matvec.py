@@ -2,11 +2,12 @@
 
 Generating with a KV cache feeds one token per step, so each linear layer computes y = x·Wᵀ + b
 with x a single row [1, H_in]: every weight is read once per token and the speed is the memory
-bandwidth. PyTorch's CPU kernel for that product (MKL's gemv) runs on one thread. Measured on
-this project's 2-core machine with GPT-2 124M's weights (`python -m benchmarks.bench_matvec`):
-11-17 GB/s through `F.linear`, 16-32 GB/s when the rows of W are split into a batch of two and
-multiplied by `torch.bmm` as x·Wᵢᵀ, which runs the batch on both threads (a plain `sum()`
-reads 23-42 GB/s there, as the shared machine drifts). The layout matters: the same bmm
+bandwidth. PyTorch's CPU kernel for that product (MKL's gemv) runs on one thread on AMD CPUs
+(on Intel ones on all: `MKL_MV`, below). Measured on this project's 2-core AMD machine with
+GPT-2 124M's weights (`python -m benchmarks.bench_matvec`): 11-17 GB/s through `F.linear`,
+16-32 GB/s when the rows of W are split into a batch of two and multiplied by `torch.bmm` as
+x·Wᵢᵀ, which runs the batch on both threads (a plain `sum()` reads 23-42 GB/s there, as the
+shared machine drifts). The layout matters: the same bmm
 written as Wᵢ·x with x a column [n, K, 1] was a quarter as fast.
 
     W [N, K] ─ first n·⌊N/n⌋ rows as a view [n, N/n, K] ─ bmm: x [n, 1, K] · [n, K, N/n] ─► y [n · N/n]
@@ -39,6 +40,13 @@ AVX-512) `make bench` gave GPT-2 124M's decoding 1.59× transformers' tokens/s w
 against the split's 21-24, 5-32 rows 1.2-2.2× as fast as the split, and with one thread
 (`OMP_NUM_THREADS=1`) one row 1.1-1.4× as fast as `F.linear` (15.7-20.5 GB/s against 13.0-19.1).
 The split remains for other dtypes and for builds without oneDNN.
+
+On Intel CPUs one fp32 row goes to `F.linear` after all (`MKL_MV`): MKL picks its code by the
+CPU's vendor, and there its matrix-vector product runs on every thread. On a 2-core Xeon (model
+167, `bench_matvec`) `F.linear` read GPT-2's matrices at 16-25 GB/s (11-12 with
+`OMP_NUM_THREADS=1`, so it does use both), oneDNN at 9-20 and the split at 13-23, and GPT-2
+124M decoded 1.11-1.14× transformers' tokens/s through `F.linear` against 0.93-0.94× through
+oneDNN. A few rows still go to oneDNN there: as fast as `F.linear` or up to 1.4× faster.
 """
 
 from __future__ import annotations
@@ -102,6 +110,7 @@ def _has_onednn_linear() -> bool:
 
 
 ONEDNN = _has_onednn_linear()
+MKL_MV = cpuinfo("vendor_id") == "GenuineIntel"  # one fp32 row through F.linear: MKL's gemv threads on Intel CPUs
 
 
 def one_row(x: Tensor) -> bool:
@@ -129,6 +138,8 @@ def few_row_product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> st
         and not torch.is_autocast_enabled("cpu")  # nor casts as autocast would
     ):
         return None
+    if MKL_MV and one_row(x) and x.dtype == torch.float32:
+        return None  # MKL's own matrix-vector product, on every thread
     if onednn_enabled() and x.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
         return "onednn"
     return "split" if torch.get_num_threads() > 1 else None
