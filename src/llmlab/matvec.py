@@ -43,10 +43,10 @@ The split remains for other dtypes and for builds without oneDNN.
 
 On Intel CPUs one fp32 row goes to `F.linear` after all (`MKL_MV`): MKL picks its code by the
 CPU's vendor, and there its matrix-vector product runs on every thread. On a 2-core Xeon (model
-167, `bench_matvec`) `F.linear` read GPT-2's matrices at 16-25 GB/s (11-12 with
-`OMP_NUM_THREADS=1`, so it does use both), oneDNN at 9-20 and the split at 13-23, and GPT-2
-124M decoded 1.11-1.14× transformers' tokens/s through `F.linear` against 0.93-0.94× through
-oneDNN. A few rows still go to oneDNN there: as fast as `F.linear` or up to 1.4× faster.
+167, two runs of `bench_matvec`) `F.linear` read GPT-2's matrices at 16-21 GB/s (8.5-12 with
+`OMP_NUM_THREADS=1`, so it does use both), oneDNN at 10-20 and the split at 16-21; `make bench`
+gave GPT-2 124M's decoding 1.09× transformers' tokens/s through `F.linear`, 0.94× through
+oneDNN the run before. A few rows still go to oneDNN, as on other CPUs.
 """
 
 from __future__ import annotations
@@ -195,8 +195,9 @@ def matvec16(x: Tensor, weight16: Tensor, bias: Tensor | None) -> Tensor:
     weights at 20-27 GB/s against `F.linear`'s 14-22 (torch 2.13); elsewhere through `F.linear`
     (`BF16_MV`): on a 2-core Zen 5 `torch.mv` read 8-14 GB/s against its 14-19. fp16 goes through
     `F.linear`, as fast as `torch.mv` or faster on every machine measured (30-33 GB/s on the Zen 5).
-    On a 2-core Xeon model 167 (L3 105 MiB) 16-bit weights gain less: `make bench`'s fp16 decoding
-    of GPT-2 124M ran 1.12-1.39× llmlab's fp32, at 45-46% of the 16-bit bandwidth ceiling.
+    On a 2-core Xeon model 167 (L3 105 MiB) 16-bit weights gain less: `bench_matvec` timed bf16 at
+    0.67-0.97 and fp16 at 0.51-0.94 of fp32's time, and `make bench`'s fp16 decoding of GPT-2 124M
+    ran 1.12-1.39× llmlab's fp32, at 45-46% of the 16-bit bandwidth ceiling.
     """
     if weight16.dtype == torch.bfloat16 and BF16_MV:
         y = torch.mv(weight16, x.reshape(-1).to(weight16.dtype)).to(x.dtype).view(*x.shape[:-1], -1)
