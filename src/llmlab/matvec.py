@@ -3,12 +3,12 @@
 Generating with a KV cache feeds one token per step, so each linear layer computes y = x·Wᵀ + b
 with x a single row [1, H_in]: every weight is read once per token and the speed is the memory
 bandwidth. PyTorch's CPU kernel for that product (MKL's gemv) runs on one thread on AMD CPUs
-(on Intel ones on all: `MKL_MV`, below). Measured on this project's 2-core AMD machine with
-GPT-2 124M's weights (`python -m benchmarks.bench_matvec`): 11-17 GB/s through `F.linear`,
+(on every thread on Intel ones: `MKL_MV`, below). Measured on this project's 2-core AMD machine
+with GPT-2 124M's weights (`python -m benchmarks.bench_matvec`): 11-17 GB/s through `F.linear`,
 16-32 GB/s when the rows of W are split into a batch of two and multiplied by `torch.bmm` as
 x·Wᵢᵀ, which runs the batch on both threads (a plain `sum()` reads 23-42 GB/s there, as the
-shared machine drifts). The layout matters: the same bmm
-written as Wᵢ·x with x a column [n, K, 1] was a quarter as fast.
+shared machine drifts). The layout matters: the same bmm written as Wᵢ·x with x a column
+[n, K, 1] was a quarter as fast.
 
     W [N, K] ─ first n·⌊N/n⌋ rows as a view [n, N/n, K] ─ bmm: x [n, 1, K] · [n, K, N/n] ─► y [n · N/n]
              └ the N mod n rows left over ─ mm ───────────────────────────────► y [N mod n]
