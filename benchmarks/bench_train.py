@@ -15,18 +15,25 @@ import torch.nn.functional as F
 from benchmarks.common import interleaved_medians, sync
 from benchmarks.shapes import TRAIN_BATCH, model_pair
 from llmlab.config import TrainConfig
-from llmlab.train import make_optimizer
+from llmlab.train import clip_and_step, make_optimizer
 
 
-def step_fn(model, optimizer, logits_of: Callable, x, y, bf16: bool) -> Callable[[], None]:
+def clip_then_step(model, optimizer) -> None:
+    """transformers' Trainer: `clip_grad_norm_` (a norm pass, then one that scales every gradient),
+    then the optimiser's step."""
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def step_fn(model, optimizer, logits_of: Callable, x, y, bf16: bool,
+            clip_step: Callable = clip_then_step) -> Callable[[], None]:  # fmt: skip
     def step() -> None:
         ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         with ctx:
             logits = logits_of(model, x)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        clip_step(model, optimizer)
         optimizer.zero_grad(set_to_none=True)
         sync(x.device)
 
@@ -45,7 +52,8 @@ def steps(shape: str, device: str = "cpu", bf16: bool = False,
     y = torch.randint(0, ours.cfg.vocab_size, (B, S), generator=g).to(device)
     cfg = TrainConfig()
     forward = torch.compile(ours) if compile else ours
-    ours_step = step_fn(ours, make_optimizer(ours, cfg), lambda m, t: forward(t), x, y, bf16)
+    ours_step = step_fn(ours, make_optimizer(ours, cfg), lambda m, t: forward(t), x, y, bf16,
+                        lambda m, opt: clip_and_step(opt, 1.0))  # llmlab's Trainer's clip and step  # fmt: skip
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.1,
                                fused=device in ("cpu", "cuda"))  # fmt: skip
     hf_step = step_fn(hf, hf_opt, lambda m, t: m(t).logits, x, y, bf16)

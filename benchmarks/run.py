@@ -153,7 +153,18 @@ def adamw_rows(reps: int) -> list[Row]:
     ours_s, hf_s, ours_f, hf_f = bench_adamw.bench("124M", reps=reps)
     return [Row("AdamW step alone, 124M: fused vs torch.optim.AdamW's per-tensor default", 1 / ours_s, 1 / hf_s,
                 "steps/s", "–", f"ablation; {ours_s * 1e3:.0f} against {hf_s * 1e3:.0f} ms, page faults a step: "
-                f"{ours_f:,} against {hf_f:,} (the loop's temporaries)")]  # fmt: skip
+                f"{ours_f:,} against {hf_f:,} (the loop's temporaries)"),
+            clip_row(reps)]  # fmt: skip
+
+
+def clip_row(reps: int, shape: str = "124M") -> Row:
+    """Gradient clipping and the fused AdamW step at 124M: the clip's scale inside the kernel
+    (`llmlab.train.clip_and_step`) against `clip_grad_norm_` then the step, as transformers' Trainer."""
+    inside_s, then_s = bench_adamw.bench_clip(shape, reps=reps)
+    return Row(f"clip + AdamW step, {shape}: the clip inside the fused kernel vs clip_grad_norm_ then the step",
+               1 / inside_s, 1 / then_s, "steps/s", "–",
+               f"ablation; {inside_s * 1e3:.0f} against {then_s * 1e3:.0f} ms, each on its own copy of the "
+               "gradients")  # fmt: skip
 
 
 def mfu_rows(device: str, got: Training) -> list[Row]:

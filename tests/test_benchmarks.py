@@ -65,6 +65,16 @@ def test_the_tying_ablation_runs_in_a_fresh_process_and_reports_both_sides():
     assert all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in (tied, plain)), (tied, plain)
 
 
+def test_the_clip_ablation_times_both_clipped_steps():
+    """`make bench`'s clip row, at the tiny shape: both sides timed, the note in milliseconds."""
+    from benchmarks.run import clip_row
+
+    row = clip_row(reps=1, shape="tiny")
+    assert row.benchmark.startswith("clip + AdamW step, tiny")
+    assert row.ours > 0 and row.peer > 0
+    assert row.note.startswith("ablation; ") and f"{1e3 / row.ours:.0f} against {1e3 / row.peer:.0f} ms" in row.note
+
+
 def test_gpu_sh_says_in_one_line_what_it_lacks(tmp_path):
     """benchmarks/gpu.sh on this CPU machine: no CUDA device, one line and a non-zero exit before any
     benchmark runs; with a Python that lacks a package it needs (here: site-packages switched off by

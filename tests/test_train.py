@@ -55,6 +55,52 @@ def test_matrices_decay_and_biases_and_gains_do_not():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def test_grad_norm_is_the_float64_norm_of_all_gradients():
+    """Reference: numpy's float64 sum of squares; one gradient is a transposed (non-contiguous) view."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(3000, 70, generator=g) * 1e-3, torch.randn(70, 500, generator=g).T,
+             torch.randn(7, generator=g)]  # fmt: skip
+    reference = math.sqrt(sum(float((t.double().numpy() ** 2).sum()) for t in grads))
+    assert train_lib.grad_norm(grads).item() == pytest.approx(reference, rel=1e-6)
+    mixed = [grads[0].bfloat16(), grads[2]]  # not all fp32: PyTorch's own total norm
+    assert train_lib.grad_norm(mixed).item() == pytest.approx(torch.nn.utils.get_total_norm(mixed).item())
+
+
+@pytest.mark.parametrize("scale", [1e-4, 10.0])  # gradients under the clip, and over it
+def test_clip_and_step_equals_clip_grad_norm_then_the_step(scale):
+    """Reference: `nn.utils.clip_grad_norm_` then the same fused AdamW, on copies of one model; the
+    gradients left in .grad are the clipped ones too."""
+    models = [GPT(TINY_VARIANTS["notes"]) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [make_optimizer(m, CFG) for m in models]
+    idx = torch.randint(0, models[0].cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        for m in models:
+            (cross_entropy(m(idx), idx) * scale).backward()
+        norm = torch.nn.utils.clip_grad_norm_(models[0].parameters(), 1.0)
+        assert (norm > 1.0) == (scale > 1)
+        optimizers[0].step()
+        train_lib.clip_and_step(optimizers[1], 1.0)
+        assert not hasattr(optimizers[1], "grad_scale")
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+
+
+def test_clip_and_step_without_a_fused_optimiser_or_a_clip():
+    """SGD has no grad_scale: clip_grad_norm_ scales the gradients; max_norm 0 leaves them alone."""
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    sgd = torch.optim.SGD([w], lr=1.0)
+    w.grad = torch.tensor([30.0, 40.0])  # norm 50
+    train_lib.clip_and_step(sgd, 5.0)
+    torch.testing.assert_close(w.detach(), torch.tensor([3.0 - 3.0, 4.0 - 4.0]), atol=1e-5, rtol=0)
+    w.grad = torch.tensor([30.0, 40.0])
+    train_lib.clip_and_step(sgd, 0.0)
+    torch.testing.assert_close(w.detach(), torch.tensor([-30.0, -40.0]), atol=1e-4, rtol=0)
+
+
 def unigram_entropy(text: str) -> float:
     counts = Counter(text)
     n = sum(counts.values())

@@ -332,15 +332,12 @@ def saved_activation_bytes(model: Any, x: Any, y: Any) -> int:
 
 def train_step(model: Any, optimizer: Any, x: Any, y: Any, grad_clip: float) -> None:
     """The body of `train.py`'s step for one micro-batch: forward, loss, backward, clip, AdamW."""
-    import torch
-
     from llmlab.entropy import cross_entropy
+    from llmlab.train import clip_and_step
 
     loss = cross_entropy(model(x), y)
     loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    clip_and_step(optimizer, grad_clip)
     optimizer.zero_grad(set_to_none=True)
 
 
