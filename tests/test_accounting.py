@@ -262,6 +262,35 @@ def test_count_gpt2_json_gives_the_published_count_and_exact_equals_measured(cap
     assert r["memory"]["train"]["predicted_bytes"] > 16 * 124_439_808 - 1
 
 
+@pytest.mark.parametrize("name", ["notes", "llama-tiny"])
+def test_a_deep_model_measured_on_one_and_two_layers_equals_the_whole_one(name, monkeypatch):
+    """Reference: FlopCounterMode and the parameters of the whole 5-layer meta model, against
+    measure_meta's extension of the 1- and 2-layer ones (forced here by lowering MEASURED_LAYERS)."""
+    cfg = replace(TINY_VARIANTS[name], n_layers=5)
+    model = acc.meta_model(cfg)
+    whole = acc.measure_flops(model, 2, 16)
+    params = sum(p.numel() for p in model.parameters())
+    decode = acc.measure_decode_flops(model, 2, 16)
+    assert acc.measure_meta(cfg, 2, 16) == (whole, params, decode, 5)
+    monkeypatch.setattr(acc, "MEASURED_LAYERS", 2)
+    assert acc.measure_meta(cfg, 2, 16) == (whole, params, decode, 2)
+
+
+def test_count_of_a_deep_model_is_quick_and_says_how_it_was_measured(capsys):
+    """1,000 layers: 1- and 2-layer models measured, the exact counts equal to their extension;
+    above MAX_LAYERS, one line and exit 2."""
+    code, out, _ = run_cli(capsys, "count", "--preset", "gpt2", "--set", "n_layers=1000", "--json")
+    r = json.loads(out)
+    assert code == 0 and r["measured_layers"] == 2
+    assert r["params"]["total"] == r["params"]["measured"] == 38_597_376 + 786_432 + 1000 * 7_087_872 + 1536
+    assert r["flops"]["train_step"]["exact"] == r["flops"]["train_step"]["measured"]
+    assert r["flops"]["decode_step"]["exact"] == r["flops"]["decode_step"]["measured"]
+    code, out, _ = run_cli(capsys, "count", "--preset", "gpt2", "--set", "n_layers=1000")
+    assert code == 0 and "measured on models of 1 and 2 layers, extended to L: 7,127,257,344" in out
+    code, _, err = run_cli(capsys, "count", "--preset", "gpt2", "--set", "n_layers=100000000000")
+    assert code == 2 and err.strip() == "llmlab: error: n_layers must be at most 10,000, got 100,000,000,000"
+
+
 def test_count_measure_and_peak_with_a_run(capsys, tiny_run, tmp_path, monkeypatch):
     """--measure on a run's config: measured memory within 10% of the prediction; --peak cached."""
     monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path))

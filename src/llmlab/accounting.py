@@ -31,7 +31,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +290,29 @@ def measure_decode_flops(model: Any, batch: int, context: int) -> int:
     return counter.get_total_flops()
 
 
+MEASURED_LAYERS = 12  # deeper models are measured on 1 and 2 layers; see measure_meta
+
+
+def measure_meta(cfg: ModelConfig, batch: int, seq: int) -> tuple[MeasuredFlops, int, int, int]:
+    """(training-step FLOPs, parameters, decoding-step FLOPs, layers measured) of `GPT(cfg)`, counted
+    on meta models: the whole model up to `MEASURED_LAYERS` layers, else models of one and two
+    layers, extended to L as f(L) = f(1) + (L − 1)·(f(2) − f(1)). That is exact, because every
+    block has the same shapes and nothing else depends on L, and it keeps `llmlab count` quick at
+    any depth (a meta forward and backward costs a fraction of a second a layer)."""
+    if cfg.n_layers <= MEASURED_LAYERS:
+        model = meta_model(cfg)
+        params = sum(p.numel() for p in model.parameters())
+        return measure_flops(model, batch, seq), params, measure_decode_flops(model, batch, seq), cfg.n_layers
+    one, two = (measure_meta(replace(cfg, n_layers=n), batch, seq) for n in (1, 2))
+    more = cfg.n_layers - 1
+    flops = MeasuredFlops(
+        one[0].forward + more * (two[0].forward - one[0].forward),
+        one[0].backward + more * (two[0].backward - one[0].backward),
+        {k: v + more * (two[0].by_component[k] - v) for k, v in one[0].by_component.items()},
+    )
+    return flops, one[1] + more * (two[1] - one[1]), one[2] + more * (two[2] - one[2]), 2
+
+
 def _by_component(counts: dict[str, int]) -> dict[str, int]:
     """FlopCounterMode's per-module totals ("GPT.blocks.0.attn.qkv", ...) grouped like forward_flops."""
     attn = sum(v for k, v in counts.items() if k.endswith(".attn"))
@@ -463,8 +486,7 @@ def count_report(cfg: ModelConfig, batch: int, seq: int, source: str, measure: b
     from llmlab.config import to_dict
 
     cfg = fit_context(cfg, batch, seq)
-    model = meta_model(cfg)
-    measured = measure_flops(model, batch, seq)
+    measured, measured_params, measured_decode, layers = measure_meta(cfg, batch, seq)
     rows = notes_comparison(cfg, batch, seq)
     for row in rows:
         row["measured"] = measured.by_component[row["component"]]
@@ -473,15 +495,16 @@ def count_report(cfg: ModelConfig, batch: int, seq: int, source: str, measure: b
     counts = param_counts(cfg)
     report: dict[str, Any] = {
         "model": {"source": source, **to_dict(cfg)}, "batch": batch, "seq": seq,
-        "params": {"total": sum(counts.values()), "measured": sum(p.numel() for p in model.parameters()),
+        "params": {"total": sum(counts.values()), "measured": measured_params,
                    "by_component": counts, "non_embedding": non_embedding_params(cfg)},
+        "measured_layers": layers,
         "flops": {
             "forward": {"exact": exact, "measured": measured.forward, "notes": notes,
                         "notes_diff_pct": pct_diff(notes, exact), "by_component": rows},
             "train_step": {"exact": train, "measured": measured.train_step, "kaplan_6n": kaplan,
                            "kaplan_diff_pct": pct_diff(kaplan, train)},
             "decode_step": {"context": seq, "exact": decode_step_flops(cfg, batch, seq),
-                            "measured": measure_decode_flops(model, batch, seq)},
+                            "measured": measured_decode},
         },
         "memory": memory.memory_report(cfg, batch, seq),
     }  # fmt: skip

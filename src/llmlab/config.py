@@ -36,6 +36,7 @@ AttentionPath = Literal["sdpa", "explicit"]
 
 
 MAX_SEED = 2**63 - 1  # what torch.manual_seed and numpy's SeedSequence both take
+MAX_LAYERS = 10_000  # above it even counting the model's parameters name by name takes seconds
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layers", "n_heads", "d_model"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_layers > MAX_LAYERS:  # the deepest trained Transformer (DeepNet, 2022) has 1,000
+            raise ConfigError(f"n_layers must be at most {MAX_LAYERS:,}, got {self.n_layers:,}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):

@@ -166,7 +166,8 @@ def plot_sweep(rows: list[dict[str, Any]], axis: str, path: str | Path, title: s
 def _print_report(r: dict[str, Any]) -> None:
     p, f, m = r["params"], r["flops"], r["memory"]
     print(f"{r['model']['source']}: B={r['batch']}, S={r['seq']}\n")
-    rows = [("parameters", f"{p['total']:,} (measured on the model: {p['measured']:,})")]
+    on = "the model" if r["measured_layers"] == r["model"]["n_layers"] else "models of 1 and 2 layers, extended to L"
+    rows = [("parameters", f"{p['total']:,} (measured on {on}: {p['measured']:,})")]
     rows += [(f"  {k}", f"{v:,}") for k, v in p["by_component"].items() if v]
     table(rows)
     print(f"\n{'forward FLOPs':<24} {'exact':<17} {'measured':<17} {'notes formula':<17} notes vs exact")

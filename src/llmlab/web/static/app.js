@@ -374,7 +374,8 @@ async function count() {
   out.innerHTML = `<p>B = ${r.batch}, S = ${r.seq}</p>`;
   const params = document.createElement("table");
   params.className = "figures";
-  rows(params, [["parameters", `${int(r.params.total)} (measured on the model: ${int(r.params.measured)})`],
+  const on = r.measured_layers === r.model.n_layers ? "the model" : "models of 1 and 2 layers, extended to L";
+  rows(params, [["parameters", `${int(r.params.total)} (measured on ${on}: ${int(r.params.measured)})`],
     ...Object.entries(r.params.by_component).filter(([, v]) => v).map(([k, v]) => [`  ${k}`, int(v)])]);
   const flops = document.createElement("table");
   flops.className = "rows";
