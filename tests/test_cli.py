@@ -189,7 +189,8 @@ def bad_inputs(tmp: Path, corpus: Path, run: Path) -> list[tuple[list[str], str]
         ([*train, "--config", str(tmp)], "is a directory"),
         (["train", "--data", str(corpus), "--out", str(tmp / "empty.txt")], "is a file, not a directory"),
         (["train", "--data", str(corpus), "--out", str(tmp / "empty.txt" / "r")], "empty.txt is a file, so"),
-        ([*train, "--set", "n_layers=100000000"], "parameters: training it on the CPU needs"),  # hung before
+        ([*train, "--set", "d_model=65536"], "parameters: training it on the CPU needs"),  # 206 G parameters
+        ([*train, "--set", "n_layers=100000000"], "n_layers must be at most 10,000, got 100,000,000"),  # hung before
         (["run", "--out", str(tmp / "empty.txt" / "tour")], "empty.txt is a file, so"),  # was "Not a directory"
         (["export-hf", str(run), "--out", str(tmp / "empty.txt" / "hf")], "empty.txt is a file, so"),
         (["count", "--sweep", "seq=8,16", "--out", str(tmp / "empty.txt" / "s.png")], "empty.txt is a file, so"),
