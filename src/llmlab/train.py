@@ -101,7 +101,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The global 2-norm ‖(g₁, …, g_n)‖₂ = √Σᵢ gᵢ·gᵢ of all the gradients, a 0-dim tensor, as
     `nn.utils.clip_grad_norm_` measures it. On CPU each gᵢ·gᵢ of fp32 gradients is one BLAS dot
-    product, faster there than `vector_norm` (`clip_and_step` has the figures)."""
+    product, faster there than `vector_norm` (`python -m benchmarks.bench_adamw --clip` times the
+    whole clip and step)."""
     if all(g.device.type == "cpu" and g.dtype == torch.float32 for g in grads):
         flat = [g.reshape(-1) for g in grads]  # [n] views; a copy only for a non-contiguous gradient
         return torch.stack([torch.dot(f, f) for f in flat]).sum().sqrt()
