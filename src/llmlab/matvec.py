@@ -45,8 +45,8 @@ On Intel CPUs one fp32 row goes to `F.linear` after all (`MKL_MV`): MKL picks it
 CPU's vendor, and there its matrix-vector product runs on every thread. On a 2-core Xeon (model
 167, two runs of `bench_matvec`) `F.linear` read GPT-2's matrices at 16-21 GB/s (8.5-12 with
 `OMP_NUM_THREADS=1`, so it does use both), oneDNN at 10-20 and the split at 16-21; `make bench`
-gave GPT-2 124M's decoding 1.09× transformers' tokens/s through `F.linear`, 0.94× through
-oneDNN the run before. A few rows still go to oneDNN, as on other CPUs.
+gave GPT-2 124M's decoding 1.09-1.16× transformers' tokens/s through `F.linear` (two runs),
+0.94× through oneDNN the run before. A few rows still go to oneDNN, as on other CPUs.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def matvec16(x: Tensor, weight16: Tensor, bias: Tensor | None) -> Tensor:
     `F.linear`, as fast as `torch.mv` or faster on every machine measured (30-33 GB/s on the Zen 5).
     On a 2-core Xeon model 167 (L3 105 MiB) 16-bit weights gain less: `bench_matvec` timed bf16 at
     0.67-0.97 and fp16 at 0.51-0.94 of fp32's time, and `make bench`'s fp16 decoding of GPT-2 124M
-    ran 1.12-1.39× llmlab's fp32, at 45-46% of the 16-bit bandwidth ceiling.
+    ran 1.08-1.39× llmlab's fp32, at 43-46% of the 16-bit bandwidth ceiling.
     """
     if weight16.dtype == torch.bfloat16 and BF16_MV:
         y = torch.mv(weight16, x.reshape(-1).to(weight16.dtype)).to(x.dtype).view(*x.shape[:-1], -1)
