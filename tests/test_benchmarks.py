@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from benchmarks.common import Row, with_section
 
 
@@ -213,3 +214,18 @@ def test_the_attention_ablation_names_the_route_llmlab_takes_at_each_shape():
     for (_, _, S, D), row in zip(bench_attention.SHAPES, rows, strict=True):
         assert row.note.endswith("llmlab takes " + ("fp32" if S * D < 16_384 else "bf16"))
         assert row.ours > 0 and row.peer > 0
+
+
+def test_the_argmax_ablation_checks_both_ways_agree_and_times_each_shape(monkeypatch):
+    """bench_argmax's rows: one per shape, timed; and a disagreement between the two ways is an
+    error, not a row (a wrong argmax patched in, on one shape)."""
+    from benchmarks import bench_argmax
+
+    rows = bench_argmax.bench(1)
+    named = [r.benchmark.split(": ")[0] for r in rows]
+    assert named == [f"argmax over the last dim, {list(shape)}" for shape in bench_argmax.SHAPES]
+    for row in rows:
+        assert row.ours > 0 and row.peer > 0 and row.note.endswith("µs; the same indices")
+    monkeypatch.setattr(bench_argmax, "argmax", lambda x: x.argmin(-1))
+    with pytest.raises(AssertionError, match=r"differ on \[1, 50257\]"):
+        bench_argmax.bench(1)

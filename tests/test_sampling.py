@@ -12,7 +12,9 @@ from scipy import stats
 from llmlab.errors import UserError
 from llmlab.model import GPT
 from llmlab.sampling import (
+    NUMPY_ARGMAX_FROM,
     SamplingConfig,
+    argmax,
     generate_batch,
     generate_ids,
     generate_text,
@@ -53,6 +55,22 @@ def test_temperature_divides_the_logits():
 
 def test_temperature_zero_is_a_one_hot_at_the_argmax():
     assert probs_from_logits(LOGITS, SamplingConfig(0.0)).tolist() == [[1, 0, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("V", [NUMPY_ARGMAX_FROM - 1, NUMPY_ARGMAX_FROM, 50257])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_argmax_finds_the_index_torchs_argmax_does(V, dtype):
+    """Against Tensor.argmax (the reference): random rows, a tie (the first wins), a NaN (it wins),
+    a row of −∞, a non-contiguous view, and batches of 1-D to 3-D, below and above the NumPy route."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, V, generator=g, dtype=dtype)
+    x[0, 0, [7, V - 2]] = 100.0  # a tie
+    x[0, 1, [V // 2, 3]] = float("nan")  # NaN beats everything, the first NaN wins
+    x[1, 2] = float("-inf")  # all equal: index 0
+    for t in (x, x[0, 0], x[:, 1], x.transpose(0, 1), x[..., ::2], x[0]):
+        got = argmax(t)
+        assert got.dtype == torch.int64 and torch.equal(got, t.argmax(-1))
+    assert argmax(x[0, 0]).tolist() == 7 and argmax(x[0, 1]).tolist() == 3 and argmax(x[1, 2]).tolist() == 0
 
 
 @pytest.mark.parametrize("cfg", [SamplingConfig(1e-30), SamplingConfig(1e-300), SamplingConfig(1.0, top_p=1e-300),
