@@ -22,10 +22,11 @@ is an error that says to set `llmlab.gelu.FAST_PATH = False`. `tests/test_gelu.p
 two equal; `python -m benchmarks.bench_activation` measures both, alone and in a training step.
 
 With AVX-512 the fused kernel is no faster: on a 2-core Xeon model 167 forward and backward of
-[12, 64, 512] took 1608 µs through `F.gelu` and 1438 µs through `GeluTanh` (1.12×, whose forward
-makes ten passes over the tensor, down from thirteen), and a training step of the tiny shape ran
-1.00× (`bench_activation`; there the step's page faults, which the two allocations of the
-forward add to, cost as much as the passes saved).
+[12, 64, 512] took 1438 and 1758 µs through `GeluTanh` against 1608 and 1798 through `F.gelu`
+(1.12× and 1.02×, two runs of `bench_activation`), and a training step of the tiny shape ran
+1.00× and 0.99× (there the step's page faults, which the two allocations of the forward add to,
+cost as much as the passes saved). Its forward makes ten passes over the tensor; the thirteen
+before them were no faster (a one-off comparison in turns).
 """
 
 from __future__ import annotations

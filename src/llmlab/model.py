@@ -20,7 +20,6 @@ References: Vaswani et al. 2017 (arXiv 1706.03762); Radford et al. 2019 (GPT-2);
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -227,18 +226,16 @@ class CausalSelfAttention(nn.Module):
     def sdpa(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """The same through PyTorch's fused kernel; the mask is passed only when it is needed.
         bf16 training on a CPU attends in fp32 where that is faster (`attends_in_fp32`)."""
+        if attends_in_fp32(q):  # with autocast off, which would cast them back: it runs SDPA in bf16
+            with torch.autocast(q.device.type, enabled=False):
+                return self.sdpa(q.float(), k.float(), v.float()).to(q.dtype)
         S, T = q.shape[2], k.shape[2]
-        dtype, fp32 = q.dtype, attends_in_fp32(q)
-        if fp32:  # and with autocast off, which would cast them back: it runs SDPA in bf16
-            q, k, v = q.float(), k.float(), v.float()
         mask = None if S == 1 or S == T else causal_mask(S, T, q.device).to(q.dtype)
-        with torch.autocast(q.device.type, enabled=False) if fp32 else contextlib.nullcontext():
-            z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=(S == T and S > 1),
-                dropout_p=self.cfg.dropout if self.training else 0.0,
-                enable_gqa=self.cfg.kv_heads != self.cfg.n_heads,
-            )  # fmt: skip
-        return z.to(dtype)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=(S == T and S > 1),
+            dropout_p=self.cfg.dropout if self.training else 0.0,
+            enable_gqa=self.cfg.kv_heads != self.cfg.n_heads,
+        )  # fmt: skip
 
 
 FP32_ATTENTION_BELOW = 16_384  # S·D under which bf16 CPU training attends in fp32; see attends_in_fp32
