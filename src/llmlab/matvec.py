@@ -45,7 +45,7 @@ On Intel CPUs one fp32 row goes to `F.linear` after all (`MKL_MV`): MKL picks it
 CPU's vendor, and there its matrix-vector product runs on every thread. On a 2-core Xeon (model
 167, two runs of `bench_matvec`) `F.linear` read GPT-2's matrices at 16-21 GB/s (8.5-12 with
 `OMP_NUM_THREADS=1`, so it does use both), oneDNN at 10-20 and the split at 16-21; `make bench`
-gave GPT-2 124M's decoding 1.09-1.16× transformers' tokens/s through `F.linear` (two runs),
+gave GPT-2 124M's decoding 1.09-1.16× transformers' tokens/s through `F.linear` (three runs),
 0.94× through oneDNN the run before. A few rows still go to oneDNN, as on other CPUs.
 """
 
