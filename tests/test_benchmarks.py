@@ -55,6 +55,15 @@ def test_make_bench_quick_writes_its_rows_into_an_existing_file(tmp_path, capsys
     assert capsys.readouterr().out.strip().startswith("## Benchmarks on cpu")
 
 
+def test_make_bench_repeats_the_noisiest_measurements_more_often():
+    """--reps 7: the tiny shape's millisecond steps and decoding 5x as often, 124M training steps
+    2x (their fp32 ratio read 1.13-1.23 across 7-turn runs of one commit), 124M decoding as asked."""
+    from benchmarks.run import _reps, _train_reps
+
+    assert (_train_reps("tiny", 7), _train_reps("124M", 7)) == (35, 14)
+    assert (_reps("tiny", 7), _reps("124M", 7)) == (35, 7)
+
+
 def test_the_tying_ablation_runs_in_a_fresh_process_and_reports_both_sides():
     """The subprocess `make bench` starts for the tied-gradient ablation (at the tiny shape here,
     one repetition): its JSON line is read back as two step rates."""
