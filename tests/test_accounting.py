@@ -240,6 +240,43 @@ def test_peak_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
     assert list(json.loads((tmp_path / "peak.json").read_text()).values()) == [7.0]
 
 
+def test_the_peak_command_caches_the_peak_a_process_with_other_threads_looks_up(tmp_path):
+    """Reference: the cache's own key. torchrun runs each process with OMP_NUM_THREADS=1, and the
+    peak is cached per thread count, so the command training names there must set the threads: run
+    as printed, it caches the very key a 1-thread process reads."""
+    import os
+    import subprocess
+    import sys
+
+    threads = torch.get_num_threads()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMLAB_CACHE": str(tmp_path)}
+    try:
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
+        command = acc.peak_command("cpu")
+        assert command == "OMP_NUM_THREADS=1 llmlab count --peak"
+        os.environ["LLMLAB_CACHE"] = str(tmp_path)
+        assert acc.cached_peak("cpu", "float32") is None
+        argv = [sys.executable, "-m", "llmlab", *command.split()[2:]]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "matmul peak (cpu): float32" in done.stdout
+        assert acc.cached_peak("cpu", "float32") > 0 and acc.cached_peak("cpu", "bfloat16") > 0
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.pop("LLMLAB_CACHE", None)
+        os.environ.pop("OMP_NUM_THREADS", None)
+
+
+def test_the_peak_command_is_plain_at_the_default_threads_and_names_an_accelerator(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(acc.os, "cpu_count", torch.get_num_threads)
+    assert acc.peak_command("cpu") == "llmlab count --peak"
+    assert acc.peak_command("cuda") == "llmlab count --peak --device cuda"
+    monkeypatch.setattr(acc.os, "cpu_count", lambda: torch.get_num_threads() + 1)  # threads set below the cores
+    assert acc.peak_command("cpu") == f"OMP_NUM_THREADS={torch.get_num_threads()} llmlab count --peak"
+
+
 def test_matmul_peak_measures_a_positive_rate():
     assert acc.measure_matmul_peak("cpu", "float32", n=64, seconds=0.01) > 0
 
@@ -305,12 +342,38 @@ def test_count_measure_and_peak_with_a_run(capsys, tiny_run, tmp_path, monkeypat
     assert r["achieved_flops_per_s"] == pytest.approx(r["flops"]["train_step"]["exact"] / r["step_seconds"])
 
 
+def test_count_peak_of_an_accelerator_is_cached_under_its_device_and_not_taken_for_the_cpu_mfu(
+        capsys, tiny_run, tmp_path, monkeypatch):  # fmt: skip
+    """--peak --device cuda caches cuda's peaks (what a CUDA run's MFU reads); --measure's CPU step still
+    divides by the CPU's peak, not the accelerator's."""
+    monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(acc, "measure_matmul_peak", lambda device, dtype: {"cuda": 1e15, "cpu": 1e11}[device])
+    code, out, _ = run_cli(capsys, "count", str(tiny_run), "--measure", "--peak", "--device", "cuda", "--json")
+    r = json.loads(out)
+    assert code == 0 and r["peak"] == {"float32": 1e15, "bfloat16": 1e15} and r["peak_device"] == "cuda"
+    assert acc.cached_peak("cuda", "bfloat16") == 1e15
+    assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"] / 1e11)
+
+
+def test_count_peak_on_a_missing_or_unknown_device_is_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = run_cli(capsys, "count", "--peak", "--device", "cuda")
+    assert code == 2 and out == "" and err.startswith("llmlab: error: --peak --device cuda: this machine has no cuda")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "peak.json").exists()
+    code, _, err = run_cli(capsys, "count", "--device", "cuda")
+    assert code == 2 and err.strip() == "llmlab: error: --device is an option of --peak (--measure runs on the CPU)"
+    code, _, err = run_cli(capsys, "count", "--peak", "--device", "tpu")
+    assert code == 2 and "invalid choice: 'tpu'" in err and len(err.strip().splitlines()) == 1
+
+
 def test_count_help_lists_its_options(capsys):
     with pytest.raises(SystemExit):
         main(["count", "--help"])
     out = capsys.readouterr().out
     for option in ("RUN", "--preset", "--config", "--set NAME=VALUE", "--batch", "--seq", "--measure", "--peak",
-                   "--sweep", "--out", "--json"):  # fmt: skip
+                   "--device", "--sweep", "--out", "--json"):  # fmt: skip
         assert option in out
 
 

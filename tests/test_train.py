@@ -447,6 +447,30 @@ def test_training_reports_exact_flops_per_second_and_mfu_against_the_cached_peak
     assert result.mfu == pytest.approx(result.flops_per_second / 2e9)
 
 
+def test_an_unmeasured_peak_names_the_command_that_measures_it_for_this_process(capsys, monkeypatch):
+    """The summary's FLOP/s line: with no cached peak it names `accounting.peak_command` for the
+    device trained on (under torchrun, with the process's one thread), and the device stays out of
+    summary.json, whose keys the README lists."""
+    import argparse
+
+    from llmlab.accounting import peak_command
+    from llmlab.cli.train import report
+    from llmlab.train import TrainResult
+
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    fields = dict(run_dir="r", steps=1, train_loss=1.0, val_loss=1.0, val_perplexity=2.7, val_tokens=8,
+                  tokens_per_second=1.0, flops_per_second=1e9, mfu=None, elapsed_seconds=1.0,
+                  stopped_by="max_steps", params=10)  # fmt: skip
+    for device in ("cpu", "cuda"):
+        report(argparse.Namespace(json=False), TrainResult(**fields, device=device))
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("FLOP/s"))
+        assert line.endswith(f"MFU: run `{peak_command(device)}` once to measure the peak")
+    assert peak_command("cpu").startswith(f"OMP_NUM_THREADS={torch.get_num_threads()} ")
+    assert "device" not in TrainResult(**fields, device="cuda").to_json()
+    report(argparse.Namespace(json=False), TrainResult(**{**fields, "mfu": 0.25}))
+    assert "MFU 25.0% of the measured matmul peak" in capsys.readouterr().out
+
+
 def _tiny_run(tmp_path, corpus_file, name, **train):
     cfg = replace(TINY_TRAIN, **{"max_steps": 4, "eval_interval": 2, "eval_iters": 1, **train})
     return train_lib.train(TINY_VARIANTS["notes"], cfg, str(corpus_file), tmp_path / name, progress=False)

@@ -384,6 +384,19 @@ def peak_flops(device: str = "cpu", dtype: str = "float32", refresh: bool = Fals
     return float(cached[key])
 
 
+def peak_command(device: str = "cpu") -> str:
+    """The command that caches the peak `cached_peak(device, ...)` looks up from this process.
+    On a CPU the cache is per thread count, so where this process runs other than the default
+    threads (torchrun sets OMP_NUM_THREADS=1 in each of its processes) the command sets them too."""
+    if device != "cpu":
+        return f"llmlab count --peak --device {device}"
+    import torch
+
+    threads = torch.get_num_threads()
+    pinned = "OMP_NUM_THREADS" in os.environ or threads != (os.cpu_count() or threads)
+    return f"OMP_NUM_THREADS={threads} llmlab count --peak" if pinned else "llmlab count --peak"
+
+
 def cached_peak(device: str = "cpu", dtype: str = "float32") -> float | None:
     """The cached peak if `llmlab count --peak` (or `peak_flops`) measured it here, else None.
     Training reports MFU with it and never measures on its own."""
@@ -477,11 +490,12 @@ def _forward_backward(model: Any, x: Any, y: Any) -> None:
 
 
 def count_report(cfg: ModelConfig, batch: int, seq: int, source: str, measure: bool = False,
-                 peak: dict[str, float] | None = None,
+                 peak: dict[str, float] | None = None, peak_device: str = "cpu",
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:  # fmt: skip
     """Everything `llmlab count` prints (and the web app's Count tab shows): params, FLOPs, memory,
     measured on a meta model (FLOPs, params) and, with `measure`, on a real one (memory, step
-    time, MFU). `source` names where the config came from."""
+    time, MFU). `source` names where the config came from; `peak` holds the matmul peaks of
+    `peak_device`, against which the CPU step's MFU is taken only when that device is the CPU."""
     from llmlab import memory
     from llmlab.config import to_dict
 
@@ -509,9 +523,10 @@ def count_report(cfg: ModelConfig, batch: int, seq: int, source: str, measure: b
         "memory": memory.memory_report(cfg, batch, seq),
     }  # fmt: skip
     if measure:
-        report |= _measure_report(cfg, batch, seq, report["memory"]["train"], train, peak, log or (lambda _: None))
+        cpu_peak = peak if peak_device == "cpu" else None
+        report |= _measure_report(cfg, batch, seq, report["memory"]["train"], train, cpu_peak, log or (lambda _: None))
     if peak:
-        report["peak"] = peak
+        report |= {"peak": peak, "peak_device": peak_device}
     return report
 
 

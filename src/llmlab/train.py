@@ -67,10 +67,11 @@ class TrainResult:
     stopped_by: str  # "max_steps", "max_minutes" or "interrupt"
     params: int
     rank: int = 0  # this process's under torchrun (every rank returns its result; rank 0 reports it)
+    device: str = "cpu"  # the device type trained on, whose cached peak `mfu` needs
 
     def to_json(self) -> dict[str, Any]:
-        """The run's summary (summary.json, `train --json`): every field but the process's rank."""
-        return {k: v for k, v in asdict(self).items() if k != "rank"}
+        """The run's summary (summary.json, `train --json`): every field but the process's rank and device."""
+        return {k: v for k, v in asdict(self).items() if k not in ("rank", "device")}
 
 
 # --- schedule and optimiser -----------------------------------------------------------------
@@ -350,7 +351,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | 
         run_dir=str(out), steps=loop.step, train_loss=loop.recent_train_loss(), val_loss=val_loss,
         val_perplexity=perplexity(val_loss), val_tokens=val_tokens, tokens_per_second=loop.tokens_per_second(),
         flops_per_second=flops, mfu=_mfu(flops / d.world, d.device, train_cfg), elapsed_seconds=loop.elapsed(),
-        stopped_by=stopped_by, params=model.num_params(), rank=d.rank,
+        stopped_by=stopped_by, params=model.num_params(), rank=d.rank, device=d.device.type,
     )  # fmt: skip
     if d.main:
         write_json(out / "summary.json", result.to_json())

@@ -40,9 +40,24 @@ def run(args: argparse.Namespace) -> None:
         emit(args, {"sweep": {"axis": axis, "batch": batch, "seq": seq, "rows": rows, "png": out}},
              lambda: _print_sweep(rows, axis, out))  # fmt: skip
         return
-    peak = {t: acc.peak_flops("cpu", t, refresh=True) for t in ("float32", "bfloat16")} if args.peak else None
-    report = acc.count_report(cfg, batch, seq, source, measure=args.measure, peak=peak, log=log)
+    if args.device is not None and not args.peak:
+        raise UserError("--device is an option of --peak (--measure runs on the CPU)")
+    device = args.device or "cpu"
+    peak = _measure_peak(device) if args.peak else None
+    report = acc.count_report(cfg, batch, seq, source, measure=args.measure, peak=peak, peak_device=device, log=log)
     emit(args, report, lambda: _print_report(report))
+
+
+def _measure_peak(device: str) -> dict[str, float]:
+    """fp32 and bf16 matmul peaks of `device`, measured now and cached for training's MFU."""
+    import torch
+
+    from llmlab import accounting as acc
+
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[device]:
+        raise UserError(f"--peak --device {device}: this machine has no {device} device (torch {torch.__version__})")
+    return {t: acc.peak_flops(device, t, refresh=True) for t in ("float32", "bfloat16")}
 
 
 def _resolve(args: argparse.Namespace) -> tuple[Any, str, int]:
@@ -186,7 +201,8 @@ def _print_report(r: dict[str, Any]) -> None:
     ])  # fmt: skip
     _print_memory(m)
     if r.get("peak"):
-        print("\nmatmul peak: " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in r["peak"].items()))
+        rates = ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in r["peak"].items())
+        print(f"\nmatmul peak ({r['peak_device']}): {rates}")
     if r.get("mfu") is not None:
         busy = " (above 100%: the cached peak was measured on a busy machine; rerun --peak)" if r["mfu"] > 1 else ""
         print(f"step time {r['step_seconds']:.3f} s: {r['achieved_flops_per_s'] / 1e9:,.1f} GFLOP/s, "
@@ -236,7 +252,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("measurements")
     g.add_argument("--measure", action="store_true",
                    help="run two real training steps on the CPU: measured peak memory, step time and MFU")  # fmt: skip
-    g.add_argument("--peak", action="store_true", help="measure this machine's fp32 and bf16 matmul peak and cache it")
+    g.add_argument("--peak", action="store_true",
+                   help="measure this machine's fp32 and bf16 matmul peak and cache it for training's MFU")  # fmt: skip
+    g.add_argument("--device", choices=["cpu", "cuda", "mps"],
+                   help="the device whose peak --peak measures (default: cpu)")  # fmt: skip
     g.add_argument("--sweep", metavar="AXIS=V1,V2,...",
                    help="seq=64,128,...,1024 | layers=... | width=...: FLOPs and step time as a PNG")  # fmt: skip
     g.add_argument("--repeats", type=int, metavar="N", help="timed steps per sweep point (default: 3)")

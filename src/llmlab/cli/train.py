@@ -69,6 +69,8 @@ def resume(args: argparse.Namespace) -> None:
 
 def report(args: argparse.Namespace, result: TrainResult) -> None:
     """The run's summary, printed once: under torchrun only rank 0 reports."""
+    from llmlab.accounting import peak_command
+
     if result.rank != 0:
         return
     emit(args, result.to_json(), lambda: table([
@@ -81,7 +83,7 @@ def report(args: argparse.Namespace, result: TrainResult) -> None:
         ("tokens/s", f"{result.tokens_per_second:,.0f} (training steps only)"),
         ("FLOP/s", f"{result.flops_per_second / 1e9:,.1f} G (exact model FLOPs, llmlab count), " + (
             f"MFU {result.mfu:.1%} of the measured matmul peak" if result.mfu is not None
-            else "MFU: run `llmlab count --peak` once to measure the peak")),
+            else f"MFU: run `{peak_command(result.device)}` once to measure the peak")),
         ("time", f"{result.elapsed_seconds:.1f} s"),
     ]))  # fmt: skip
 
