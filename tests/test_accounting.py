@@ -240,7 +240,7 @@ def test_peak_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
     assert list(json.loads((tmp_path / "peak.json").read_text()).values()) == [7.0]
 
 
-def test_the_peak_command_caches_the_peak_a_process_with_other_threads_looks_up(tmp_path):
+def test_the_peak_command_caches_the_peak_a_process_with_other_threads_looks_up(tmp_path, monkeypatch):
     """Reference: the cache's own key. torchrun runs each process with OMP_NUM_THREADS=1, and the
     peak is cached per thread count, so the command training names there must set the threads: run
     as printed, it caches the very key a 1-thread process reads."""
@@ -248,24 +248,21 @@ def test_the_peak_command_caches_the_peak_a_process_with_other_threads_looks_up(
     import subprocess
     import sys
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path))
     threads = torch.get_num_threads()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMLAB_CACHE": str(tmp_path)}
     try:
         torch.set_num_threads(1)
-        os.environ["OMP_NUM_THREADS"] = "1"
         command = acc.peak_command("cpu")
         assert command == "OMP_NUM_THREADS=1 llmlab count --peak"
-        os.environ["LLMLAB_CACHE"] = str(tmp_path)
         assert acc.cached_peak("cpu", "float32") is None
         argv = [sys.executable, "-m", "llmlab", *command.split()[2:]]
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(argv, env=dict(os.environ), capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert "matmul peak (cpu): float32" in done.stdout
         assert acc.cached_peak("cpu", "float32") > 0 and acc.cached_peak("cpu", "bfloat16") > 0
     finally:
         torch.set_num_threads(threads)
-        os.environ.pop("LLMLAB_CACHE", None)
-        os.environ.pop("OMP_NUM_THREADS", None)
 
 
 def test_the_peak_command_is_plain_at_the_default_threads_and_names_an_accelerator(monkeypatch):
