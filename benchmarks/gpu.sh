@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The benchmarks on a CUDA machine, in one go: fp32, bf16 autocast and torch.compile rows go into
-# BENCHMARKS.md as its last section, "Benchmarks on cuda" (a rerun replaces it). Run from anywhere
+# On a CUDA machine, in one go: first the CUDA tests (tests/test_gpu.py, the GPU paths against the
+# CPU and transformers), then the benchmarks, whose fp32, bf16 autocast and torch.compile rows go
+# into BENCHMARKS.md as its last section, "Benchmarks on cuda" (a rerun replaces it). The
+# benchmarks run even if a test fails; the exit status is non-zero if either did. Run from anywhere
 # on a machine with a GPU; extra arguments go to benchmarks.run (e.g. --reps 5):
 #   bash benchmarks/gpu.sh
 # It runs .venv/bin/python where `make install` made one, else python3 (or $PY) with llmlab read
 # from src/: an offline GPU machine needs no install, only PyTorch, numpy, tokenizers, safetensors,
-# tqdm and transformers, the packages the benchmarks import.
+# tqdm, transformers and pytest, the packages the tests and benchmarks import.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
@@ -14,7 +16,7 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" - <<'CHECK'
 import importlib, sys
-for name in ("torch", "numpy", "tokenizers", "safetensors", "tqdm", "transformers"):
+for name in ("torch", "numpy", "tokenizers", "safetensors", "tqdm", "transformers", "pytest"):
     try:
         importlib.import_module(name)
     except ImportError:
@@ -23,4 +25,7 @@ import torch
 if not torch.cuda.is_available():
     sys.exit(f"gpu.sh: no CUDA device (torch {torch.__version__}); the CPU suite is `make bench`")
 CHECK
+tests=0
+"$PY" -m pytest -p no:cacheprovider tests/test_gpu.py || tests=$?
 "$PY" -m benchmarks.run --device cuda --append "$@"
+exit "$tests"

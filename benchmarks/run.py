@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,43 +106,45 @@ class Training:
     matmul_in_turn: dict[str, float] = field(default_factory=dict)
 
 
-def training_rows(device: str, reps: int, shapes: list[str]) -> tuple[list[Row], Training]:
+def training_rows(device: str, reps: int, shape: str, got: Training) -> list[Row]:
     """Each side is measured once: llmlab fp32, transformers fp32, llmlab bf16 autocast (compared
     with transformers' fp32, the setting its users get by default); at 124M a matmul pass takes
-    its turn beside them, and the tied-gradient ablation runs after."""
-    rows, got = [], Training()
-    for shape in shapes:
-        B, S = TRAIN_BATCH[shape]
-        probe, flops = matmul_pass(device) if shape == "124M" else (None, 0)
-        ours, hf, probe_s = bench_train.bench(shape, reps=_train_reps(shape, reps), device=device, probe=probe)
-        goal = TRAIN_GOAL[shape]
-        rows.append(Row(f"training step, {shape}, B={B} S={S}, fp32", ours, hf, "tokens/s", f"≥ {goal}×",
-                        goal=goal))  # fmt: skip
-        if probe_s is not None:
-            got.tokens_per_s["float32"], got.matmul_in_turn["float32"] = ours, flops / probe_s
-        if device == "cpu" and cpu_has_native_bf16() is False:
-            rows.append(Row(f"training step, {shape}, bf16 autocast vs transformers fp32", None, hf, "tokens/s",
-                            "≥ 1.5×", EMULATED))  # fmt: skip
-            continue
-        probe, flops = matmul_pass(device, torch.bfloat16) if shape == "124M" else (None, 0)
-        bf16, _, probe_s = bench_train.bench(shape, bf16=True, reps=_train_reps(shape, reps), device=device, peer=False,
-                                             probe=probe)  # fmt: skip
-        rows.append(Row(f"training step, {shape}, bf16 autocast vs transformers fp32", bf16, hf, "tokens/s", "≥ 1.5×",
-                        goal=1.5))  # fmt: skip
-        if probe_s is not None:
-            got.tokens_per_s["bfloat16"], got.matmul_in_turn["bfloat16"] = bf16, flops / probe_s
-        if device == "cuda":  # on CPU torch.compile gave no consistent gain (DESIGN.md); on a GPU it may
-            compiled, _, _ = bench_train.bench(shape, bf16=True, reps=reps, device=device, compile=True, peer=False)
-            rows.append(Row(f"training step, {shape}, bf16 + torch.compile vs transformers fp32", compiled, hf,
-                            "tokens/s", "–"))  # fmt: skip
-    if "124M" in shapes:
-        tied, plain = tying_in_own_process(reps, device)
-        name = "training step, 124M, fp32: one tied gradient vs plain autograd (llmlab.tying)"
-        note = "ablation, in a fresh process: the peer is llmlab, autograd summing two gradients"
-        rows.append(Row(name, tied, plain, "tokens/s", "–", note))
-        if device == "cpu":
-            rows += adamw_rows(reps)
-    return rows, got
+    its turn beside them (its rate goes into `got`, for the MFU rows)."""
+    rows = []
+    B, S = TRAIN_BATCH[shape]
+    probe, flops = matmul_pass(device) if shape == "124M" else (None, 0)
+    ours, hf, probe_s = bench_train.bench(shape, reps=_train_reps(shape, reps), device=device, probe=probe)
+    goal = TRAIN_GOAL[shape]
+    rows.append(Row(f"training step, {shape}, B={B} S={S}, fp32", ours, hf, "tokens/s", f"≥ {goal}×", goal=goal))
+    if probe_s is not None:
+        got.tokens_per_s["float32"], got.matmul_in_turn["float32"] = ours, flops / probe_s
+    if device == "cpu" and cpu_has_native_bf16() is False:
+        rows.append(Row(f"training step, {shape}, bf16 autocast vs transformers fp32", None, hf, "tokens/s",
+                        "≥ 1.5×", EMULATED))  # fmt: skip
+        return rows
+    probe, flops = matmul_pass(device, torch.bfloat16) if shape == "124M" else (None, 0)
+    bf16, _, probe_s = bench_train.bench(shape, bf16=True, reps=_train_reps(shape, reps), device=device, peer=False,
+                                         probe=probe)  # fmt: skip
+    rows.append(Row(f"training step, {shape}, bf16 autocast vs transformers fp32", bf16, hf, "tokens/s", "≥ 1.5×",
+                    goal=1.5))  # fmt: skip
+    if probe_s is not None:
+        got.tokens_per_s["bfloat16"], got.matmul_in_turn["bfloat16"] = bf16, flops / probe_s
+    return rows
+
+
+def compiled_training_row(device: str, reps: int, shape: str, hf: float | None) -> list[Row]:
+    """llmlab under bf16 autocast and `torch.compile`: on a CPU it gave no consistent gain
+    (DESIGN.md), so only `--device cuda` runs it; `hf` is transformers' fp32 rate from its row."""
+    compiled, _, _ = bench_train.bench(shape, bf16=True, reps=reps, device=device, compile=True, peer=False)
+    return [Row(f"training step, {shape}, bf16 + torch.compile vs transformers fp32", compiled, hf, "tokens/s", "–")]
+
+
+def tying_row(device: str, reps: int) -> list[Row]:
+    """The tied-gradient ablation at 124M, in a fresh process (`bench_tying`'s docstring says why)."""
+    tied, plain = tying_in_own_process(reps, device)
+    name = "training step, 124M, fp32: one tied gradient vs plain autograd (llmlab.tying)"
+    return [Row(name, tied, plain, "tokens/s", "–", "ablation, in a fresh process: the peer is llmlab, autograd "
+                "summing two gradients")]  # fmt: skip
 
 
 def _reps(shape: str, reps: int) -> int:
@@ -185,7 +188,7 @@ def mfu_rows(device: str, got: Training) -> list[Row]:
         best = measure_matmul_peak(device, dtype)
         if dtype not in got.tokens_per_s:
             rows.append(Row(f"training MFU, 124M, {dtype}", None, None, "% of matmul peak", "–",
-                            f"matmul peak {best / 1e9:.1f} GFLOP/s; {EMULATED}"))  # fmt: skip
+                            f"matmul peak {best / 1e9:.1f} GFLOP/s; {_why_no_steps(device, dtype)}"))  # fmt: skip
             continue
         achieved, peak = got.tokens_per_s[dtype] * flops_per_token, got.matmul_in_turn[dtype]
         rows.append(Row(f"training MFU, 124M, {dtype}", 100 * achieved / peak, None, "% of matmul peak",
@@ -196,54 +199,62 @@ def mfu_rows(device: str, got: Training) -> list[Row]:
     return rows
 
 
-def decoding_rows(device: str, reps: int, shapes: list[str]) -> list[Row]:
+def _why_no_steps(device: str, dtype: str) -> str:
+    if device == "cpu" and dtype == "bfloat16" and cpu_has_native_bf16() is False:
+        return EMULATED
+    return "not run: the training row whose steps it counts failed (its row says how)"
+
+
+def decoding_rows(device: str, reps: int, shape: str) -> list[Row]:
     """At 124M a read pass over 256 MB takes its turn beside the two decoders; the ceiling is the
-    median read bandwidth of those passes, the note also gives the fastest of five afterwards.
-    Then llmlab with copies of its matrices against transformers in fp32: fp32 packed for oneDNN
-    (on a CPU with it), and 16-bit (the faster type here, `weights16`). transformers stays fp32:
-    in 16 bits its `generate` runs every op in 16 bits, 6× slower than fp32 on an AVX2 CPU."""
-    rows = []
-    for shape in shapes:
-        probe, nbytes = read_pass(device) if shape == "124M" else (None, 0)
-        d = bench_decode.bench(shape, reps=_reps(shape, reps), device=device, probe=probe)
-        goal = DECODE_GOAL[shape]
-        row = Row(f"greedy decoding, {shape}, B=1, fp32", d.ours, d.peer, "tokens/s", f"≥ {goal}×",
-                  _agreement(d.agree), goal=goal)  # fmt: skip
-        rows.append(row)
-        if d.probe_s is None:
-            continue
-        best = memory_bandwidth(device)
-        model, _ = model_pair(shape)
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        bandwidth = nbytes / d.probe_s
-        ceiling = bandwidth / weight_bytes
-        if row.shortfall is not None:  # how near the peer already is to the ceiling both share
-            row.note += (f"; transformers decodes at {100 * d.peer / ceiling:.0f}% of the bandwidth ceiling "
-                         f"(next row), so {goal}× would take {100 * goal * d.peer / ceiling:.0f}% of it")  # fmt: skip
-        rows.append(Row("greedy decoding, 124M, against the bandwidth ceiling", 100 * d.ours / ceiling, None,
-                        "% of ceiling", "≥ 70%",
-                        f"{weight_bytes / 1e6:.0f} MB read per token at the {bandwidth / 1e9:.1f} GB/s a read "
-                        f"pass ran at in turn with decoding (median) = {ceiling:.1f} tokens/s; "
-                        f"{100 * d.ours * weight_bytes / best:.1f}% against the fastest pass afterwards, "
-                        f"{best / 1e9:.1f} GB/s", goal=70.0))  # fmt: skip
-        copies = ([torch.float32] if device == "cpu" and matvec.ONEDNN else []) + [weights16(device)]
-        for dtype in copies:  # packed fp32 (the same bytes, read faster), then 16 bits (half the bytes)
-            h = bench_decode.bench(shape, reps=reps, device=device, probe=probe, weights=dtype)
-            assert h.probe_s is not None and h.ours_fp32 is not None and h.copy_logits is not None
-            ceiling = nbytes / h.probe_s / weight_bytes
-            if dtype == torch.float32:
-                name, own = "packed fp32 weights (generate --weights packed)", f"{100 * h.ours / ceiling:.1f}% of it"
-            else:
-                kind = str(dtype).removeprefix("torch.")
-                name = f"{kind} weights (generate --weights {kind})"
-                own = f"{50 * h.ours / ceiling:.1f}% of the 16-bit one (half the bytes)"
-            rows.append(Row(f"greedy decoding, 124M, B=1, {name} vs transformers fp32", h.ours, h.peer, "tokens/s", "–",
-                            f"{_agreement(h.agree)}; {h.ours / h.ours_fp32:.2f}× llmlab in fp32 in the same turns "
-                            f"({h.ours_fp32:.1f} tokens/s); the fp32 ceiling in these turns {ceiling:.1f} tokens/s, "
-                            f"{own}; the copies took {h.copy_s:.2f} s to make, before timing; "
-                            f"{bench_decode.describe(h.copy_logits)}"))  # fmt: skip
-        del probe
-    return rows
+    median read bandwidth of those passes, the note also gives the fastest of five afterwards."""
+    probe, nbytes = read_pass(device) if shape == "124M" else (None, 0)
+    d = bench_decode.bench(shape, reps=_reps(shape, reps), device=device, probe=probe)
+    goal = DECODE_GOAL[shape]
+    row = Row(f"greedy decoding, {shape}, B=1, fp32", d.ours, d.peer, "tokens/s", f"≥ {goal}×", _agreement(d.agree),
+              goal=goal)  # fmt: skip
+    if d.probe_s is None:
+        return [row]
+    best = memory_bandwidth(device)
+    bandwidth = nbytes / d.probe_s
+    ceiling = bandwidth / weight_bytes(shape)
+    if row.shortfall is not None:  # how near the peer already is to the ceiling both share
+        row.note += (f"; transformers decodes at {100 * d.peer / ceiling:.0f}% of the bandwidth ceiling "
+                     f"(next row), so {goal}× would take {100 * goal * d.peer / ceiling:.0f}% of it")  # fmt: skip
+    return [row, Row("greedy decoding, 124M, against the bandwidth ceiling", 100 * d.ours / ceiling, None,
+                     "% of ceiling", "≥ 70%",
+                     f"{weight_bytes(shape) / 1e6:.0f} MB read per token at the {bandwidth / 1e9:.1f} GB/s a read "
+                     f"pass ran at in turn with decoding (median) = {ceiling:.1f} tokens/s; "
+                     f"{100 * d.ours * weight_bytes(shape) / best:.1f}% against the fastest pass afterwards, "
+                     f"{best / 1e9:.1f} GB/s", goal=70.0)]  # fmt: skip
+
+
+def weight_bytes(shape: str) -> int:
+    """Bytes of the fp32 parameters at `shape`: what decoding one token reads."""
+    model, _ = model_pair(shape)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def copies_row(device: str, reps: int, dtype: torch.dtype, shape: str = "124M") -> list[Row]:
+    """llmlab with copies of its matrices against transformers in fp32, a read pass in the same
+    turns for the ceiling: fp32 packed for oneDNN (on a CPU with it), or 16-bit (the faster type
+    here, `weights16`), half the bytes. transformers stays fp32: in 16 bits its `generate` runs
+    every op in 16 bits, 6× slower than fp32 on an AVX2 CPU."""
+    probe, nbytes = read_pass(device)
+    h = bench_decode.bench(shape, reps=reps, device=device, probe=probe, weights=dtype)
+    assert h.probe_s is not None and h.ours_fp32 is not None and h.copy_logits is not None
+    ceiling = nbytes / h.probe_s / weight_bytes(shape)
+    if dtype == torch.float32:
+        name, own = "packed fp32 weights (generate --weights packed)", f"{100 * h.ours / ceiling:.1f}% of it"
+    else:
+        kind = str(dtype).removeprefix("torch.")
+        name = f"{kind} weights (generate --weights {kind})"
+        own = f"{50 * h.ours / ceiling:.1f}% of the 16-bit one (half the bytes)"
+    return [Row(f"greedy decoding, {shape}, B=1, {name} vs transformers fp32", h.ours, h.peer, "tokens/s", "–",
+                f"{_agreement(h.agree)}; {h.ours / h.ours_fp32:.2f}× llmlab in fp32 in the same turns "
+                f"({h.ours_fp32:.1f} tokens/s); the fp32 ceiling in these turns {ceiling:.1f} tokens/s, "
+                f"{own}; the copies took {h.copy_s:.2f} s to make, before timing; "
+                f"{bench_decode.describe(h.copy_logits)}")]  # fmt: skip
 
 
 def weights16(device: str, reps: int = 5) -> torch.dtype:
@@ -283,14 +294,55 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda: no CUDA device is available")
     reps, shapes = (3, ["tiny"]) if args.quick else (args.reps, ["tiny", "124M"])
     t0 = time.perf_counter()
-    train, got = training_rows(args.device, reps, shapes)
-    rows = train + decoding_rows(args.device, reps, shapes)
+    section, got, device = Section(), Training(), args.device
+    for shape in shapes:
+        section.add(f"training step, {shape}", training_rows, device, reps, shape, got)
+        if device == "cuda":
+            hf = next((r.peer for r in section.rows if r.benchmark.startswith(f"training step, {shape}, B=")), None)
+            section.add(f"training step, {shape}, torch.compile", compiled_training_row, device, reps, shape, hf)
     if not args.quick:
-        rows += mfu_rows(args.device, got)
+        section.add("training step, 124M, tied-gradient ablation", tying_row, device, reps)
+        if device == "cpu":
+            section.add("AdamW step alone, 124M", adamw_rows, reps)
+    for shape in shapes:
+        section.add(f"greedy decoding, {shape}", decoding_rows, device, reps, shape)
+    if not args.quick:
+        copies = ([torch.float32] if device == "cpu" and matvec.ONEDNN else []) + [weights16(device)]
+        for dtype in copies:  # packed fp32 (the same bytes, read faster), then 16 bits (half the bytes)
+            section.add(f"greedy decoding, 124M, {dtype} copies", copies_row, device, reps, dtype)
+        section.add("training MFU, 124M", mfu_rows, device, got)
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = render(rows, command, reps, args.device, time.perf_counter() - t0)
+    text = render(section.rows, command, reps, args.device, time.perf_counter() - t0)
     write_section(args.out, text, first=not args.append)
+    if section.failed:
+        print(f"benchmarks.run: {len(section.failed)} measurement(s) failed, their rows say how: "
+              f"{', '.join(section.failed)}", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
+
+
+@dataclass
+class Section:
+    """The rows measured so far, and the names of the measurements that failed."""
+
+    rows: list[Row] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def add(self, name: str, measure: Callable[..., list[Row]], *args: object) -> None:
+        """measure(*args)'s rows, also printed to stderr as they come; if it raises, one row `name`
+        saying how (the traceback goes to stderr), so that one failure costs its own rows, not the
+        minutes measured around it."""
+        t0 = time.perf_counter()
+        try:
+            rows = measure(*args)
+        except Exception as e:
+            traceback.print_exc()
+            self.failed.append(name)
+            why = (str(e).strip().splitlines() or [""])[0].replace("|", "/")[:200]
+            rows = [Row(name, None, None, "-", "–", f"failed: {type(e).__name__}: {why}")]
+        self.rows += rows
+        table = markdown_table(rows).splitlines()[2:]  # a run cut short still shows what it measured
+        print("\n".join(table) + f"\n  ({name}: {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
 
 def render(rows: list[Row], command: str, reps: int, device: str, seconds: float) -> str:

@@ -55,6 +55,30 @@ def test_make_bench_quick_writes_its_rows_into_an_existing_file(tmp_path, capsys
     assert capsys.readouterr().out.strip().startswith("## Benchmarks on cpu")
 
 
+def test_a_failed_measurement_costs_its_own_rows_only(tmp_path, monkeypatch, capsys):
+    """One shot on a lent GPU must not end in nothing: a measurement that raises becomes a row
+    saying how, the others are measured and written, the traceback goes to stderr, and the run
+    exits 1 naming what failed. An MFU row whose training steps failed says that, not "emulated"."""
+    from benchmarks import bench_train, run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory | on purpose\nsecond line")
+
+    monkeypatch.setattr(bench_train, "bench", broken)
+    out = tmp_path / "B.md"
+    assert run.main(["--quick", "--out", str(out)]) == 1
+    text, err = out.read_text(), capsys.readouterr().err
+    assert "| training step, tiny | not run | - | - | - | – | failed: RuntimeError: CUDA error: out of memory / on " \
+           "purpose |" in text  # fmt: skip
+    assert "second line" not in text and "Traceback" in err
+    assert err.strip().splitlines()[-1] == "benchmarks.run: 1 measurement(s) failed, their rows say how: " \
+                                           "training step, tiny"  # fmt: skip
+    decoding = next(line for line in text.splitlines() if line.startswith("| greedy decoding, tiny, B=1, fp32 |"))
+    assert float(decoding.split("|")[2].replace(",", "")) > 0  # measured after the failure
+    fp32 = run.mfu_rows("cpu", run.Training())[0]
+    assert fp32.ours is None and "the training row whose steps it counts failed" in fp32.note
+
+
 def test_make_bench_repeats_the_noisiest_measurements_more_often():
     """--reps 7: the tiny shape's millisecond steps and decoding 5x as often, 124M training steps
     2x (their fp32 ratio read 1.13-1.23 across 7-turn runs of one commit), 124M decoding as asked."""
