@@ -49,9 +49,11 @@ def tying_in_own_process(reps: int, device: str, shape: str = "124M") -> tuple[f
     return got["tied"], got["plain"]
 
 
-def read_pass(device: str = "cpu", nbytes: int = 1 << 28) -> tuple[Callable[[], None], int]:
+def read_pass(device: str = "cpu", nbytes: int | None = None) -> tuple[Callable[[], None], int]:
     """(fn, bytes): fn reads a tensor of `nbytes` once (a sum over it), what decoding does with
-    the weights. (A copy also writes, and measures less.)"""
+    the weights. (A copy also writes, and measures less.) 256 MB on a CPU; 2 GB on a GPU, whose
+    4 TB/s would read 256 MB in about the time a launch and a synchronisation take."""
+    nbytes = nbytes or (1 << 28 if device == "cpu" else 1 << 31)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
 
     def fn() -> None:
@@ -206,7 +208,7 @@ def _why_no_steps(device: str, dtype: str) -> str:
 
 
 def decoding_rows(device: str, reps: int, shape: str) -> list[Row]:
-    """At 124M a read pass over 256 MB takes its turn beside the two decoders; the ceiling is the
+    """At 124M a read pass (`read_pass`) takes its turn beside the two decoders; the ceiling is the
     median read bandwidth of those passes, the note also gives the fastest of five afterwards."""
     probe, nbytes = read_pass(device) if shape == "124M" else (None, 0)
     d = bench_decode.bench(shape, reps=_reps(shape, reps), device=device, probe=probe)
