@@ -40,13 +40,14 @@ def step_fn(model, optimizer, logits_of: Callable, x, y, bf16: bool,
     return step
 
 
-def steps(shape: str, device: str = "cpu", bf16: bool = False,
-          compile: bool = False) -> tuple[Callable[[], None], Callable[[], None], int]:  # fmt: skip
-    """(llmlab's step, transformers' step, tokens per step) at `shape`, on the same weights and batch."""
+def steps(shape: str, device: str = "cpu", bf16: bool = False, compile: bool = False,
+          batch: tuple[int, int] | None = None) -> tuple[Callable[[], None], Callable[[], None], int]:  # fmt: skip
+    """(llmlab's step, transformers' step, tokens per step) at `shape`, on the same weights and
+    batch: `batch` (B, S), else the shape's own (`TRAIN_BATCH`)."""
     ours, hf = model_pair(shape)
     ours.to(device).train()
     hf.to(device).train()
-    B, S = TRAIN_BATCH[shape]
+    B, S = batch or TRAIN_BATCH[shape]
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, ours.cfg.vocab_size, (B, S), generator=g).to(device)
     y = torch.randint(0, ours.cfg.vocab_size, (B, S), generator=g).to(device)
@@ -61,12 +62,12 @@ def steps(shape: str, device: str = "cpu", bf16: bool = False,
 
 
 def bench(shape: str, bf16: bool = False, reps: int = 7, device: str = "cpu", compile: bool = False,
-          peer: bool = True, probe: Callable[[], object] | None = None,
+          peer: bool = True, probe: Callable[[], object] | None = None, batch: tuple[int, int] | None = None,
           ) -> tuple[float, float | None, float | None]:  # fmt: skip
     """Median tokens/s (llmlab, transformers) for one training step at `shape`, and the median
     seconds of `probe()` (a ceiling's measurement) timed in the same turns, if given; transformers'
     figure is None with `peer=False` (when only llmlab's is needed)."""
-    ours_step, hf_step, tokens = steps(shape, device, bf16, compile)
+    ours_step, hf_step, tokens = steps(shape, device, bf16, compile, batch)
     fns = [ours_step] + ([hf_step] if peer else []) + ([probe] if probe else [])
     seconds = interleaved_medians(fns, reps, warmup=3 if compile else 2)
     return tokens / seconds[0], tokens / seconds[1] if peer else None, seconds[-1] if probe else None

@@ -33,7 +33,7 @@ from benchmarks.common import (
     sync,
     write_section,
 )
-from benchmarks.shapes import TRAIN_BATCH, model_pair
+from benchmarks.shapes import GPU_BATCH, TRAIN_BATCH, model_pair
 from llmlab import matvec
 from llmlab.accounting import cpu_has_native_bf16, measure_matmul_peak, train_step_flops
 
@@ -101,11 +101,11 @@ DECODE_GOAL = {"tiny": 2.0, "124M": 1.2}
 
 @dataclass
 class Training:
-    """What the MFU rows need from the training rows: llmlab's tokens/s at 124M by dtype, and the
-    matmul rate timed in the same turns as those steps (median FLOP/s)."""
+    """What the MFU rows need from the training rows at 124M, by (B, S, dtype): llmlab's tokens/s,
+    and the matmul rate timed in the same turns as those steps (median FLOP/s)."""
 
-    tokens_per_s: dict[str, float] = field(default_factory=dict)
-    matmul_in_turn: dict[str, float] = field(default_factory=dict)
+    tokens_per_s: dict[tuple[int, int, str], float] = field(default_factory=dict)
+    matmul_in_turn: dict[tuple[int, int, str], float] = field(default_factory=dict)
 
 
 def training_rows(device: str, reps: int, shape: str, got: Training) -> list[Row]:
@@ -119,7 +119,7 @@ def training_rows(device: str, reps: int, shape: str, got: Training) -> list[Row
     goal = TRAIN_GOAL[shape]
     rows.append(Row(f"training step, {shape}, B={B} S={S}, fp32", ours, hf, "tokens/s", f"≥ {goal}×", goal=goal))
     if probe_s is not None:
-        got.tokens_per_s["float32"], got.matmul_in_turn["float32"] = ours, flops / probe_s
+        got.tokens_per_s[B, S, "float32"], got.matmul_in_turn[B, S, "float32"] = ours, flops / probe_s
     if device == "cpu" and cpu_has_native_bf16() is False:
         rows.append(Row(f"training step, {shape}, bf16 autocast vs transformers fp32", None, hf, "tokens/s",
                         "≥ 1.5×", EMULATED))  # fmt: skip
@@ -130,7 +130,27 @@ def training_rows(device: str, reps: int, shape: str, got: Training) -> list[Row
     rows.append(Row(f"training step, {shape}, bf16 autocast vs transformers fp32", bf16, hf, "tokens/s", "≥ 1.5×",
                     goal=1.5))  # fmt: skip
     if probe_s is not None:
-        got.tokens_per_s["bfloat16"], got.matmul_in_turn["bfloat16"] = bf16, flops / probe_s
+        got.tokens_per_s[B, S, "bfloat16"], got.matmul_in_turn[B, S, "bfloat16"] = bf16, flops / probe_s
+    return rows
+
+
+def gpu_batch_rows(device: str, reps: int, got: Training, shape: str = "124M",
+                   batch: tuple[int, int] = GPU_BATCH) -> list[Row]:  # fmt: skip
+    """124M at nanoGPT's GPU batch (`GPU_BATCH`; `shape` and `batch` for a test), each dtype
+    against transformers in the same dtype (bf16 autocast on both sides: on a GPU it is what
+    either's users run), a matmul pass of that dtype in the same turns for the MFU rows."""
+    B, S = batch
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        probe, flops = matmul_pass(device, dtype)
+        ours, hf, probe_s = bench_train.bench(shape, bf16=dtype == torch.bfloat16, reps=reps, device=device,
+                                              probe=probe, batch=batch)  # fmt: skip
+        kind = "fp32" if dtype == torch.float32 else "bf16 autocast, both sides"
+        rows.append(Row(f"training step, {shape}, B={B} S={S} (nanoGPT's GPU batch), {kind}", ours, hf, "tokens/s",
+                        "–"))  # fmt: skip
+        assert probe_s is not None
+        name = str(dtype).removeprefix("torch.")
+        got.tokens_per_s[B, S, name], got.matmul_in_turn[B, S, name] = ours, flops / probe_s
     return rows
 
 
@@ -177,27 +197,31 @@ def clip_row(reps: int, shape: str = "124M") -> Row:
                "gradients")  # fmt: skip
 
 
-def mfu_rows(device: str, got: Training) -> list[Row]:
-    """Training MFU at 124M: exact model FLOPs per step × measured steps/s over the matmul rate of
-    an n×n product timed in turn with the steps (the median of as many passes). On a machine
-    whose speed drifts, that is the peak of the same minutes; the note also gives the fastest
-    product over one second afterwards (`measure_matmul_peak`, what `llmlab count --peak` caches)."""
-    ours, _ = model_pair("124M")
-    B, S = TRAIN_BATCH["124M"]
+def mfu_rows(device: str, got: Training, batch: tuple[int, int] = TRAIN_BATCH["124M"],
+             shape: str = "124M") -> list[Row]:  # fmt: skip
+    """Training MFU at `shape` and `batch`: exact model FLOPs per step × measured steps/s over the
+    matmul rate of an n×n product timed in turn with the steps (the median of as many passes). On
+    a machine whose speed drifts, that is the peak of the same minutes; the note also gives the
+    fastest product over one second afterwards (`measure_matmul_peak`, what `llmlab count --peak`
+    caches)."""
+    ours, _ = model_pair(shape)
+    B, S = batch
     flops_per_token = train_step_flops(ours.cfg, B, S) / (B * S)
+    at = "" if batch == TRAIN_BATCH[shape] else f" B={B} S={S},"
     rows = []
     for dtype in ("float32", "bfloat16"):
         best = measure_matmul_peak(device, dtype)
-        if dtype not in got.tokens_per_s:
-            rows.append(Row(f"training MFU, 124M, {dtype}", None, None, "% of matmul peak", "–",
+        if (B, S, dtype) not in got.tokens_per_s:
+            rows.append(Row(f"training MFU, {shape},{at} {dtype}", None, None, "% of matmul peak", "–",
                             f"matmul peak {best / 1e9:.1f} GFLOP/s; {_why_no_steps(device, dtype)}"))  # fmt: skip
             continue
-        achieved, peak = got.tokens_per_s[dtype] * flops_per_token, got.matmul_in_turn[dtype]
-        rows.append(Row(f"training MFU, 124M, {dtype}", 100 * achieved / peak, None, "% of matmul peak",
-                        "≥ 58%" if dtype == "float32" else "–",
+        achieved, peak = got.tokens_per_s[B, S, dtype] * flops_per_token, got.matmul_in_turn[B, S, dtype]
+        goal = 58.0 if dtype == "float32" and not at else None
+        rows.append(Row(f"training MFU, {shape},{at} {dtype}", 100 * achieved / peak, None, "% of matmul peak",
+                        "≥ 58%" if goal else "–",
                         f"{achieved / 1e9:.1f} of the {peak / 1e9:.1f} GFLOP/s a matmul ran at in turn with the "
                         f"steps (median); {100 * achieved / best:.1f}% of the fastest product afterwards, "
-                        f"{best / 1e9:.1f} GFLOP/s", goal=58.0 if dtype == "float32" else None))  # fmt: skip
+                        f"{best / 1e9:.1f} GFLOP/s", goal=goal))  # fmt: skip
     return rows
 
 
@@ -302,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         if device == "cuda":
             hf = next((r.peer for r in section.rows if r.benchmark.startswith(f"training step, {shape}, B=")), None)
             section.add(f"training step, {shape}, torch.compile", compiled_training_row, device, reps, shape, hf)
+    if device == "cuda" and not args.quick:
+        section.add("training step, 124M, nanoGPT's GPU batch", gpu_batch_rows, device, reps, got)
     if not args.quick:
         section.add("training step, 124M, tied-gradient ablation", tying_row, device, reps)
         if device == "cpu":
@@ -313,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in copies:  # packed fp32 (the same bytes, read faster), then 16 bits (half the bytes)
             section.add(f"greedy decoding, 124M, {dtype} copies", copies_row, device, reps, dtype)
         section.add("training MFU, 124M", mfu_rows, device, got)
+        if device == "cuda":
+            section.add("training MFU, 124M, nanoGPT's GPU batch", mfu_rows, device, got, GPU_BATCH)
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     text = render(section.rows, command, reps, args.device, time.perf_counter() - t0)
     write_section(args.out, text, first=not args.append)

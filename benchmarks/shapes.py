@@ -15,6 +15,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     "124M": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
 }
 TRAIN_BATCH = {"tiny": (12, 64), "124M": (1, 256)}  # (B, S) per training step
+# nanoGPT's per-GPU batch for GPT-2 124M (its config/train_gpt2.py): on a GPU a B=1 S=256 step is
+# a few hundred kernel launches with little work in each, so `--device cuda` times this one too.
+GPU_BATCH = (12, 1024)
 
 
 def model_pair(shape: str, seed: int = 0, min_positions: int = 0) -> tuple[Any, Any]:

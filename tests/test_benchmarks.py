@@ -79,6 +79,30 @@ def test_a_failed_measurement_costs_its_own_rows_only(tmp_path, monkeypatch, cap
     assert fp32.ours is None and "the training row whose steps it counts failed" in fp32.note
 
 
+def test_the_gpu_batch_rows_time_each_dtype_against_transformers_in_it_and_feed_mfu():
+    """`--device cuda`'s rows at nanoGPT's GPU batch, run here at the tiny shape and a small batch
+    on the CPU: both sides timed in each dtype, and the MFU rows divide exactly those steps' FLOPs
+    (llmlab.accounting.train_step_flops) by the matmul rate timed beside them."""
+    from benchmarks import run
+    from benchmarks.shapes import model_pair
+
+    from llmlab.accounting import train_step_flops
+
+    got = run.Training()
+    rows = run.gpu_batch_rows("cpu", 1, got, shape="tiny", batch=(2, 16))
+    assert [r.benchmark for r in rows] == [
+        "training step, tiny, B=2 S=16 (nanoGPT's GPU batch), fp32",
+        "training step, tiny, B=2 S=16 (nanoGPT's GPU batch), bf16 autocast, both sides",
+    ]
+    assert all(r.ours > 0 and r.peer > 0 for r in rows)
+    assert set(got.tokens_per_s) == set(got.matmul_in_turn) == {(2, 16, "float32"), (2, 16, "bfloat16")}
+    mfu = run.mfu_rows("cpu", got, (2, 16), shape="tiny")
+    assert [r.benchmark for r in mfu] == [f"training MFU, tiny, B=2 S=16, {t}" for t in ("float32", "bfloat16")]
+    per_token = train_step_flops(model_pair("tiny")[0].cfg, 2, 16) / 32
+    expected = 100 * rows[0].ours * per_token / got.matmul_in_turn[2, 16, "float32"]
+    assert abs(mfu[0].ours - expected) < 1e-9 * expected and mfu[0].goal is None
+
+
 def test_make_bench_repeats_the_noisiest_measurements_more_often():
     """--reps 7: the tiny shape's millisecond steps and decoding 5x as often, 124M training steps
     2x (their fp32 ratio read 1.13-1.23 across 7-turn runs of one commit), 124M decoding as asked."""
