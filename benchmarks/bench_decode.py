@@ -116,6 +116,27 @@ def bench(
     )
 
 
+def bench_graph(shape: str, reps: int = 5, device: str = "cuda") -> tuple[float, float, bool]:
+    """llmlab's greedy tokens/s with its CUDA graph (`llmlab.static_decode`, the default on a
+    GPU) and with eager steps (`cuda_graph=False`), in turns; and whether both took the same tokens."""
+    model, _ = model_pair(shape, min_positions=PROMPT + NEW)
+    model.to(device).eval()
+    idx = torch.randint(0, model.cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1)).to(device)
+
+    def decoder(graph: bool) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            out = torch.stack([t for t, _ in generate_ids(model, idx, NEW, SamplingConfig(0.0), cuda_graph=graph)], 1)
+            sync(idx.device)
+            return out
+
+        return run
+
+    sides = [decoder(True), decoder(False)]
+    same = torch.equal(sides[0](), sides[1]())
+    graphed, eager = interleaved_medians(sides, reps)
+    return NEW / graphed, NEW / eager, same
+
+
 def describe(a: LogitAgreement) -> str:
     return (f"next-token logits against fp32's on the same {PROMPT + NEW} tokens: the same top token at "
             f"{a.top1:.1%} of positions, |Δ| ≤ {a.max_abs:.3f} (their spread σ = {a.scale:.2f})")  # fmt: skip

@@ -255,6 +255,15 @@ def decoding_rows(device: str, reps: int, shape: str) -> list[Row]:
                      f"{best / 1e9:.1f} GB/s", goal=70.0)]  # fmt: skip
 
 
+def graph_row(device: str, reps: int, shape: str) -> list[Row]:
+    """On a GPU: llmlab's decoding with its CUDA graph (its default there) against eager steps."""
+    graphed, eager, same = bench_decode.bench_graph(shape, _reps(shape, reps), device)
+    return [Row(f"greedy decoding, {shape}, B=1, fp32: one CUDA graph a token vs eager steps (llmlab.static_decode)",
+                graphed, eager, "tokens/s", "–",
+                "ablation: the peer is llmlab with cuda_graph=False; "
+                + ("the same tokens" if same else "the tokens differ"))]  # fmt: skip
+
+
 def weight_bytes(shape: str) -> int:
     """Bytes of the fp32 parameters at `shape`: what decoding one token reads."""
     model, _ = model_pair(shape)
@@ -334,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             section.add("AdamW step alone, 124M", adamw_rows, reps)
     for shape in shapes:
         section.add(f"greedy decoding, {shape}", decoding_rows, device, reps, shape)
+        if device == "cuda":
+            section.add(f"greedy decoding, {shape}, CUDA graph", graph_row, device, reps, shape)
     if not args.quick:
         copies = ([torch.float32] if device == "cpu" and matvec.ONEDNN else []) + [weights16(device)]
         for dtype in copies:  # packed fp32 (the same bytes, read faster), then 16 bits (half the bytes)

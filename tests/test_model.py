@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from llmlab.config import ModelConfig, preset
 from llmlab.model import GPT, KVCache, apply_rope, causal_mask, rope_tables, sinusoidal_table
+from llmlab.static_decode import StaticKVCache
 from tests.conftest import TINY_VARIANTS
 
 VARIANTS = list(TINY_VARIANTS)
@@ -108,13 +109,17 @@ def test_attention_equals_torch_multihead_attention():
     torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)
 
 
+CACHES = [KVCache, StaticKVCache]  # StaticKVCache: every key read, masked, its position on the device
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("attention", ["explicit", "sdpa"])
-def test_kv_cache_decoding_equals_the_full_forward(name, attention):
+@pytest.mark.parametrize("kind", CACHES)
+def test_kv_cache_decoding_equals_the_full_forward(name, attention, kind):
     model = build(name, attention=attention)
     idx = torch.randint(0, 48, (2, 16), generator=torch.Generator().manual_seed(4))
     full = model(idx)
-    cache = KVCache(model.cfg, batch=2)
+    cache = kind(model.cfg, batch=2)
     pieces = [model(idx[:, :5], cache=cache)]  # a prompt of 5 tokens ...
     pieces += [model(idx[:, t : t + 1], cache=cache) for t in range(5, 12)]  # ... one at a time ...
     pieces.append(model(idx[:, 12:], cache=cache))  # ... then a chunk of 4 (speculative verification)
@@ -122,13 +127,35 @@ def test_kv_cache_decoding_equals_the_full_forward(name, attention):
     assert cache.pos == 16
 
 
-def test_kv_cache_rolls_back_by_truncation():
+@pytest.mark.parametrize("kind", CACHES)
+def test_kv_cache_rolls_back_by_truncation(kind):
     model = build("llama-tiny")
     idx = torch.randint(0, 48, (1, 12), generator=torch.Generator().manual_seed(5))
-    cache = KVCache(model.cfg, batch=1)
+    cache = kind(model.cfg, batch=1)
     model(idx[:, :8], cache=cache)
     cache.truncate(6)  # drop two positions, as on a rejected draft
     torch.testing.assert_close(model(idx[:, 6:12], cache=cache), model(idx)[:, 6:12], rtol=1e-5, atol=1e-5)
+
+
+def test_a_static_cache_masks_the_keys_it_has_not_written():
+    """The attention pattern a hook sees through a StaticKVCache: the keys of every position,
+    with exactly zero weight on those past the query's, and the weights of the plain cache on
+    the rest. Its position is kept on the device too, and follows truncation."""
+    model = build("gpt2")
+    idx = torch.randint(0, 48, (1, 6), generator=torch.Generator().manual_seed(6))
+    patterns = {}
+    for kind in CACHES:
+        cache = kind(model.cfg, batch=1)
+        model(idx[:, :5], cache=cache)
+        _, saved = model.run_with_cache(idx[:, 5:], cache=cache, names=["blocks.0.attn.hook_pattern"])
+        patterns[kind] = saved["blocks.0.attn.hook_pattern"]  # [1, h, 1, T]
+    static, plain = patterns[StaticKVCache], patterns[KVCache]
+    assert static.shape[-1] == 16 and plain.shape[-1] == 6
+    assert torch.equal(static[..., 6:], torch.zeros_like(static[..., 6:]))
+    torch.testing.assert_close(static[..., :6], plain, rtol=1e-6, atol=1e-6)
+    assert cache.pos == 6 and cache.pos_t.item() == 6
+    cache.truncate(2)
+    assert cache.pos_t.item() == 2
 
 
 def test_a_kv_cache_is_checked_against_the_context_and_its_own_contents():

@@ -185,6 +185,58 @@ def test_sampling_with_a_seed_is_reproducible_and_cache_independent():
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama-tiny"])
+def test_the_cuda_graph_decode_loop_gives_the_eager_tokens(monkeypatch, name):
+    """generate_ids' CUDA-graph path, its bookkeeping checked on the CPU: with `graphable` forced
+    and GraphedStep replaced by an eager call with its contract (tokens [B] at `cache.pos` →
+    logits [B, V]), the static cache gives the plain loop's tokens and distributions, greedy and
+    sampled, for 30 tokens after a prompt of 5 in a context of 16 (past it, the sliding window).
+    The graph itself is tests/test_gpu.py's."""
+    from llmlab import static_decode
+
+    made = []
+
+    class EagerStep:
+        def __init__(self, model, cache):
+            assert isinstance(cache, static_decode.StaticKVCache) and cache.pos == 5
+            self.model, self.cache = model, cache
+            made.append(cache.pos)
+
+        def step(self, tokens):
+            return self.model(tokens.view(-1, 1), cache=self.cache)[:, -1]
+
+    torch.manual_seed(0)
+    model = GPT(TINY_VARIANTS[name]).eval()
+    idx = torch.randint(0, 48, (2, 5), generator=torch.Generator().manual_seed(7))
+    for cfg in (SamplingConfig(0.0), SamplingConfig(1.0, top_k=20)):
+        runs = {}
+        for graph in (False, True):
+            monkeypatch.setattr(static_decode, "graphable", lambda *args, graph=graph: graph)
+            monkeypatch.setattr(static_decode, "GraphedStep", EagerStep)
+            steps = list(generate_ids(model, idx, 30, cfg, torch.Generator().manual_seed(8), cuda_graph=True))
+            runs[graph] = torch.stack([t for t, _ in steps], 1), torch.stack([p for _, p in steps], 1)
+        assert torch.equal(runs[True][0], runs[False][0])
+        torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-5, atol=1e-6)
+    assert made == [5, 5]  # captured once per call, after the prompt
+
+
+def test_graphs_are_only_for_cuda_models_in_eval_mode_without_hooks():
+    from types import SimpleNamespace
+
+    from llmlab import static_decode
+
+    model, idx = model_and_prompt()
+    on_cuda = SimpleNamespace(device=torch.device("cuda"))  # what `graphable` reads of a prompt
+    assert static_decode.graphable(model, on_cuda, 100) and not static_decode.graphable(model, idx, 100)
+    assert not static_decode.graphable(model, on_cuda, static_decode.MIN_NEW_TOKENS - 1)
+    with model.hooks([("blocks.0.hook_resid_pre", lambda x, hook: None)]):
+        assert not static_decode.graphable(model, on_cuda, 100)
+    handle = model.blocks[0].register_forward_pre_hook(lambda module, args: None)
+    assert not static_decode.graphable(model, on_cuda, 100)
+    handle.remove()
+    assert not static_decode.graphable(model.train(), on_cuda, 100)
+
+
 def text_model():
     tok = CharTokenizer.train("abcdefgh\n ")
     torch.manual_seed(0)

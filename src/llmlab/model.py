@@ -121,8 +121,12 @@ class KVCache:
     """Keys and values of every layer, pre-allocated, for incremental decoding.
 
     k, v: [L, B, h_kv, S_max, D]. The first `pos` positions are filled; rolling back (as
-    speculative decoding does on a rejection) is lowering `pos`.
+    speculative decoding does on a rejection) is lowering `pos`. Attention reads only the
+    filled ones, so `mask` is None; a cache whose reads must keep one shape
+    (`llmlab.static_decode.StaticKVCache`) hands out all of them and sets `mask` instead.
     """
+
+    mask: Tensor | None = None  # [S, T] bool, True where a new query may see a key; None: every key returned
 
     def __init__(self, cfg: ModelConfig, batch: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, max_len: int | None = None) -> None:  # fmt: skip
@@ -144,6 +148,14 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.k.shape[1]
+
+    def positions(self, S: int, device: torch.device) -> Tensor:
+        """The positions [S] of S new tokens, which follow the `pos` filled ones."""
+        return torch.arange(self.pos, self.pos + S, device=device)
+
+    def advance(self, S: int) -> None:
+        """S more positions are filled (the model calls this after its layers have appended)."""
+        self.pos += S
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v [B, h_kv, S, D] after the filled part; return all keys and values [B, h_kv, T, D]."""
@@ -167,6 +179,11 @@ def causal_mask(S: int, T: int, device: torch.device | str = "cpu") -> Tensor:
     """
     allowed = torch.ones(S, T, dtype=torch.bool, device=device).tril(diagonal=T - S)
     return torch.zeros(S, T, device=device).masked_fill(~allowed, float("-inf"))
+
+
+def additive(mask: Tensor) -> Tensor:
+    """A bool mask [S, T] (True: may see) as the notes' M: 0 where True, −∞ where False."""
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
 class CausalSelfAttention(nn.Module):
@@ -204,35 +221,41 @@ class CausalSelfAttention(nn.Module):
         v = self.hook_v(v.view(B, S, h_kv, D)).transpose(1, 2)  # [B, h_kv, S, D]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask = None  # [S, T] bool, where the keys are not those a causal mask over T = P + S implies
         if cache is not None:
             k, v = cache.append(self.layer, k, v)  # [B, h_kv, T, D]
+            mask = cache.mask
         if self.hook_attn_scores.is_hooked() or self.hook_pattern.is_hooked():
-            z = self.explicit(q, k, v)
+            z = self.explicit(q, k, v, mask)
         else:
-            z = ATTENTION[self.cfg.attention](self, q, k, v)  # [B, h, S, D]
+            z = ATTENTION[self.cfg.attention](self, q, k, v, mask)  # [B, h, S, D]
         z = self.hook_z(z.transpose(1, 2))  # [B, S, h, D]
         return self.out(z.reshape(B, S, h * D))  # [B, S, H]
 
-    def explicit(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """softmax(QKᵀ/√D + M)·V, written out. q [B, h, S, D], k, v [B, h_kv, T, D] → [B, h, S, D]."""
+    def explicit(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """softmax(QKᵀ/√D + M)·V, written out. q [B, h, S, D], k, v [B, h_kv, T, D] → [B, h, S, D].
+        M is the causal mask, or −∞ where the bool `mask` [S, T] is False."""
         groups = self.cfg.n_heads // self.cfg.kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, h, T, D]
         S, T = q.shape[2], k.shape[2]
+        M = causal_mask(S, T, q.device) if mask is None else additive(mask)  # [S, T]
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # [B, h, S, T]
-        scores = self.hook_attn_scores(scores + causal_mask(S, T, q.device))  # [B, h, S, T]
+        scores = self.hook_attn_scores(scores + M)  # [B, h, S, T]
         pattern = self.hook_pattern(scores.softmax(dim=-1))  # [B, h, S, T], rows sum to 1
         return self.attn_dropout(pattern) @ v  # [B, h, S, D]
 
-    def sdpa(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """The same through PyTorch's fused kernel; the mask is passed only when it is needed.
-        bf16 training on a CPU attends in fp32 where that is faster (`attends_in_fp32`)."""
+    def sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The same through PyTorch's fused kernel; the causal mask is passed only when it is
+        needed. bf16 training on a CPU attends in fp32 where that is faster (`attends_in_fp32`)."""
         if attends_in_fp32(q):  # with autocast off, which would cast them back: it runs SDPA in bf16
             with torch.autocast(q.device.type, enabled=False):
-                return self.sdpa(q.float(), k.float(), v.float()).to(q.dtype)
+                return self.sdpa(q.float(), k.float(), v.float(), mask).to(q.dtype)
         S, T = q.shape[2], k.shape[2]
-        mask = None if S == 1 or S == T else causal_mask(S, T, q.device).to(q.dtype)
+        causal = mask is None and S == T and S > 1
+        if mask is None and not (S == 1 or S == T):
+            mask = causal_mask(S, T, q.device).to(q.dtype)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=(S == T and S > 1),
+            q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=self.cfg.dropout if self.training else 0.0,
             enable_gqa=self.cfg.kv_heads != self.cfg.n_heads,
         )  # fmt: skip
@@ -395,7 +418,7 @@ class GPT(HookedModule):
         tie = tying.TiedGradient() if self._tied_training() else None  # one gradient for W_E; see tying.py
         x = self.embed(idx) if tie is None else tie.lookup(idx, self.embed.weight)  # [B, S, H]
         x = self.hook_embed(x * self.embed_scale if self.embed_scale != 1.0 else x)
-        pos = torch.arange(P, P + S, device=idx.device)  # [S]
+        pos = cache.positions(S, idx.device) if cache is not None else torch.arange(S, device=idx.device)  # [S]
         if self.pos_embed is not None:
             x = x + self.hook_pos_embed(self.pos_embed(pos).expand(B, S, -1))  # [B, S, H]
         rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.pos_embed is None else None
@@ -403,7 +426,7 @@ class GPT(HookedModule):
         for block in self.blocks:
             x = block(x, rope, cache)  # [B, S, H]
         if cache is not None:
-            cache.pos += S
+            cache.advance(S)
         return self.unembed(self.ln_final(x), tie)  # [B, S, V]
 
     def _tied_training(self) -> bool:

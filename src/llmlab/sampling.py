@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from llmlab import static_decode
 from llmlab.entropy import entropy_of_probs
 from llmlab.errors import UserError
 from llmlab.hooks import direct_attributes
@@ -123,14 +124,16 @@ def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
 
 @torch.inference_mode()  # no autograd bookkeeping: 1.13× no_grad's tokens/s at the tiny shape (bench_inference_mode)
 def generate_ids(model: GPT, idx: Tensor, max_new_tokens: int, cfg: SamplingConfig = SamplingConfig(),
-                 generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> Iterator[tuple[Tensor, Tensor]]:  # fmt: skip
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 cuda_graph: bool = True) -> Iterator[tuple[Tensor, Tensor]]:  # fmt: skip
     """Yield the next token of every row and the distribution it was drawn from, one step at a
     time. idx [B, S₀] → yields (ids [B], probs [B, V]).
 
     With the KV cache each step feeds only the newest token. Once the context of S tokens is
     full, every step re-reads the last S tokens (a sliding window, as nanoGPT does), because
-    absolute positions shift and the cache no longer applies. It runs under
+    absolute positions shift and the cache no longer applies. On CUDA the cached steps replay
+    one captured CUDA graph (`llmlab.static_decode`, where it says when), the same computation
+    without a launch per kernel; `cuda_graph=False` runs them eagerly. It runs under
     `torch.inference_mode`, so the tensors it yields, and the activations hooks see while it
     runs, are inference tensors: `.clone()` one outside to change it in place or to use it with
     autograd; a hook cannot take gradients (run the model under `no_grad` yourself for that).
@@ -144,12 +147,18 @@ def generate_ids(model: GPT, idx: Tensor, max_new_tokens: int, cfg: SamplingConf
     tokens = torch.empty(B, capacity, dtype=idx.dtype, device=idx.device)  # [B, capacity]
     tokens[:, :S0] = idx
     length = total = S0  # tokens in the buffer; tokens so far (prompt and new)
-    cache = None
+    cache, graphed = None, None
+    graph = use_cache and cuda_graph and static_decode.graphable(model, idx, max_new_tokens)
     if use_cache:  # sized to what this call can fill, not the whole context
-        cache = KVCache(model.cfg, B, idx.device, _dtype(model), max_len=min(S_max, S0 + max_new_tokens))
+        kind = static_decode.StaticKVCache if graph else KVCache
+        cache = kind(model.cfg, B, idx.device, _dtype(model), max_len=min(S_max, S0 + max_new_tokens))
     with direct_attributes(model):  # a fifth of a small model's time per token; see there
         for _ in range(max_new_tokens):
-            if cache is not None and total <= S_max:  # then the buffer holds every token: length == total
+            if graph and cache is not None and cache.pos > 0 and total <= cache.max_len:  # one new token a step
+                assert isinstance(cache, static_decode.StaticKVCache)
+                graphed = graphed or static_decode.GraphedStep(model, cache)  # captured at the first step
+                logits = graphed.step(tokens[:, length - 1])  # [B, V]
+            elif cache is not None and total <= S_max:  # then the buffer holds every token: length == total
                 logits = model(tokens[:, cache.pos : length], cache=cache)[:, -1]  # [B, V]
             else:
                 logits = model(tokens[:, max(0, length - S_max) : length])[:, -1]  # [B, V]
