@@ -117,8 +117,8 @@ def bench(
 
 
 def bench_graph(shape: str, reps: int = 5, device: str = "cuda") -> tuple[float, float, bool]:
-    """llmlab's greedy tokens/s with its CUDA graph (`llmlab.static_decode`, the default on a
-    GPU) and with eager steps (`cuda_graph=False`), in turns; and whether both took the same tokens."""
+    """llmlab's greedy tokens/s with its CUDA graph (`generate_ids(..., cuda_graph=True)`,
+    `llmlab.static_decode`) and with eager steps, in turns; and whether both took the same tokens."""
     model, _ = model_pair(shape, min_positions=PROMPT + NEW)
     model.to(device).eval()
     idx = torch.randint(0, model.cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1)).to(device)

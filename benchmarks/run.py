@@ -256,7 +256,7 @@ def decoding_rows(device: str, reps: int, shape: str) -> list[Row]:
 
 
 def graph_row(device: str, reps: int, shape: str) -> list[Row]:
-    """On a GPU: llmlab's decoding with its CUDA graph (its default there) against eager steps."""
+    """On a GPU: llmlab's decoding with its CUDA graph (`cuda_graph=True`) against eager steps."""
     graphed, eager, same = bench_decode.bench_graph(shape, _reps(shape, reps), device)
     return [Row(f"greedy decoding, {shape}, B=1, fp32: one CUDA graph a token vs eager steps (llmlab.static_decode)",
                 graphed, eager, "tokens/s", "–",

@@ -125,15 +125,15 @@ def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
 @torch.inference_mode()  # no autograd bookkeeping: 1.13× no_grad's tokens/s at the tiny shape (bench_inference_mode)
 def generate_ids(model: GPT, idx: Tensor, max_new_tokens: int, cfg: SamplingConfig = SamplingConfig(),
                  generator: torch.Generator | None = None, use_cache: bool = True,
-                 cuda_graph: bool = True) -> Iterator[tuple[Tensor, Tensor]]:  # fmt: skip
+                 cuda_graph: bool = False) -> Iterator[tuple[Tensor, Tensor]]:  # fmt: skip
     """Yield the next token of every row and the distribution it was drawn from, one step at a
     time. idx [B, S₀] → yields (ids [B], probs [B, V]).
 
     With the KV cache each step feeds only the newest token. Once the context of S tokens is
     full, every step re-reads the last S tokens (a sliding window, as nanoGPT does), because
-    absolute positions shift and the cache no longer applies. On CUDA the cached steps replay
-    one captured CUDA graph (`llmlab.static_decode`, where it says when), the same computation
-    without a launch per kernel; `cuda_graph=False` runs them eagerly. It runs under
+    absolute positions shift and the cache no longer applies. With `cuda_graph=True` the cached
+    steps on CUDA replay one captured CUDA graph (`llmlab.static_decode`, where it says when),
+    the same computation without a launch per kernel. It runs under
     `torch.inference_mode`, so the tensors it yields, and the activations hooks see while it
     runs, are inference tensors: `.clone()` one outside to change it in place or to use it with
     autograd; a hook cannot take gradients (run the model under `no_grad` yourself for that).

@@ -1,17 +1,20 @@
 """Decoding on a GPU without per-token launch overhead: one CUDA graph, captured once, replayed per token.
 
 At batch 1 a decoded token of GPT-2 124M reads 498 MB of weights, 0.12 ms at an H200's 4 TB/s,
-but eager PyTorch launches some two hundred small kernels for it from Python, each waiting its
-turn on the CPU: 2.5 ms a token, 5% of the bandwidth ceiling (`bash benchmarks/gpu.sh`). A CUDA
+but eager PyTorch launches each of its many small kernels from Python, one after another on
+the CPU: 2.5 ms a token on an H200, 5% of the bandwidth ceiling (`bash benchmarks/gpu.sh`). A CUDA
 graph records those launches once and replays them as one. It replays fixed shapes and fixed
 addresses, which a `KVCache` does not have (each step reads one key more, at a position kept in
 Python), so `StaticKVCache` keeps its position on the device, writes each new key at it, and
 hands attention every key with a mask that hides those not yet written; `GraphedStep` captures
-`model(one token per row, cache)` against it. `llmlab.sampling.generate_ids` takes this path on
-CUDA (`cuda_graph=False` to decode eagerly); sampling stays outside the graph.
+`model(one token per row, cache)` against it. `llmlab.sampling.generate_ids(..., cuda_graph=True)`
+takes this path on CUDA; sampling stays outside the graph.
 
-The static cache works on any device and gives a `KVCache`'s logits (tests/test_model.py);
-the graph needs CUDA (tests/test_gpu.py checks it gives the eager tokens and logits).
+The static cache works on any device and gives a `KVCache`'s logits (tests/test_model.py), and
+`generate_ids`' loop around a step is checked on the CPU (tests/test_sampling.py). The graph
+needs CUDA: tests/test_gpu.py checks that it gives the eager tokens and distributions, and
+`bash benchmarks/gpu.sh` times it against eager steps. Until those have run on a GPU it is
+opt-in, not `generate_ids`' default.
 """
 
 from __future__ import annotations
