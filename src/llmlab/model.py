@@ -221,7 +221,7 @@ class CausalSelfAttention(nn.Module):
         v = self.hook_v(v.view(B, S, h_kv, D)).transpose(1, 2)  # [B, h_kv, S, D]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        mask = None  # [S, T] bool, where the keys are not those a causal mask over T = P + S implies
+        mask = None  # [S, T] bool from a cache that returns unwritten keys too; None: causal over T = P + S
         if cache is not None:
             k, v = cache.append(self.layer, k, v)  # [B, h_kv, T, D]
             mask = cache.mask
