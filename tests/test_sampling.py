@@ -221,14 +221,22 @@ def test_the_cuda_graph_decode_loop_gives_the_eager_tokens(monkeypatch, name):
 
 
 def test_graphs_are_only_for_cuda_models_in_eval_mode_without_hooks():
+    """`graphable`: on CUDA, in eval mode, with no forward hooks, and with at least
+    MIN_NEW_TOKENS steps through the cache (after the prompt's, before the context is full)."""
     from types import SimpleNamespace
 
     from llmlab import static_decode
 
-    model, idx = model_and_prompt()
-    on_cuda = SimpleNamespace(device=torch.device("cuda"))  # what `graphable` reads of a prompt
-    assert static_decode.graphable(model, on_cuda, 100) and not static_decode.graphable(model, idx, 100)
-    assert not static_decode.graphable(model, on_cuda, static_decode.MIN_NEW_TOKENS - 1)
+    torch.manual_seed(0)
+    model = GPT(TINY_VARIANTS["notes"]).eval()  # a context of 16
+    n = static_decode.MIN_NEW_TOKENS
+    on_cuda = SimpleNamespace(device=torch.device("cuda"), shape=(2, 5))  # what `graphable` reads of a prompt
+    assert static_decode.graphable(model, on_cuda, 100)
+    assert not static_decode.graphable(model, torch.zeros(2, 5, dtype=torch.long), 100)  # the CPU
+    assert static_decode.graphable(model, on_cuda, n + 1) and not static_decode.graphable(model, on_cuda, n)
+    long_prompt = SimpleNamespace(device=torch.device("cuda"), shape=(2, 16 - n))  # n cached steps, then the window
+    short_of_it = SimpleNamespace(device=torch.device("cuda"), shape=(2, 17 - n))
+    assert static_decode.graphable(model, long_prompt, 100) and not static_decode.graphable(model, short_of_it, 100)
     with model.hooks([("blocks.0.hook_resid_pre", lambda x, hook: None)]):
         assert not static_decode.graphable(model, on_cuda, 100)
     handle = model.blocks[0].register_forward_pre_hook(lambda module, args: None)

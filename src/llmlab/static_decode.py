@@ -12,7 +12,8 @@ takes this path on CUDA; sampling stays outside the graph.
 
 The static cache works on any device and gives a `KVCache`'s logits (tests/test_model.py), and
 `generate_ids`' loop around a step is checked on the CPU (tests/test_sampling.py). The graph
-needs CUDA: tests/test_gpu.py checks that it gives the eager tokens and distributions, and
+needs CUDA: tests/test_gpu.py checks that it gives the eager tokens and distributions (of an
+fp32 model, and with bf16 copies of its matrices), and
 `bash benchmarks/gpu.sh` times it against eager steps. Until those have run on a GPU it is
 opt-in, not `generate_ids`' default.
 """
@@ -70,12 +71,15 @@ class StaticKVCache(KVCache):
 
 def graphable(model: nn.Module, idx: Tensor, max_new_tokens: int) -> bool:
     """Whether `generate_ids` decodes `model` through a `GraphedStep`: on CUDA, in eval mode
-    (no dropout to draw), long enough to pay for the capture, and with no forward hooks
-    anywhere in it (a replayed graph runs no Python, so a hook would see only the first step)."""
+    (no dropout to draw), with enough steps through the cache to pay for the capture (the
+    prompt's step is eager, and past the context the sliding window is too), and with no
+    forward hooks anywhere in it (a replayed graph runs no Python, so a hook would see only
+    the first step)."""
+    cached_steps = min(max_new_tokens - 1, model.cfg.block_size - idx.shape[1])  # the graph's replays
     return (
         idx.device.type == "cuda"
         and not model.training
-        and max_new_tokens >= MIN_NEW_TOKENS
+        and cached_steps >= MIN_NEW_TOKENS
         and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
         and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
     )
@@ -87,22 +91,25 @@ class GraphedStep:
 
     Capturing records kernels without running them, and CUDA asks for a few eager runs first
     (on a side stream): those write keys at the current position and advance the cache, so the
-    cache is put back after each; the replays then write the real keys there."""
+    cache is put back after each; the replays then write the real keys there. The graph reads
+    the weights where they were at capture: they must not be replaced while it decodes (one
+    `generate_ids` call; `weights_in` entered or left between its tokens would be missed)."""
 
     def __init__(self, model: nn.Module, cache: StaticKVCache) -> None:
-        self.cache = cache
-        self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=cache.k.device)  # [B, 1]
+        self.cache, self.device = cache, cache.k.device
+        self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=self.device)  # [B, 1]
         start = cache.pos
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model(self.tokens, cache=cache)
-                cache.truncate(start)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model(self.tokens, cache=cache)[:, -1]  # [B, V], rewritten by each replay
+        with torch.cuda.device(self.device):  # streams and the capture belong to the model's GPU
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    model(self.tokens, cache=cache)
+                    cache.truncate(start)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = model(self.tokens, cache=cache)[:, -1]  # [B, V], rewritten by each replay
         cache.pos = start  # the capture ran the Python (pos + 1) but no kernel (pos_t is still start)
 
     def step(self, tokens: Tensor) -> Tensor:
@@ -110,6 +117,7 @@ class GraphedStep:
         if self.cache.pos >= self.cache.max_len:
             raise ValueError(f"{self.cache.pos + 1} positions exceed the cache's {self.cache.max_len}")
         self.tokens.copy_(tokens.view(-1, 1))
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         self.cache.pos += 1
         return self.logits
