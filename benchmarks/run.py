@@ -241,17 +241,17 @@ def decoding_rows(device: str, reps: int, shape: str) -> list[Row]:
               goal=goal)  # fmt: skip
     if d.probe_s is None:
         return [row]
-    best = memory_bandwidth(device)
+    best, per_token = memory_bandwidth(device), weight_bytes(shape)
     bandwidth = nbytes / d.probe_s
-    ceiling = bandwidth / weight_bytes(shape)
+    ceiling = bandwidth / per_token
     if row.shortfall is not None:  # how near the peer already is to the ceiling both share
         row.note += (f"; transformers decodes at {100 * d.peer / ceiling:.0f}% of the bandwidth ceiling "
                      f"(next row), so {goal}× would take {100 * goal * d.peer / ceiling:.0f}% of it")  # fmt: skip
     return [row, Row("greedy decoding, 124M, against the bandwidth ceiling", 100 * d.ours / ceiling, None,
                      "% of ceiling", "≥ 70%",
-                     f"{weight_bytes(shape) / 1e6:.0f} MB read per token at the {bandwidth / 1e9:.1f} GB/s a read "
+                     f"{per_token / 1e6:.0f} MB read per token at the {bandwidth / 1e9:.1f} GB/s a read "
                      f"pass ran at in turn with decoding (median) = {ceiling:.1f} tokens/s; "
-                     f"{100 * d.ours * weight_bytes(shape) / best:.1f}% against the fastest pass afterwards, "
+                     f"{100 * d.ours * per_token / best:.1f}% against the fastest pass afterwards, "
                      f"{best / 1e9:.1f} GB/s", goal=70.0)]  # fmt: skip
 
 
@@ -265,7 +265,8 @@ def graph_row(device: str, reps: int, shape: str) -> list[Row]:
 
 
 def weight_bytes(shape: str) -> int:
-    """Bytes of the fp32 parameters at `shape`: what decoding one token reads."""
+    """Bytes of the fp32 parameters at `shape`, what decoding one token reads (it builds the
+    model: call it once)."""
     model, _ = model_pair(shape)
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
