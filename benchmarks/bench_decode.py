@@ -58,6 +58,23 @@ def agreement(fp32: torch.Tensor, half: torch.Tensor) -> LogitAgreement:
     return LogitAgreement(top1, (half - fp32).abs().max().item(), fp32.std().item())
 
 
+def prompt(model: torch.nn.Module, device: str) -> torch.Tensor:
+    """The benchmark's prompt [1, PROMPT]: random token ids, the same every run."""
+    return torch.randint(0, model.cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def decoder(model: torch.nn.Module, idx: torch.Tensor, cuda_graph: bool = False) -> Callable[[], torch.Tensor]:
+    """A call that decodes NEW greedy tokens after `idx` with llmlab's `generate_ids` and waits
+    for the device: as users call it (generate_ids enters inference_mode itself)."""
+
+    def run() -> torch.Tensor:
+        out = torch.stack([t for t, _ in generate_ids(model, idx, NEW, SamplingConfig(0.0), cuda_graph=cuda_graph)], 1)
+        sync(idx.device)
+        return out
+
+    return run
+
+
 def bench(
     shape: str,
     reps: int = 5,
@@ -74,16 +91,7 @@ def bench(
     ours.to(device, dtype)
     hf.to(device, dtype)
     hf.generation_config.pad_token_id = hf.generation_config.eos_token_id = None
-    idx = torch.randint(0, ours.cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1)).to(device)
-    greedy = SamplingConfig(0.0)
-
-    def decoder(model: torch.nn.Module) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:  # as users call it: generate_ids enters inference_mode itself
-            out = torch.stack([t for t, _ in generate_ids(model, idx, NEW, greedy)], 1)
-            sync(idx.device)
-            return out
-
-        return run
+    idx = prompt(ours, device)
 
     def hf_run() -> torch.Tensor:
         with torch.inference_mode():  # generate's own no_grad is slower on small models: the peer gets the better
@@ -94,9 +102,9 @@ def bench(
     fp32_model = copy.deepcopy(ours) if weights is not None else None  # the baseline; `ours` gets the copies
     copy_logits = copy_s = None
     with ExitStack() as stack:
-        sides = [decoder(ours), hf_run]
+        sides = [decoder(ours, idx), hf_run]
         if fp32_model is not None:
-            sides.append(decoder(fp32_model))
+            sides.append(decoder(fp32_model, idx))
             t0 = time.perf_counter()
             stack.enter_context(weights_in(ours, weights))
             copy_s = time.perf_counter() - t0
@@ -121,17 +129,8 @@ def bench_graph(shape: str, reps: int = 5, device: str = "cuda") -> tuple[float,
     `llmlab.static_decode`) and with eager steps, in turns; and whether both took the same tokens."""
     model, _ = model_pair(shape, min_positions=PROMPT + NEW)
     model.to(device).eval()
-    idx = torch.randint(0, model.cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1)).to(device)
-
-    def decoder(graph: bool) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
-            out = torch.stack([t for t, _ in generate_ids(model, idx, NEW, SamplingConfig(0.0), cuda_graph=graph)], 1)
-            sync(idx.device)
-            return out
-
-        return run
-
-    sides = [decoder(True), decoder(False)]
+    idx = prompt(model, device)
+    sides = [decoder(model, idx, cuda_graph=True), decoder(model, idx)]
     same = torch.equal(sides[0](), sides[1]())
     graphed, eager = interleaved_medians(sides, reps)
     return NEW / graphed, NEW / eager, same

@@ -222,14 +222,14 @@ def test_the_cuda_graph_decode_loop_gives_the_eager_tokens(monkeypatch, name):
 
 def test_graphs_are_only_for_cuda_models_in_eval_mode_without_hooks():
     """`graphable`: on CUDA, in eval mode, with no forward hooks, and with at least
-    MIN_NEW_TOKENS steps through the cache (after the prompt's, before the context is full)."""
+    MIN_REPLAYS steps through the cache (after the prompt's, before the context is full)."""
     from types import SimpleNamespace
 
     from llmlab import static_decode
 
     torch.manual_seed(0)
     model = GPT(TINY_VARIANTS["notes"]).eval()  # a context of 16
-    n = static_decode.MIN_NEW_TOKENS
+    n = static_decode.MIN_REPLAYS
     on_cuda = SimpleNamespace(device=torch.device("cuda"), shape=(2, 5))  # what `graphable` reads of a prompt
     assert static_decode.graphable(model, on_cuda, 100)
     assert not static_decode.graphable(model, torch.zeros(2, 5, dtype=torch.long), 100)  # the CPU

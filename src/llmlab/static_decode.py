@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from llmlab.config import ModelConfig
 from llmlab.model import KVCache
 
-MIN_NEW_TOKENS = 8  # below this the capture (two warm-up steps and a recorded one) costs more than it saves
+MIN_REPLAYS = 8  # fewer would not repay the capture's three forwards (two warm-ups and the recorded one); a guess
 
 
 class StaticKVCache(KVCache):
@@ -79,7 +79,7 @@ def graphable(model: nn.Module, idx: Tensor, max_new_tokens: int) -> bool:
     return (
         idx.device.type == "cuda"
         and not model.training
-        and cached_steps >= MIN_NEW_TOKENS
+        and cached_steps >= MIN_REPLAYS
         and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
         and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
     )
