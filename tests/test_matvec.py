@@ -370,3 +370,17 @@ def test_parametrized_weights_get_a_copy_each(monkeypatch):
     with torch.no_grad(), matvec.weights_in(torch.nn.Sequential(*mods), torch.float16):
         for m in mods:
             torch.testing.assert_close(m(x), matvec.matvec16(x, m.weight.half(), None))  # this module's own weight
+
+
+@pytest.mark.skipif(not matvec.ONEDNN, reason="this PyTorch has no oneDNN")
+def test_torch_compile_takes_the_plain_path(monkeypatch, two_threads):
+    """Under `torch.compile` one row goes to `F.linear`, which Inductor lowers itself: oneDNN's
+    inner product called on a weight that is not a frozen constant failed in Inductor (torch
+    2.13, GPT-2 124M's first one-row product). Reference: F.linear in eager mode."""
+    monkeypatch.setattr(matvec, "MKL_MV", False)  # one fp32 row: oneDNN's product, as on AMD CPUs
+    lin = matvec.Linear(512, matvec.MIN_ELEMENTS // 512)  # just large enough for the fast product
+    x = torch.randn(1, 1, 512)
+    with torch.no_grad():
+        assert matvec.few_row_product(x, lin.weight, lin.bias) == "onednn"  # eager: the fast product
+        y = torch.compile(lin, fullgraph=True)(x)
+    torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)

@@ -19,7 +19,8 @@ row (or a few, below), on the CPU, with more than one thread, and a weight of at
 `MIN_ELEMENTS` (smaller ones sit in cache, where the plain kernel is faster); and only where no
 gradient is taken, no `torch.func` transform (vmap, jvp) is active and no forward-mode level
 (`torch.autograd.forward_ad.dual_level`) is open, because the blocks write into one output buffer
-(`out=`), which neither autograd nor those transforms follow.
+(`out=`), which neither autograd nor those transforms follow; and not while `torch.compile`
+traces the model, which picks its own kernels (`untraced`).
 
 A few rows (up to `FEW_ROWS`: a speculative verification of γ + 1 drafts, a short prompt) have
 the same trouble: MKL shares [M, K]·[K, N] out between the threads poorly when M is small. The
@@ -147,8 +148,11 @@ def few_row_product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> st
 
 def untraced() -> bool:
     """Whether neither torch.func's vmap and jvp nor forward-mode AD's dual tensors are active:
-    the fast products have no rules for them (and the split writes `out=`, which they do not follow)."""
-    return not torch._C._are_functorch_transforms_active() and no_dual_level()
+    the fast products have no rules for them (and the split writes `out=`, which they do not
+    follow); nor is `torch.compile` tracing, whose Inductor lowers oneDNN's inner product only
+    for weights it has frozen into constants (an `InductorError` on GPT-2 124M's first one-row
+    product, torch 2.13) and picks its own kernel for `F.linear`."""
+    return not torch._C._are_functorch_transforms_active() and no_dual_level() and not torch.compiler.is_compiling()
 
 
 def onednn_enabled() -> bool:
