@@ -118,28 +118,46 @@ def test_unknown_architectures_and_missing_tensors_are_errors(hf_model):
         state_dict_from_hf(sd, config_from_hf(hf_model.config.to_dict()))
 
 
-def save_hf_checkpoint(hf_model, path, weights="safetensors"):
-    """A checkpoint as `save_pretrained` writes it, plus a byte-level BPE tokenizer.json."""
+def save_hf_checkpoint(hf_model, path, weights="safetensors", tokenizer="tokenizer.json"):
+    """A checkpoint as `save_pretrained` writes it, plus a byte-level BPE tokenizer.
+
+    weights: "safetensors" (one model.safetensors), "shards" (`save_pretrained`'s
+    model-0000k-of-0000n.safetensors and their index), or "bin" (pytorch_model.bin, the pickle
+    transformers wrote before safetensors: transformers 5 writes safetensors whatever it is told,
+    so the state dict is saved with torch.save). tokenizer: "tokenizer.json", or "vocab+merges"
+    (GPT-2's original vocab.json and merges.txt)."""
     from llmlab.tokenizer import BPETokenizer
 
-    hf_model.save_pretrained(path, safe_serialization=weights == "safetensors")
+    hf_model.save_pretrained(path, max_shard_size="100KB" if weights == "shards" else "5GB")
+    if weights == "bin":
+        (path / "model.safetensors").unlink()
+        torch.save(hf_model.state_dict(), path / "pytorch_model.bin")
+    assert (weights == "shards") == (path / "model.safetensors.index.json").is_file()
     tok = BPETokenizer.train("def f(x):\n    return x + 1\n" * 20, vocab_size=300)
-    (path / "tokenizer.json").write_text(tok.to_json())
+    if tokenizer == "tokenizer.json":
+        (path / "tokenizer.json").write_text(tok.to_json())
+    else:
+        assert sorted(tok.tok.model.save(str(path))) == [str(path / "merges.txt"), str(path / "vocab.json")]
     return tok
 
 
-@pytest.mark.parametrize("weights", ["safetensors", "bin"])
-def test_import_hf_directory_gives_a_run_with_transformers_logits(tmp_path, hf_model, weights):
+@pytest.mark.parametrize(("weights", "tokenizer"), [("safetensors", "tokenizer.json"), ("shards", "tokenizer.json"),
+                                                    ("bin", "vocab+merges")])  # fmt: skip
+def test_import_hf_directory_gives_a_run_with_transformers_logits(tmp_path, hf_model, weights, tokenizer):
+    """Reference: transformers' forward on the same weights, and the tokenizer that was saved."""
     from llmlab.hf import import_hf
     from llmlab.run_dir import load_run
 
-    tok = save_hf_checkpoint(hf_model, tmp_path / "ckpt", weights)
+    tok = save_hf_checkpoint(hf_model, tmp_path / "ckpt", weights, tokenizer)
+    if weights == "shards":
+        assert len(list((tmp_path / "ckpt").glob("model-*-of-*.safetensors"))) > 1
     import_hf(tmp_path / "ckpt", tmp_path / "run")
     run = load_run(tmp_path / "run")
     idx = torch.tensor([tok.encode("def f(x):")])
     with torch.no_grad():
         torch.testing.assert_close(run.model(idx), hf_model(idx).logits, rtol=1e-4, atol=1e-4)
-    assert run.tokenizer.encode("return x") == tok.encode("return x")
+    text = "def f(x):\n    return x + 1 ünïcode"
+    assert run.tokenizer.encode(text) == tok.encode(text) and run.tokenizer.decode(tok.encode(text)) == text
 
 
 def test_export_hf_loads_with_from_pretrained(tmp_path, hf_model, capsys):
@@ -156,6 +174,28 @@ def test_export_hf_loads_with_from_pretrained(tmp_path, hf_model, capsys):
     idx = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(again(idx).logits, hf_model(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_export_hf_refuses_a_taken_out_and_writes_nothing(tmp_path, hf_model, capsys):
+    from llmlab.cli import main
+    from llmlab.hf import import_hf
+
+    save_hf_checkpoint(hf_model, tmp_path / "ckpt")
+    import_hf(tmp_path / "ckpt", tmp_path / "run")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep")
+    (tmp_path / "a_file").write_text("keep")
+    capsys.readouterr()
+    for out in ("full", "a_file"):
+        assert main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "exists and is not an empty directory; choose another --out" in err, err
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["mine.txt"]
+    assert (tmp_path / "a_file").read_text() == "keep"
+    (tmp_path / "empty").mkdir()  # an empty directory is fine
+    assert main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "empty")]) == 0
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["config.json", "model.safetensors",
+                                                                      "tokenizer.json"]  # fmt: skip
 
 
 def test_a_character_tokenizer_stays_behind_with_a_note(tmp_path, hf_model, capsys):
@@ -180,7 +220,10 @@ def test_a_failed_hub_download_is_one_line_with_its_reason(tmp_path, monkeypatch
 
     from llmlab.cli import main
 
+    calls = []
+
     def offline(*args, **kwargs):
+        calls.append(args)
         raise huggingface_hub.errors.LocalEntryNotFoundError("Cannot reach the Hub: no network.\nMore detail.")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
@@ -188,7 +231,19 @@ def test_a_failed_hub_download_is_one_line_with_its_reason(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert err == ("llmlab: error: cannot download 'gpt2' from the Hugging Face Hub (LocalEntryNotFoundError: "
                    "Cannot reach the Hub: no network.)\n")  # fmt: skip
-    assert not (tmp_path / "r").exists()
+    assert not (tmp_path / "r").exists() and len(calls) == 1
+    (tmp_path / "taken").mkdir()
+    assert main(["import-hf", "--hub", "gpt2", "--out", str(tmp_path / "taken")]) == 2
+    assert "taken already exists; choose another --out" in capsys.readouterr().err
+    assert len(calls) == 1  # refused before downloading anything
+
+
+def test_a_long_reason_is_cut_with_an_ellipsis():
+    from llmlab.hf import reason
+
+    long = RuntimeError("x" * 300 + "\nsecond line")
+    assert reason(long) == "RuntimeError: " + "x" * 239 + "…"
+    assert reason(OSError("\x1b[1mbold\x1b[0m reason\nmore")) == "OSError: bold reason"
 
 
 def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_path, hf_model, capsys):
@@ -200,7 +255,8 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
     cases = {}
     for name in ("no_weights", "no_config", "llama", "bad_shape", "no_tokenizer", "not_object", "no_vocab",
                  "garbage_bin", "stray_tensor", "nan_weights", "tensor_bin", "index_list", "int_weights", "act_list",
-                 "tie_string", "eps_bool", "head_shape"):  # fmt: skip
+                 "tie_string", "eps_bool", "head_shape", "no_model_type", "llama_class", "shard_outside",
+                 "truncated_bin", "cut_bin"):  # fmt: skip
         shutil.copytree(tmp_path / "good", tmp_path / name)
         cases[name] = tmp_path / name
     (cases["no_weights"] / "model.safetensors").unlink()
@@ -226,6 +282,18 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
     (cases["eps_bool"] / "config.json").write_text(json.dumps({**cfg, "layer_norm_epsilon": True}))
     head = cases["head_shape"] / "model.safetensors"  # tied, with a saved lm_head.weight that cannot be wte's copy
     save_file(load_file(head) | {"lm_head.weight": torch.zeros(3, SMALL["n_embd"])}, head)
+    unnamed = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}  # neither says GPT-2
+    (cases["no_model_type"] / "config.json").write_text(json.dumps(unnamed))
+    (cases["llama_class"] / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"]}))
+    (cases["shard_outside"] / "model.safetensors").unlink()  # an index whose shard lies in another checkpoint
+    index = {"weight_map": {"transformer.wte.weight": "../good/model.safetensors"}}
+    (cases["shard_outside"] / "model.safetensors.index.json").write_text(json.dumps(index))
+    (cases["truncated_bin"] / "model.safetensors").unlink()
+    torch.save(hf_model.state_dict(), tmp_path / "whole.bin")
+    whole = (tmp_path / "whole.bin").read_bytes()
+    (cases["truncated_bin"] / "pytorch_model.bin").write_bytes(whole[: len(whole) // 50])  # cut in its data: EINVAL
+    (cases["cut_bin"] / "model.safetensors").unlink()
+    (cases["cut_bin"] / "pytorch_model.bin").write_bytes(whole[: len(whole) * 9 // 10])  # no zip directory
     ints = cases["int_weights"] / "model.safetensors"
     save_file({k: v.long() if "wte" in k else v for k, v in load_file(ints).items()}, ints)
     torch.manual_seed(0)
@@ -248,6 +316,11 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
         "tie_string": 'config.json\'s tie_word_embeddings must be true or false, got "false"',
         "eps_bool": "config.json's layer_norm_epsilon must be a number, got true",
         "head_shape": f"lm_head.weight has shape (3, {SMALL['n_embd']}), but the config ties it to wte",
+        "no_model_type": 'config.json names no model_type (a GPT-2 config has "model_type": "gpt2")',
+        "llama_class": "unsupported architecture 'LlamaForCausalLM'",
+        "shard_outside": "lists a shard outside",
+        "truncated_bin": "pytorch_model.bin, which looks truncated or corrupt (OSError: [Errno 22] Invalid argument)",
+        "cut_bin": "pytorch_model.bin, which looks truncated or corrupt (RuntimeError: PytorchStreamReader failed",
     }  # fmt: skip
     for name, message in expected.items():
         out = tmp_path / f"out_{name}"

@@ -68,11 +68,18 @@ def test_grad_norm_is_the_float64_norm_of_all_gradients():
 
 @pytest.mark.parametrize("scale", [1e-4, 10.0])  # gradients under the clip, and over it
 def test_clip_and_step_equals_clip_grad_norm_then_the_step(scale):
-    """Reference: `nn.utils.clip_grad_norm_` then the same fused AdamW, on copies of one model; the
-    gradients left in .grad are the clipped ones too."""
+    """Reference: `nn.utils.clip_grad_norm_` then PyTorch's per-tensor AdamW (`foreach=False`, the
+    plain loop) with make_optimizer's groups and hyperparameters, on a copy of the model; the fused
+    kernel's parameters and the clipped gradients it leaves in .grad are the same."""
     models = [GPT(TINY_VARIANTS["notes"]) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    optimizers = [make_optimizer(m, CFG) for m in models]
+    fused = make_optimizer(models[1], CFG)
+    assert all(group["fused"] for group in fused.param_groups)
+    plain_groups = [{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")} for g in fused.param_groups]
+    plain = torch.optim.AdamW([{**g, "params": [p for p in models[0].parameters() if (p.dim() >= 2) == (i == 0)]}
+                               for i, g in enumerate(plain_groups)], foreach=False)  # fmt: skip
+    assert [g["weight_decay"] for g in plain.param_groups] == [CFG.weight_decay, 0.0]
+    optimizers = [plain, fused]
     idx = torch.randint(0, models[0].cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     for _ in range(3):
         for m in models:

@@ -23,6 +23,7 @@ GPT-2's attention options that change the function (`scale_attn_weights=false`,
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import re
@@ -64,9 +65,17 @@ _BLOCK_KEYS = {
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """A GPT-2 `config.json` (as a dict) → the `gpt2` preset with its sizes."""
-    if _get(hf, "model_type", str, "gpt2") != "gpt2":
-        raise UserError(f"unsupported architecture {hf.get('model_type')!r} (llmlab imports GPT-2 models)")
+    """A GPT-2 `config.json` (as a dict) → the `gpt2` preset with its sizes. It must say it is
+    GPT-2: `model_type` "gpt2", and any `architectures` GPT-2's classes (a config naming neither
+    is refused, as transformers' AutoConfig refuses one without a model_type)."""
+    model_type = _get(hf, "model_type", str, None)
+    architectures = _get(hf, "architectures", list, None) or []
+    other = [a for a in architectures if not (isinstance(a, str) and a.startswith("GPT2"))]
+    if model_type not in ("gpt2", None) or other:
+        found = model_type if model_type not in ("gpt2", None) else other[0]
+        raise UserError(f"unsupported architecture {found!r} (llmlab imports GPT-2 models)")
+    if model_type is None and not architectures:
+        raise UserError('config.json names no model_type (a GPT-2 config has "model_type": "gpt2")')
     act = _get(hf, "activation_function", str, "gelu_new")
     if act not in _ACTIVATIONS:
         raise UserError(f"unsupported GPT-2 activation {act!r} (known: {', '.join(_ACTIVATIONS)})")
@@ -90,7 +99,7 @@ def _get(hf: dict[str, Any], key: str, kind: type, default: Any) -> Any:
         return None
     plain = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))  # true is no number
     if not (plain or (kind is float and isinstance(value, int) and not isinstance(value, bool))):
-        names = {str: "a string", bool: "true or false", int: "an integer", float: "a number"}
+        names = {str: "a string", bool: "true or false", int: "an integer", float: "a number", list: "a list"}
         raise UserError(f"config.json's {key} must be {names[kind]}, got {json.dumps(value)}")
     return value
 
@@ -253,25 +262,44 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
 
 
 def _read_weight_files(path: Path) -> Any:
+    """The tensors of `model.safetensors`, of the shards an index lists (each inside `path`), or of
+    `pytorch_model.bin`, in that order of preference."""
+    file = path / "model.safetensors"  # the file being read, for the error message
     try:
-        if (path / "model.safetensors").is_file():
-            return load_file(path / "model.safetensors")
+        if file.is_file():
+            return load_file(file)
         if (path / "model.safetensors.index.json").is_file():
-            index = json.loads((path / "model.safetensors.index.json").read_text())
+            file = path / "model.safetensors.index.json"
+            index = json.loads(file.read_text(encoding="utf-8"))
             if not (isinstance(index, dict) and isinstance(index.get("weight_map"), dict)):
-                raise UserError(f'{path / "model.safetensors.index.json"} holds no "weight_map" object')
+                raise UserError(f'{file} holds no "weight_map" object')
             sd: dict[str, Tensor] = {}
             for shard in sorted({str(s) for s in index["weight_map"].values()}):
-                sd |= load_file(path / shard)
+                file = path / shard
+                if not file.resolve().is_relative_to(path.resolve()):
+                    raise UserError(f"{path / 'model.safetensors.index.json'} lists a shard outside {path}: {shard!r}")
+                sd |= load_file(file)
             return sd
-        if (path / "pytorch_model.bin").is_file():
+        file = path / "pytorch_model.bin"
+        if file.is_file():
             with warnings.catch_warnings():  # torch warns about old pickle protocols before refusing or reading
                 warnings.simplefilter("ignore")
-                return torch.load(path / "pytorch_model.bin", weights_only=True, map_location="cpu")
+                return torch.load(file, weights_only=True, map_location="cpu")
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # torch's messages bold with ANSI codes
-        raise UserError(f"cannot read the weights in {path} ({type(e).__name__}: {(first or [''])[0][:120]})") from None
+        # torch.load of a cut-off file fails with EOFError, EINVAL or a zip without its central directory
+        cut = (isinstance(e, EOFError) or (isinstance(e, OSError) and e.errno == errno.EINVAL)
+               or "failed reading zip archive" in str(e))  # fmt: skip
+        truncated = ", which looks truncated or corrupt" if cut else ""
+        raise UserError(f"cannot read the weights in {file}{truncated} ({reason(e)})") from None
     raise UserError(f"{path} has no model.safetensors or pytorch_model.bin")
+
+
+def reason(e: BaseException, limit: int = 240) -> str:
+    """`Type: first line of the message`, without ANSI codes (torch bolds its messages with them),
+    cut at `limit` characters with an ellipsis: a one-line error's reason."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(e).__name__}: {first if len(first) <= limit else first[: limit - 1] + '…'}"
 
 
 def _read_tokenizer(path: Path) -> Tokenizer:
@@ -287,17 +315,23 @@ def _read_tokenizer(path: Path) -> Tokenizer:
             tok.decoder = decoders.ByteLevel()
             return BPETokenizer(tok)
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise UserError(f"cannot read the tokenizer in {path} ({str(e)[:120]})") from None
+        raise UserError(f"cannot read the tokenizer in {path} ({reason(e)})") from None
     raise UserError(f"{path} has no tokenizer.json (or vocab.json and merges.txt)")
+
+
+def check_import_out(out: str | Path) -> Path:
+    """`out` as a Path, if an import can write it there: it must not exist, and its parent must be makeable."""
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} already exists; choose another --out")
+    check_makeable(out)
+    return out
 
 
 def import_hf(src: str | Path, out: str | Path) -> Path:
     """Write a run directory for a Hugging Face GPT-2 checkpoint. `out` must not exist; it is
     filled in a temporary folder and renamed at the end, so a failure leaves nothing behind."""
-    out = Path(out)
-    if out.exists():
-        raise UserError(f"{out} already exists; choose another --out")
-    check_makeable(out)
+    out = check_import_out(out)
     cfg, sd, tokenizer = read_hf_dir(src)
     model = GPT(cfg)
     model.load_state_dict(sd)

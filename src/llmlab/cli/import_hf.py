@@ -10,11 +10,12 @@ from llmlab.errors import UserError
 
 def run(args: argparse.Namespace) -> None:
     """Read a local Hugging Face GPT-2 checkpoint directory into a run directory (--out)."""
-    from llmlab.hf import import_hf
+    from llmlab.hf import check_import_out, import_hf
     from llmlab.run_dir import load_run
 
     if (args.dir is None) == (args.hub is None):
         raise UserError("give either a checkpoint directory or --hub NAME")
+    check_import_out(args.out)  # before a download, which may take minutes
     src = args.dir if args.hub is None else _download(args.hub)
     out = import_hf(src, args.out)
     run = load_run(out)
@@ -25,15 +26,16 @@ def run(args: argparse.Namespace) -> None:
 
 def _download(name: str) -> str:
     """Only on an explicit --hub NAME: fetch the files llmlab reads from the Hugging Face Hub."""
+    from llmlab.hf import reason
+
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise UserError("--hub needs the huggingface_hub package (pip install huggingface_hub)") from None
     try:
         return snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.json", "merges.txt"])
-    except Exception as e:  # network and hub errors come in many types
-        reason = (str(e).strip().splitlines() or [""])[0][:120]  # the first line says what failed (no network, ...)
-        raise UserError(f"cannot download {name!r} from the Hugging Face Hub ({type(e).__name__}: {reason})") from None
+    except Exception as e:  # network and hub errors come in many types; the first line says what failed
+        raise UserError(f"cannot download {name!r} from the Hugging Face Hub ({reason(e)})") from None
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
