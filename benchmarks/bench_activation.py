@@ -115,7 +115,7 @@ def bench(reps: int = 35) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ablation_main("benchmarks.bench_activation", __doc__, "## GPT-2's GELU, three ways (cpu)",
+    ablation_main("benchmarks.bench_activation", __doc__, "## GPT-2's GELU, three ways",
                   'medians of {reps} turns, the sides taking turns; here "peer" is the other way of computing '
                   "the same function", bench, argv)  # fmt: skip
 

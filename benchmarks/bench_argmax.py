@@ -44,7 +44,7 @@ def bench(reps: int = 35) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():  # as generate_ids calls it
-        ablation_main("benchmarks.bench_argmax", __doc__, "## Greedy decoding's argmax (cpu)",
+        ablation_main("benchmarks.bench_argmax", __doc__, "## Greedy decoding's argmax",
                       f'medians of {{reps}} turns of {CALLS} calls, the two ways taking turns; here "peer" is '
                       "Tensor.argmax", bench, argv)  # fmt: skip
 

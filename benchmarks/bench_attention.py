@@ -45,7 +45,7 @@ def rows(reps: int) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ablation_main("benchmarks.bench_attention", __doc__, "## bf16 attention: through fp32 or in bf16 (cpu)",
+    ablation_main("benchmarks.bench_attention", __doc__, "## bf16 attention: through fp32 or in bf16",
                   'medians of {reps} turns, the two ways taking turns; here "peer" is the flash kernel in bf16',
                   rows, argv)  # fmt: skip
 

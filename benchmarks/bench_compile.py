@@ -63,7 +63,7 @@ def decoding(reps: int) -> Row:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ablation_main("benchmarks.bench_compile", __doc__, "## torch.compile against eager (cpu)",
+    ablation_main("benchmarks.bench_compile", __doc__, "## torch.compile against eager",
                   'medians of {reps} turns after the compile, the two sides taking turns; here "peer" is llmlab '
                   "uncompiled", lambda reps: [training(reps), decoding(reps)], argv)  # fmt: skip
 

@@ -38,7 +38,7 @@ def row(shape: str, reps: int) -> Row:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ablation_main("benchmarks.bench_inference_mode", __doc__, "## inference_mode against no_grad (cpu)",
+    ablation_main("benchmarks.bench_inference_mode", __doc__, "## inference_mode against no_grad",
                   f'medians of {{reps}} turns ({TINY_REPS}× as many at the tiny shape), the two sides taking '
                   'turns; here "peer" is the same decoding under no_grad', lambda reps: [row("tiny", reps),
                   row("124M", reps)], argv)  # fmt: skip

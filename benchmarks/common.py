@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +58,22 @@ def machine() -> dict[str, str]:
         "cpu flags": " ".join(interesting) or "-", "last-level cache": last_level_cache(),
         "torch": torch.__version__, "python": platform.python_version(),
     }  # fmt: skip
+
+
+def machine_title(device: str) -> str:
+    """What a section's heading calls the machine, from what it reports: "AMD EPYC (family 25,
+    model 17), L3 32 MiB, AVX-512" on a CPU, "NVIDIA H200, torch 2.11" on CUDA. A rerun on the
+    same machine replaces the section with this title (`with_section`)."""
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {'.'.join(torch.__version__.split('.')[:2])}"
+    name = re.sub(r"\((R|TM)\)", "", cpuinfo("model name") or platform.processor() or platform.machine()).strip()
+    family, model = cpuinfo("cpu family"), cpuinfo("model")
+    flags = set((cpuinfo("flags") or "").split())
+    isa = [label for flag, label in (("avx512f", "AVX-512"), ("amx_tile", "AMX")) if flag in flags]
+    isa = isa or (["AVX2"] if "avx2" in flags else [])
+    llc = last_level_cache()
+    parts = [name + (f" (family {family}, model {model})" if family and model else ""), *([llc] if llc != "-" else [])]
+    return ", ".join(parts + isa)
 
 
 def last_level_cache() -> str:
@@ -126,15 +144,37 @@ def operator_table(ops: list[tuple[str, float, float]], per: str, top: int) -> s
 
 def with_section(old: str, section: str, first: bool = True) -> str:
     """`old` (markdown) with its `## ` section of the same heading as `section` replaced by it in
-    place, or, if it has none, `section` put first (or last); the other sections stay."""
+    place, or, if it has none, `section` put first (or last); the other sections stay. A heading's
+    date, a trailing "(YYYY-MM-DD)", is not compared: a rerun on the same machine replaces its
+    section of an earlier day."""
     parts = [p.rstrip("\n") for p in re.split(r"(?m)^(?=## )", old) if p.strip()]
-    heading = section.splitlines()[0]
+    heading = undated(section.splitlines()[0])
     section = section.rstrip("\n")
-    if any(p.splitlines()[0] == heading for p in parts):
-        parts = [section if p.splitlines()[0] == heading else p for p in parts]
+    if any(undated(p.splitlines()[0]) == heading for p in parts):
+        parts = [section if undated(p.splitlines()[0]) == heading else p for p in parts]
     else:
         parts = [section, *parts] if first else [*parts, section]
     return "\n\n".join(parts) + "\n"
+
+
+def undated(heading: str) -> str:
+    """A heading without its trailing date: "## Benchmarks on cpu: X (2026-12-04)" → "## Benchmarks on cpu: X"."""
+    return re.sub(r" \(\d{4}-\d{2}-\d{2}\)$", "", heading)
+
+
+def commit() -> str | None:
+    """The checkout's short commit, "+" if files differ from it; None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10)  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0 or not head.stdout.strip():
+        return None
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
 def at_least_one(text: str) -> int:
@@ -181,15 +221,18 @@ def ablation_main(script: str, doc: str, heading: str, method: str, rows_of: Cal
                   argv: list[str] | None = None) -> None:  # fmt: skip
     """The command line of a one-table ablation script such as `benchmarks.bench_compile`:
     `--reps N`, and `--out FILE`, which writes the section last into that Markdown file (or
-    replaces it there). `method` says how the sides were timed and what "peer" is."""
+    replaces it there, for the same machine). `heading` names the comparison ("## GPT-2's GELU,
+    three ways"); the machine and the date follow it. `method` says how the sides were timed and
+    what "peer" is."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--reps", type=at_least_one, default=35)
     p.add_argument("--out", type=markdown_file, help="also write this section into a Markdown file (BENCHMARKS.md)")
     args = p.parse_args(argv)
     facts = ", ".join(f"{k} {v}" for k, v in machine().items())
-    text = f"""{heading}
+    at = f" at {c}" if (c := commit()) else ""
+    text = f"""{heading}, on cpu: {machine_title("cpu")} ({datetime.date.today().isoformat()})
 
-Produced by `python -m {script} --reps {args.reps}`: {method.format(reps=args.reps)}. {facts}.
+Produced by `python -m {script} --reps {args.reps}`{at}: {method.format(reps=args.reps)}. {facts}.
 
 {markdown_table(rows_of(args.reps))}
 """

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # On a CUDA machine, in one go: first the CUDA tests (tests/test_gpu.py, the GPU paths against the
 # CPU and transformers), then the benchmarks, whose fp32, bf16 autocast and torch.compile rows go
-# into BENCHMARKS.md as its last section, "Benchmarks on cuda" (a rerun replaces it). The
-# benchmarks run even if a test fails; the exit status is non-zero if either did. Run from anywhere
-# on a machine with a GPU; extra arguments go to benchmarks.run (e.g. --reps 5):
-#   bash benchmarks/gpu.sh
+# into BENCHMARKS.md as its last section, "Benchmarks on cuda: GPU, torch X.Y (date)" (a rerun
+# on the same GPU and torch replaces it). The benchmarks run even if a test fails; the exit status
+# is non-zero if either did. Run from anywhere on a machine with a GPU; extra arguments go to
+# benchmarks.run (e.g. --reps 5):
+#   bash benchmarks/gpu.sh [--help]
 # It runs .venv/bin/python where `make install` made one, else python3 (or $PY) with llmlab read
 # from src/: an offline GPU machine needs no install, only PyTorch, numpy, tokenizers, safetensors,
 # tqdm, transformers and pytest, the packages the tests and benchmarks import.
@@ -14,6 +15,11 @@ if [ -z "${PY:-}" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' benchmarks/gpu.sh  # the comment above
+  "$PY" -m benchmarks.run --help | sed 1,2d  # benchmarks.run's options, without its usage line
+  exit 0
+fi
 "$PY" - <<'CHECK'
 import importlib, sys
 for name in ("torch", "numpy", "tokenizers", "safetensors", "tqdm", "transformers", "pytest"):

@@ -19,6 +19,32 @@ def test_make_bench_rewrites_its_own_section_and_keeps_the_others():
     assert with_section(old, ablation, first=False) == old + "\n" + ablation
 
 
+def test_a_rerun_on_the_same_machine_replaces_its_section_of_an_earlier_day():
+    old = ("## Benchmarks on cpu: AMD EPYC (family 25, model 17), L3 32 MiB (2026-12-03)\n\nold\n\n"
+           "## Benchmarks on cpu: Intel Xeon (family 6, model 143), L3 105 MiB (2026-12-03)\n\nxeon\n\n"
+           "## Benchmarks on cuda: NVIDIA H200, torch 2.11 (2026-12-01)\n\ngpu\n")  # fmt: skip
+    new = "## Benchmarks on cpu: AMD EPYC (family 25, model 17), L3 32 MiB (2026-12-04)\n\nnew\n"
+    assert with_section(old, new) == new + old[old.index("\n## Benchmarks on cpu: Intel") :]
+    gpu = "## Benchmarks on cuda: NVIDIA H200, torch 2.11 (2026-12-05)\n\nagain\n"
+    assert with_section(old, gpu, first=False) == old.replace(old[old.index("## Benchmarks on cuda") :], gpu)
+    other = "## Benchmarks on cuda: NVIDIA H100, torch 2.11 (2026-12-05)\n\nh100\n"
+    assert with_section(old, other, first=False) == old + "\n" + other  # another machine: a section of its own
+
+
+def test_a_section_heading_names_the_machine_from_what_it_reports(monkeypatch):
+    """Reference: the fields of a /proc/cpuinfo as Linux writes them, and sysfs' cache size."""
+    from benchmarks import common
+
+    info = {"model name": "Intel(R) Xeon(R) Platinum 8480+", "cpu family": "6", "model": "143",
+            "flags": "fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile"}  # fmt: skip
+    monkeypatch.setattr(common, "cpuinfo", info.get)
+    monkeypatch.setattr(common, "last_level_cache", lambda: "L3 105 MiB")
+    assert common.machine_title("cpu") == "Intel Xeon Platinum 8480+ (family 6, model 143), L3 105 MiB, AVX-512, AMX"
+    info |= {"model name": "AMD EPYC 7B13", "cpu family": "25", "model": "1", "flags": "sse2 avx2"}
+    monkeypatch.setattr(common, "last_level_cache", lambda: "-")
+    assert common.machine_title("cpu") == "AMD EPYC 7B13 (family 25, model 1), AVX2"
+
+
 def test_a_row_says_by_how_much_it_misses_its_goal():
     missed = Row("x", 1.25, 1.0, "tokens/s", "≥ 1.3×", goal=1.3)
     assert missed.shortfall is not None and abs(missed.shortfall - (1 - 1.25 / 1.3)) < 1e-12
@@ -31,6 +57,7 @@ def test_make_bench_quick_writes_its_rows_into_an_existing_file(tmp_path, capsys
     """`python -m benchmarks.run --quick` end to end (tiny shape, 3 repetitions): its section goes
     first, another section stays, and each row's ratio is the quotient of its two figures. The
     figures themselves are BENCHMARKS.md's business, not a test's."""
+    import datetime
     import re
 
     from benchmarks import run
@@ -41,8 +68,13 @@ def test_make_bench_quick_writes_its_rows_into_an_existing_file(tmp_path, capsys
     out.write_text("## Speculative decoding\n\nby hand\n")
     assert run.main(["--quick", "--out", str(out)]) == 0
     text = out.read_text()
-    assert text.startswith("## Benchmarks on cpu\n") and text.endswith("## Speculative decoding\n\nby hand\n")
-    assert "Produced by `python -m benchmarks.run --quick --out " in text and "- cores: " in text
+    from benchmarks.common import machine_title
+
+    today = datetime.date.today().isoformat()
+    assert text.startswith(f"## Benchmarks on cpu: {machine_title('cpu')} ({today})\n")
+    assert text.endswith("## Speculative decoding\n\nby hand\n")
+    assert re.search(r"Produced by `python -m benchmarks.run --quick --out [^`]*`( at [0-9a-f]{7,}\+?)? in \d+ s", text)
+    assert "- cores: " in text
     rows = {cells[0]: cells for line in text.splitlines() if line.startswith("| ")
             for cells in [[c.strip() for c in line.strip("|").split("|")]]}  # fmt: skip
     for name in ["training step, tiny, B=12 S=64, fp32", "greedy decoding, tiny, B=1, fp32"]:
@@ -155,6 +187,11 @@ def test_gpu_sh_says_in_one_line_what_it_lacks(tmp_path):
                               env={"PATH": "/usr/bin:/bin", "PY": py}, timeout=120)  # fmt: skip
         assert done.returncode == 1 and done.stdout == "", done
         assert done.stderr.count("\n") == 1 and expected in done.stderr, done.stderr
+    helped = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), "--help"], capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "PY": sys.executable}, timeout=120)  # fmt: skip
+    assert helped.returncode == 0 and helped.stderr == "", helped
+    assert helped.stdout.startswith("On a CUDA machine, in one go:") and "  --reps REPS " in helped.stdout
+    assert "#" not in helped.stdout and "set -euo" not in helped.stdout  # the comment, without the script
     assert (root / "BENCHMARKS.md").read_bytes() == before
 
 
