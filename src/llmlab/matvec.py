@@ -263,6 +263,6 @@ def pack(weight: Tensor) -> Tensor:
     oneDNN reads a packed weight faster than one as stored: on a 2-core Zen 5, 27-36 GB/s
     against 19-30 for GPT-2's matrices (`bench_matvec`), and GPT-2 124M decoded 1.12-1.14× as
     fast as from the weights as stored (`make bench`, the packed row). Packing costs a copy of the
-    weights, and time: 0.5-1.1 s for 124M's 498 MB there, as long as decoding 20-50 tokens.
-    """
+    weights, and time: 0.5-1.1 s for 124M's 498 MB there, as long as decoding 20-50 tokens (0.10 s
+    on a Zen 4, 0.21 s on a Xeon model 167, where packed weights decode no faster: `make bench`)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight)
