@@ -137,9 +137,25 @@ def top_operators(prof: torch.profiler.profile, per: int) -> list[tuple[str, flo
     return sorted(rows, key=lambda r: -r[1])
 
 
-def operator_table(ops: list[tuple[str, float, float]], per: str, top: int) -> str:
-    lines = [f"| operator | ms per {per} | calls per {per} |", "|---|---|---|"]
-    return "\n".join(lines + [f"| {key} | {ms:.3f} | {calls:.1f} |" for key, ms, calls in ops[:top]])
+def top_kernels(prof: torch.profiler.profile, per: int) -> list[tuple[str, float, float]]:
+    """A finished profile's GPU work (kernels, copies, memsets) as [(name, ms, calls)] per `per`,
+    the most GPU time first; their sum is the time the GPU was busy (on one stream), what the
+    profiler's table sums as "Self CUDA time total". Empty without a GPU."""
+    cuda = torch.autograd.DeviceType.CUDA
+    gpu = [e for e in prof.key_averages() if e.device_type == cuda and not getattr(e, "is_user_annotation", False)]
+    rows = [(e.key, e.self_device_time_total / 1e3 / per, e.count / per) for e in gpu]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def profiler_activities(device: torch.device | str) -> list[torch.profiler.ProfilerActivity]:
+    """What to record: the CPU's operators, and on a GPU its kernels too."""
+    cuda = torch.device(device).type == "cuda"
+    return [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+
+
+def operator_table(ops: list[tuple[str, float, float]], per: str, top: int, kind: str = "operator") -> str:
+    lines = [f"| {kind} | ms per {per} | calls per {per} |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {key[:100]} | {ms:.3f} | {calls:.1f} |" for key, ms, calls in ops[:top]])
 
 
 def with_section(old: str, section: str, first: bool = True) -> str:

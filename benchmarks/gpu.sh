@@ -2,9 +2,10 @@
 # On a CUDA machine, in one go: first the CUDA tests (tests/test_gpu.py, the GPU paths against the
 # CPU and transformers), then the benchmarks, whose fp32, bf16 autocast and torch.compile rows go
 # into BENCHMARKS.md as its last section, "Benchmarks on cuda: GPU, torch X.Y (date)" (a rerun
-# on the same GPU and torch replaces it). The benchmarks run even if a test fails; the exit status
-# is non-zero if either did. Run from anywhere on a machine with a GPU; extra arguments go to
-# benchmarks.run (e.g. --reps 5):
+# on the same GPU and torch replaces it), then profiles of a 124M training step (bf16) and of
+# decoding, each printing how long the GPU ran kernels against the wall time. Each part runs even
+# if one before it failed; the exit status is non-zero if any did. Run from anywhere on a machine
+# with a GPU; extra arguments go to benchmarks.run (e.g. --reps 5):
 #   bash benchmarks/gpu.sh [--help]
 # It runs .venv/bin/python where `make install` made one, else python3 (or $PY) with llmlab read
 # from src/: an offline GPU machine needs no install, only PyTorch, numpy, tokenizers, safetensors,
@@ -31,7 +32,10 @@ import torch
 if not torch.cuda.is_available():
     sys.exit(f"gpu.sh: no CUDA device (torch {torch.__version__}); the CPU suite is `make bench`")
 CHECK
-tests=0
-"$PY" -m pytest -p no:cacheprovider tests/test_gpu.py || tests=$?
-"$PY" -m benchmarks.run --device cuda --append "$@"
-exit "$tests"
+status=0
+"$PY" -m pytest -p no:cacheprovider tests/test_gpu.py || status=$?
+"$PY" -m benchmarks.run --device cuda --append "$@" || status=$?
+# Where a step's and a token's time goes: GPU kernel time against wall time, at GPT-2 124M
+"$PY" -m benchmarks.profile_train --device cuda --shape 124M --bf16 --steps 3 --top 12 || status=$?
+"$PY" -m benchmarks.profile_decode --device cuda --shape 124M --peer --top 12 || status=$?
+exit "$status"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from benchmarks.common import Row, with_section
 
 
@@ -324,3 +325,42 @@ def test_the_argmax_ablation_checks_both_ways_agree_and_times_each_shape(monkeyp
     monkeypatch.setattr(bench_argmax, "argmax", lambda x: x.argmin(-1))
     with pytest.raises(AssertionError, match=r"differ on \[1, 50257\]"):
         bench_argmax.bench(1)
+
+
+def test_the_profiles_print_per_step_figures_that_add_up(capsys):
+    """`benchmarks.profile_train` and `profile_decode` at the tiny shape on the CPU: each side's
+    operator table is sorted, its rows are per step (or token) and sum to no more than the total
+    it prints; there is no GPU table on a CPU."""
+    import re
+
+    from benchmarks import profile_decode, profile_train
+
+    profile_train.main(["--steps", "1", "--top", "200"])
+    profile_decode.main(["--top", "200"])
+    out = capsys.readouterr().out
+    heads = re.findall(r"^(llmlab|transformers), tiny, cpu(?:, fp32)?: ([\d.]+) ms per (step|token) wall; "
+                       r"([\d.]+) ms inside ATen operators", out, re.M)  # fmt: skip
+    assert [(h[0], h[2]) for h in heads] == [("llmlab", "step"), ("transformers", "step"), ("llmlab", "token")]
+    tables = re.split(r"^(?:llmlab|transformers), tiny", out, flags=re.M)[1:]
+    for (_, wall, _, inside), table in zip(heads, tables, strict=True):
+        ms = [float(m) for m in re.findall(r"^\| [^|]+ \| ([\d.]+) \| [\d.]+ \|$", table, re.M)]
+        assert ms and ms == sorted(ms, reverse=True) and float(wall) > 0
+        assert sum(ms) <= float(inside) + 0.01 * len(ms)  # the rows shown are the total's parts, rounded
+    assert "GPU kernel" not in out
+
+
+def test_gpu_kernels_are_summed_per_step_most_time_first():
+    """`top_kernels` on a stand-in for a GPU profile: the profiler's own sum ("Self CUDA time
+    total") is the sum over its CUDA events, here 3 steps of 6 and 1.5 ms, user annotations apart."""
+    from types import SimpleNamespace
+
+    from benchmarks.common import top_kernels
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(key="aten::mm", device_type=cpu, self_device_time_total=0.0, count=30),
+              SimpleNamespace(key="gemm", device_type=cuda, self_device_time_total=4500.0, count=30),
+              SimpleNamespace(key="softmax", device_type=cuda, self_device_time_total=18000.0, count=3),
+              SimpleNamespace(key="step", device_type=cuda, self_device_time_total=9e9, count=3,
+                              is_user_annotation=True)]  # fmt: skip
+    prof = SimpleNamespace(key_averages=lambda: events)
+    assert top_kernels(prof, per=3) == [("softmax", 6.0, 1.0), ("gemm", 1.5, 10.0)]
