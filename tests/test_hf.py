@@ -149,8 +149,13 @@ def test_import_hf_directory_gives_a_run_with_transformers_logits(tmp_path, hf_m
     from llmlab.run_dir import load_run
 
     tok = save_hf_checkpoint(hf_model, tmp_path / "ckpt", weights, tokenizer)
-    if weights == "shards":
-        assert len(list((tmp_path / "ckpt").glob("model-*-of-*.safetensors"))) > 1
+    if weights == "shards":  # laid out as the Hub's cache is: each file a link into blobs/
+        shards = sorted((tmp_path / "ckpt").glob("model-*-of-*.safetensors"))
+        assert len(shards) > 1
+        (tmp_path / "blobs").mkdir()
+        for shard in shards:
+            shard.rename(tmp_path / "blobs" / shard.name)
+            shard.symlink_to(f"../blobs/{shard.name}")
     import_hf(tmp_path / "ckpt", tmp_path / "run")
     run = load_run(tmp_path / "run")
     idx = torch.tensor([tok.encode("def f(x):")])
@@ -256,7 +261,7 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
     for name in ("no_weights", "no_config", "llama", "bad_shape", "no_tokenizer", "not_object", "no_vocab",
                  "garbage_bin", "stray_tensor", "nan_weights", "tensor_bin", "index_list", "int_weights", "act_list",
                  "tie_string", "eps_bool", "head_shape", "no_model_type", "llama_class", "shard_outside",
-                 "truncated_bin", "cut_bin"):  # fmt: skip
+                 "truncated_bin", "cut_bin", "cut_safetensors", "absolute_shard"):  # fmt: skip
         shutil.copytree(tmp_path / "good", tmp_path / name)
         cases[name] = tmp_path / name
     (cases["no_weights"] / "model.safetensors").unlink()
@@ -288,6 +293,11 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
     (cases["shard_outside"] / "model.safetensors").unlink()  # an index whose shard lies in another checkpoint
     index = {"weight_map": {"transformer.wte.weight": "../good/model.safetensors"}}
     (cases["shard_outside"] / "model.safetensors.index.json").write_text(json.dumps(index))
+    (cases["absolute_shard"] / "model.safetensors").unlink()
+    index = {"weight_map": {"transformer.wte.weight": str(tmp_path / "good" / "model.safetensors")}}
+    (cases["absolute_shard"] / "model.safetensors.index.json").write_text(json.dumps(index))
+    cut = cases["cut_safetensors"] / "model.safetensors"  # an interrupted download
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     (cases["truncated_bin"] / "model.safetensors").unlink()
     torch.save(hf_model.state_dict(), tmp_path / "whole.bin")
     whole = (tmp_path / "whole.bin").read_bytes()
@@ -319,6 +329,8 @@ def test_bad_checkpoint_directories_are_one_line_errors_and_write_nothing(tmp_pa
         "no_model_type": 'config.json names no model_type (a GPT-2 config has "model_type": "gpt2")',
         "llama_class": "unsupported architecture 'LlamaForCausalLM'",
         "shard_outside": "lists a shard outside",
+        "absolute_shard": "lists a shard outside",
+        "cut_safetensors": "model.safetensors, which looks truncated or corrupt (SafetensorError: ",
         "truncated_bin": "pytorch_model.bin, which looks truncated or corrupt (OSError: [Errno 22] Invalid argument)",
         "cut_bin": "pytorch_model.bin, which looks truncated or corrupt (RuntimeError: PytorchStreamReader failed",
     }  # fmt: skip

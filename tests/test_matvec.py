@@ -382,5 +382,6 @@ def test_torch_compile_takes_the_plain_path(monkeypatch, two_threads):
     x = torch.randn(1, 1, 512)
     with torch.no_grad():
         assert matvec.few_row_product(x, lin.weight, lin.bias) == "onednn"  # eager: the fast product
-        y = torch.compile(lin, fullgraph=True)(x)
+        y = torch.compile(lin)(x)  # as users compile: graph breaks allowed (with fullgraph=True the
+        # old code failed earlier, in dynamo, on the private op's non-tensor arguments)
     torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)

@@ -275,9 +275,10 @@ def _read_weight_files(path: Path) -> Any:
                 raise UserError(f'{file} holds no "weight_map" object')
             sd: dict[str, Tensor] = {}
             for shard in sorted({str(s) for s in index["weight_map"].values()}):
-                file = path / shard
-                if not file.resolve().is_relative_to(path.resolve()):
+                # a name inside DIR, which may be a link: the Hub's cache links each file to its blobs/
+                if Path(shard).is_absolute() or ".." in Path(shard).parts:
                     raise UserError(f"{path / 'model.safetensors.index.json'} lists a shard outside {path}: {shard!r}")
+                file = path / shard
                 sd |= load_file(file)
             return sd
         file = path / "pytorch_model.bin"
@@ -286,12 +287,16 @@ def _read_weight_files(path: Path) -> Any:
                 warnings.simplefilter("ignore")
                 return torch.load(file, weights_only=True, map_location="cpu")
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        # torch.load of a cut-off file fails with EOFError, EINVAL or a zip without its central directory
+        # a cut-off file: torch.load fails with EOFError, EINVAL or a zip without its central
+        # directory, safetensors with a header longer than the file
         cut = (isinstance(e, EOFError) or (isinstance(e, OSError) and e.errno == errno.EINVAL)
-               or "failed reading zip archive" in str(e))  # fmt: skip
+               or any(m in str(e) for m in CUT_OFF))  # fmt: skip
         truncated = ", which looks truncated or corrupt" if cut else ""
         raise UserError(f"cannot read the weights in {file}{truncated} ({reason(e)})") from None
     raise UserError(f"{path} has no model.safetensors or pytorch_model.bin")
+
+
+CUT_OFF = ("failed reading zip archive", "file not fully covered", "header too small")  # torch's, safetensors' words
 
 
 def reason(e: BaseException, limit: int = 240) -> str:

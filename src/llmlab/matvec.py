@@ -224,7 +224,8 @@ def weights_in(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
     columns). Packed fp32 reads the same bytes, faster (see `pack`). Only one-row products
     change: a prompt's rows still multiply by the fp32 parameter (without 16-bit matrix
     instructions PyTorch runs those 2-3× slower), and biases, norms, embeddings, attention, the
-    KV cache and the softmax stay fp32, and so does any product whose gradient is taken. The
+    KV cache and the softmax stay fp32, and so does any product whose gradient is taken or that
+    `torch.compile` traces (it multiplies by the fp32 parameter, `untraced`). The
     copies are made on entry, so edits to the parameters inside the block are not seen, and are
     dropped on exit (an enclosing block's copies come back). fp16 overflows above 65,504: a
     model whose activations grow that large needs bf16. A packed copy is opaque: inside such a
