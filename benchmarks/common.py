@@ -62,8 +62,8 @@ def machine() -> dict[str, str]:
 
 def machine_title(device: str) -> str:
     """What a section's heading calls the machine, from what it reports: "AMD EPYC (family 25,
-    model 17), L3 32 MiB, AVX-512" on a CPU, "NVIDIA H200, torch 2.11" on CUDA. A rerun on the
-    same machine replaces the section with this title (`with_section`)."""
+    model 17), L3 32 MiB, AVX-512, 2 cores, torch 2.13" on a CPU, "NVIDIA H200, torch 2.11" on
+    CUDA. A rerun on the same machine and torch replaces the section with this title (`with_section`)."""
     if device == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {'.'.join(torch.__version__.split('.')[:2])}"
     name = re.sub(r"\((R|TM)\)", "", cpuinfo("model name") or platform.processor() or platform.machine()).strip()
@@ -73,7 +73,7 @@ def machine_title(device: str) -> str:
     isa = isa or (["AVX2"] if "avx2" in flags else [])
     llc = last_level_cache()
     parts = [name + (f" (family {family}, model {model})" if family and model else ""), *([llc] if llc != "-" else [])]
-    return ", ".join(parts + isa)
+    return ", ".join([*parts, *isa, f"{os.cpu_count()} cores", f"torch {'.'.join(torch.__version__.split('.')[:2])}"])
 
 
 def last_level_cache() -> str:
@@ -137,6 +137,14 @@ def top_operators(prof: torch.profiler.profile, per: int) -> list[tuple[str, flo
     return sorted(rows, key=lambda r: -r[1])
 
 
+def cuda_runtime(ops: list[tuple[str, float, float]]) -> tuple[list[tuple[str, float, float]], float]:
+    """`top_operators`' rows without the CUDA runtime's calls (cudaLaunchKernel, the waits of
+    cudaDeviceSynchronize, …), and those calls' ms: on a GPU they are the CPU launching kernels
+    and waiting for them, not operators' own work."""
+    runtime = [r for r in ops if r[0].startswith("cu") and "::" not in r[0]]
+    return [r for r in ops if r not in runtime], sum(ms for _, ms, _ in runtime)
+
+
 def top_kernels(prof: torch.profiler.profile, per: int) -> list[tuple[str, float, float]]:
     """A finished profile's GPU work (kernels, copies, memsets) as [(name, ms, calls)] per `per`,
     the most GPU time first; their sum is the time the GPU was busy (on one stream), what the
@@ -155,7 +163,13 @@ def profiler_activities(device: torch.device | str) -> list[torch.profiler.Profi
 
 def operator_table(ops: list[tuple[str, float, float]], per: str, top: int, kind: str = "operator") -> str:
     lines = [f"| {kind} | ms per {per} | calls per {per} |", "|---|---|---|"]
-    return "\n".join(lines + [f"| {key[:100]} | {ms:.3f} | {calls:.1f} |" for key, ms, calls in ops[:top]])
+    return "\n".join(lines + [f"| {shortened(key)} | {ms:.3f} | {calls:.1f} |" for key, ms, calls in ops[:top]])
+
+
+def shortened(name: str, limit: int = 100) -> str:
+    """A long (templated) kernel name cut in its middle, so that both its kind and its end show."""
+    name = name.replace("|", "/")
+    return name if len(name) <= limit else name[: limit // 2] + " … " + name[-(limit // 2 - 3) :]
 
 
 def with_section(old: str, section: str, first: bool = True) -> str:
@@ -166,8 +180,9 @@ def with_section(old: str, section: str, first: bool = True) -> str:
     parts = [p.rstrip("\n") for p in re.split(r"(?m)^(?=## )", old) if p.strip()]
     heading = undated(section.splitlines()[0])
     section = section.rstrip("\n")
-    if any(undated(p.splitlines()[0]) == heading for p in parts):
-        parts = [section if undated(p.splitlines()[0]) == heading else p for p in parts]
+    same = [i for i, p in enumerate(parts) if undated(p.splitlines()[0]) == heading]
+    if same:  # the first in place; any later one with that heading goes
+        parts = [section if i == same[0] else p for i, p in enumerate(parts) if i == same[0] or i not in same]
     else:
         parts = [section, *parts] if first else [*parts, section]
     return "\n\n".join(parts) + "\n"
@@ -179,18 +194,22 @@ def undated(heading: str) -> str:
 
 
 def commit() -> str | None:
-    """The checkout's short commit, "+" if files differ from it; None outside a git checkout."""
+    """The short commit of the checkout this code is in, with "+" if its code (src/, benchmarks/)
+    differs from it, new files included; None if it is in no git checkout of its own (a copy,
+    or no git)."""
     root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top, head = git("rev-parse", "--show-toplevel"), git("rev-parse", "--short", "HEAD")
+    if not top or not head or Path(top).resolve() != root:  # not a checkout, or a copy inside another one
         return None
-    if head.returncode != 0 or not head.stdout.strip():
-        return None
-    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+    return head + ("+" if git("status", "--porcelain", "--", "src", "benchmarks") else "")
 
 
 def at_least_one(text: str) -> int:

@@ -3,7 +3,8 @@
 # CPU and transformers), then the benchmarks, whose fp32, bf16 autocast and torch.compile rows go
 # into BENCHMARKS.md as its last section, "Benchmarks on cuda: GPU, torch X.Y (date)" (a rerun
 # on the same GPU and torch replaces it), then profiles of a 124M training step (bf16) and of
-# decoding, each printing how long the GPU ran kernels against the wall time. Each part runs even
+# decoding, each printing how long the GPU ran kernels against the wall time (tee the output to keep
+# them). Each part runs even
 # if one before it failed; the exit status is non-zero if any did. Run from anywhere on a machine
 # with a GPU; extra arguments go to benchmarks.run (e.g. --reps 5):
 #   bash benchmarks/gpu.sh [--help]
@@ -18,7 +19,8 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
   sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' benchmarks/gpu.sh  # the comment above
-  "$PY" -m benchmarks.run --help | sed 1,2d  # benchmarks.run's options, without its usage line
+  echo
+  "$PY" -m benchmarks.run --help | sed '1,/^$/d'  # benchmarks.run's options, without its usage lines
   exit 0
 fi
 "$PY" - <<'CHECK'

@@ -25,7 +25,15 @@ from contextlib import ExitStack
 import torch
 
 from benchmarks.bench_decode import NEW, PROMPT
-from benchmarks.common import at_least_one, operator_table, profiler_activities, sync, top_kernels, top_operators
+from benchmarks.common import (
+    at_least_one,
+    cuda_runtime,
+    operator_table,
+    profiler_activities,
+    sync,
+    top_kernels,
+    top_operators,
+)
 from benchmarks.profile_train import Profile
 from benchmarks.shapes import model_pair
 from llmlab import matvec
@@ -91,14 +99,16 @@ def main(argv: list[str] | None = None) -> None:
         runs = decoders(args.shape, stack, dtype[args.weights], dtype[args.peer_dtype] or torch.float32, args.device)
         for name in ["llmlab", "transformers"] if args.peer else ["llmlab"]:
             prof = profile_one(runs[name], device=args.device)
-            wall, in_ops = prof.wall_ms, sum(ms for _, ms, _ in prof.ops)
-            rest = max(wall - in_ops, 0)
+            ops, runtime = cuda_runtime(prof.ops)
+            wall, in_ops = prof.wall_ms, sum(ms for _, ms, _ in ops)
+            rest = max(wall - in_ops - runtime, 0)
             print(f"\n{name}, {args.shape}, {args.device}: {wall:.3f} ms per token wall; {in_ops:.3f} ms inside "
                   f"ATen operators (profiled run); the rest, {rest:.3f} ms, is Python and dispatch")  # fmt: skip
             if args.device == "cuda":
                 busy = prof.gpu_busy_ms
-                print(f"the GPU ran kernels for {busy:.3f} ms per token ({busy / wall:.0%} of its wall time)")
-            print(operator_table(prof.ops, "token", args.top))
+                print(f"the GPU ran kernels for {busy:.3f} ms per token ({busy / wall:.0%} of its wall time); the "
+                      f"CPU spent {runtime:.3f} ms in the CUDA runtime, launching them and waiting")  # fmt: skip
+            print(operator_table(ops, "token", args.top))
             if prof.kernels:
                 print(operator_table(prof.kernels, "token", args.top, kind="GPU kernel"))
 

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.bench_train import steps
-from benchmarks.common import at_least_one, operator_table, profiler_activities, top_kernels, top_operators
+from benchmarks.common import (
+    at_least_one,
+    cuda_runtime,
+    operator_table,
+    profiler_activities,
+    top_kernels,
+    top_operators,
+)
 from llmlab.memory import _native_stderr_silenced
 
 
@@ -67,13 +74,15 @@ def main(argv: list[str] | None = None) -> None:
     setting = f"{args.shape}, {args.device}, {'bf16 autocast' if args.bf16 else 'fp32'}"
     for name, step in {"llmlab": ours, "transformers": hf}.items():
         prof = profile(step, args.steps, args.device)
-        in_ops = sum(ms for _, ms, _ in prof.ops)
+        ops, runtime = cuda_runtime(prof.ops)
+        in_ops = sum(ms for _, ms, _ in ops)
         print(f"\n{name}, {setting}: {prof.wall_ms:.1f} ms per step wall; {in_ops:.1f} ms inside ATen operators "
               "(profiled)")  # fmt: skip
         if args.device == "cuda":
             busy = prof.gpu_busy_ms
-            print(f"the GPU ran kernels for {busy:.1f} ms of the step ({busy / prof.wall_ms:.0%} of its wall time)")
-        print(operator_table(prof.ops, "step", args.top))
+            print(f"the GPU ran kernels for {busy:.1f} ms of the step ({busy / prof.wall_ms:.0%} of its wall time); "
+                  f"the CPU spent {runtime:.1f} ms in the CUDA runtime, launching them and waiting")  # fmt: skip
+        print(operator_table(ops, "step", args.top))
         if prof.kernels:
             print(operator_table(prof.kernels, "step", args.top, kind="GPU kernel"))
 

@@ -30,6 +30,8 @@ def test_a_rerun_on_the_same_machine_replaces_its_section_of_an_earlier_day():
     assert with_section(old, gpu, first=False) == old.replace(old[old.index("## Benchmarks on cuda") :], gpu)
     other = "## Benchmarks on cuda: NVIDIA H100, torch 2.11 (2026-12-05)\n\nh100\n"
     assert with_section(old, other, first=False) == old + "\n" + other  # another machine: a section of its own
+    twice = old + "\n" + old.split("\n\n## Benchmarks on cpu: Intel")[0] + "\n"  # one heading twice: kept once
+    assert with_section(twice, new) == with_section(old, new)
 
 
 def test_a_section_heading_names_the_machine_from_what_it_reports(monkeypatch):
@@ -40,10 +42,13 @@ def test_a_section_heading_names_the_machine_from_what_it_reports(monkeypatch):
             "flags": "fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile"}  # fmt: skip
     monkeypatch.setattr(common, "cpuinfo", info.get)
     monkeypatch.setattr(common, "last_level_cache", lambda: "L3 105 MiB")
-    assert common.machine_title("cpu") == "Intel Xeon Platinum 8480+ (family 6, model 143), L3 105 MiB, AVX-512, AMX"
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(common.torch, "__version__", "2.13.0+cpu")
+    assert common.machine_title("cpu") == ("Intel Xeon Platinum 8480+ (family 6, model 143), L3 105 MiB, AVX-512, AMX, "
+                                           "2 cores, torch 2.13")  # fmt: skip
     info |= {"model name": "AMD EPYC 7B13", "cpu family": "25", "model": "1", "flags": "sse2 avx2"}
     monkeypatch.setattr(common, "last_level_cache", lambda: "-")
-    assert common.machine_title("cpu") == "AMD EPYC 7B13 (family 25, model 1), AVX2"
+    assert common.machine_title("cpu") == "AMD EPYC 7B13 (family 25, model 1), AVX2, 2 cores, torch 2.13"
 
 
 def test_a_row_says_by_how_much_it_misses_its_goal():
@@ -67,12 +72,13 @@ def test_make_bench_quick_writes_its_rows_into_an_existing_file(tmp_path, capsys
 
     out = tmp_path / "B.md"
     out.write_text("## Speculative decoding\n\nby hand\n")
+    days = [datetime.date.today().isoformat()]
     assert run.main(["--quick", "--out", str(out)]) == 0
+    days.append(datetime.date.today().isoformat())  # a run across midnight is dated either day
     text = out.read_text()
     from benchmarks.common import machine_title
 
-    today = datetime.date.today().isoformat()
-    assert text.startswith(f"## Benchmarks on cpu: {machine_title('cpu')} ({today})\n")
+    assert any(text.startswith(f"## Benchmarks on cpu: {machine_title('cpu')} ({day})\n") for day in days)
     assert text.endswith("## Speculative decoding\n\nby hand\n")
     assert re.search(r"Produced by `python -m benchmarks.run --quick --out [^`]*`( at [0-9a-f]{7,}\+?)? in \d+ s", text)
     assert "- cores: " in text
@@ -345,7 +351,7 @@ def test_the_profiles_print_per_step_figures_that_add_up(capsys):
     for (_, wall, _, inside), table in zip(heads, tables, strict=True):
         ms = [float(m) for m in re.findall(r"^\| [^|]+ \| ([\d.]+) \| [\d.]+ \|$", table, re.M)]
         assert ms and ms == sorted(ms, reverse=True) and float(wall) > 0
-        assert sum(ms) <= float(inside) + 0.01 * len(ms)  # the rows shown are the total's parts, rounded
+        assert sum(ms) == pytest.approx(float(inside), abs=0.002 * len(ms) + 0.1)  # every row shown: the total's parts
     assert "GPU kernel" not in out
 
 
@@ -364,3 +370,34 @@ def test_gpu_kernels_are_summed_per_step_most_time_first():
                               is_user_annotation=True)]  # fmt: skip
     prof = SimpleNamespace(key_averages=lambda: events)
     assert top_kernels(prof, per=3) == [("softmax", 6.0, 1.0), ("gemm", 1.5, 10.0)]
+
+
+def test_the_cuda_runtime_is_told_apart_from_operators():
+    from benchmarks.common import cuda_runtime
+
+    ops = [("cudaDeviceSynchronize", 9.0, 1.0), ("aten::mm", 2.0, 30.0), ("cudaLaunchKernel", 1.5, 200.0),
+           ("Optimizer.step#AdamW.step", 0.5, 1.0), ("cuLaunchKernel", 0.25, 4.0)]  # fmt: skip
+    assert cuda_runtime(ops) == ([("aten::mm", 2.0, 30.0), ("Optimizer.step#AdamW.step", 0.5, 1.0)], 10.75)
+
+
+def test_produced_by_names_the_checkouts_commit_and_only_its_own(tmp_path, monkeypatch):
+    """Reference: git's own `rev-parse --short HEAD`. A copy of the code outside any checkout, or
+    inside another checkout (a folder of this one), names no commit."""
+    import subprocess
+    from pathlib import Path
+
+    from benchmarks import common
+
+    root = Path(common.__file__).resolve().parent.parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert common.commit() in (head.stdout.strip(), head.stdout.strip() + "+")
+    for outer in (tmp_path / "plain", tmp_path / "repo"):
+        (outer / "copy" / "benchmarks").mkdir(parents=True)
+        monkeypatch.setattr(common, "__file__", str(outer / "copy" / "benchmarks" / "common.py"))
+        if outer.name == "repo":  # a checkout with a commit, the copy a folder of it
+            git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(outer)]
+            subprocess.run([*git, "init", "-q"], check=True)
+            subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+        assert common.commit() is None, outer
