@@ -17,28 +17,17 @@ for the CPU to launch them.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from contextlib import ExitStack
 
 import torch
 
 from benchmarks.bench_decode import NEW, PROMPT
-from benchmarks.common import (
-    at_least_one,
-    cuda_runtime,
-    operator_table,
-    profiler_activities,
-    sync,
-    top_kernels,
-    top_operators,
-)
-from benchmarks.profile_train import Profile
+from benchmarks.common import at_least_one, cuda_runtime, operator_table, sync
+from benchmarks.profile_train import Profile, profile
 from benchmarks.shapes import model_pair
 from llmlab import matvec
 from llmlab.matvec import weights_in
-from llmlab.memory import _native_stderr_silenced
 from llmlab.sampling import SamplingConfig, generate_ids
 
 
@@ -69,15 +58,7 @@ def decoders(shape: str, stack: ExitStack, weights: torch.dtype | None = None, p
 @torch.inference_mode()
 def profile_one(run: Callable[[], object], reps: int = 5, device: str = "cpu") -> Profile:
     """One decoding as a warm-up, `reps` timed, then one profiled; the figures per token."""
-    run()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    with _native_stderr_silenced(), torch.profiler.profile(activities=profiler_activities(device)) as p:
-        run()
-    return Profile(statistics.median(times) / NEW * 1e3, top_operators(p, NEW), top_kernels(p, NEW))
+    return profile(run, reps, 1, device, warmup=1, per_call=NEW)
 
 
 def main(argv: list[str] | None = None) -> None:

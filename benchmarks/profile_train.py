@@ -45,19 +45,22 @@ class Profile:
         return sum(ms for _, ms, _ in self.kernels)
 
 
-def profile(step: Callable[[], None], n: int, device: str = "cpu") -> Profile:
-    """Warm-up, `n` timed steps, then `n` profiled ones (each step waits for the GPU)."""
-    for _ in range(3):
-        step()
+def profile(call: Callable[[], object], timed: int, profiled: int, device: str = "cpu", warmup: int = 3,
+            per_call: int = 1) -> Profile:  # fmt: skip
+    """`warmup` calls, `timed` timed ones, then `profiled` under the profiler (each call waits for
+    the GPU); the figures per unit of work, of which a call does `per_call` (a step; NEW tokens)."""
+    for _ in range(warmup):
+        call()
     times = []
-    for _ in range(n):
+    for _ in range(timed):
         t0 = time.perf_counter()
-        step()
+        call()
         times.append(time.perf_counter() - t0)
     with _native_stderr_silenced(), torch.profiler.profile(activities=profiler_activities(device)) as p:
-        for _ in range(n):
-            step()
-    return Profile(statistics.median(times) * 1e3, top_operators(p, n), top_kernels(p, n))
+        for _ in range(profiled):
+            call()
+    units = profiled * per_call
+    return Profile(statistics.median(times) / per_call * 1e3, top_operators(p, units), top_kernels(p, units))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     ours, hf, _ = steps(args.shape, args.device, args.bf16)
     setting = f"{args.shape}, {args.device}, {'bf16 autocast' if args.bf16 else 'fp32'}"
     for name, step in {"llmlab": ours, "transformers": hf}.items():
-        prof = profile(step, args.steps, args.device)
+        prof = profile(step, args.steps, args.steps, args.device)
         ops, runtime = cuda_runtime(prof.ops)
         in_ops = sum(ms for _, ms, _ in ops)
         print(f"\n{name}, {setting}: {prof.wall_ms:.1f} ms per step wall; {in_ops:.1f} ms inside ATen operators "
