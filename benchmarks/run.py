@@ -39,6 +39,7 @@ from benchmarks.common import (
 from benchmarks.shapes import GPU_BATCH, TRAIN_BATCH, model_pair
 from llmlab import matvec
 from llmlab.accounting import cpu_has_native_bf16, measure_matmul_peak, train_step_flops
+from llmlab.errors import reason
 
 
 def tying_in_own_process(reps: int, device: str, shape: str = "124M") -> tuple[float, float]:
@@ -383,8 +384,7 @@ class Section:
         except Exception as e:
             traceback.print_exc()
             self.failed.append(name)
-            why = (str(e).strip().splitlines() or [""])[0].replace("|", "/")[:200]
-            rows = [Row(name, None, None, "-", "–", f"failed: {type(e).__name__}: {why}")]
+            rows = [Row(name, None, None, "-", "–", f"failed: {reason(e, limit=200).replace('|', '/')}")]
         self.rows += rows
         table = markdown_table(rows).splitlines()[2:]  # a run cut short still shows what it measured
         print("\n".join(table) + f"\n  ({name}: {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)

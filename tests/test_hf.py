@@ -244,7 +244,7 @@ def test_a_failed_hub_download_is_one_line_with_its_reason(tmp_path, monkeypatch
 
 
 def test_a_long_reason_is_cut_with_an_ellipsis():
-    from llmlab.hf import reason
+    from llmlab.errors import reason
 
     long = RuntimeError("x" * 300 + "\nsecond line")
     assert reason(long) == "RuntimeError: " + "x" * 239 + "…"

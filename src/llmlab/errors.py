@@ -5,6 +5,8 @@ that quotes the offending value; `llmlab.cli.main` turns it into `llmlab: error:
 exit code 2. Anything else is a bug and keeps its traceback.
 """
 
+import re
+
 
 class UserError(Exception):
     """Bad input: a missing file, an unknown preset, an invalid sampling value, ..."""
@@ -29,3 +31,12 @@ def quoted(text: str, limit: int = 60) -> str:
         return repr(text)
     half = limit // 2
     return f"{text[:half]!r}…{text[-half:]!r} ({len(text):,} characters)"
+
+
+def reason(e: BaseException, limit: int = 240) -> str:
+    """`Type: first line of the message` of an exception from a library, for a one-line error:
+    without ANSI codes (torch bolds its messages with them), cut at `limit` characters with an
+    ellipsis."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(e).__name__}: {first if len(first) <= limit else first[: limit - 1] + '…'}"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import errno
 import json
 import pickle
-import re
 import shutil
 import tempfile
 import warnings
@@ -39,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from llmlab.config import ModelConfig, TrainConfig, preset
-from llmlab.errors import UserError
+from llmlab.errors import UserError, reason
 from llmlab.model import GPT
 from llmlab.run_dir import (
     DIR_MODE,
@@ -297,14 +296,6 @@ def _read_weight_files(path: Path) -> Any:
 
 
 CUT_OFF = ("failed reading zip archive", "file not fully covered", "header too small")  # torch's, safetensors' words
-
-
-def reason(e: BaseException, limit: int = 240) -> str:
-    """`Type: first line of the message`, without ANSI codes (torch bolds its messages with them),
-    cut at `limit` characters with an ellipsis: a one-line error's reason."""
-    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
-    first = lines[0] if lines else ""
-    return f"{type(e).__name__}: {first if len(first) <= limit else first[: limit - 1] + '…'}"
 
 
 def _read_tokenizer(path: Path) -> Tokenizer:

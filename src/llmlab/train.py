@@ -32,7 +32,7 @@ from llmlab import data as data_lib
 from llmlab.accounting import cached_peak, count_params, mfu, train_step_flops
 from llmlab.config import ModelConfig, TrainConfig
 from llmlab.entropy import cross_entropy, perplexity
-from llmlab.errors import RunDirError, TrainingDiverged, UserError
+from llmlab.errors import RunDirError, TrainingDiverged, UserError, reason
 from llmlab.machine import Dist, agreed, barrier, setup_distributed
 from llmlab.model import GPT
 from llmlab.run_dir import (
@@ -272,9 +272,8 @@ def compiled_or_eager(forward: Callable[..., Any]) -> Callable[..., Any]:
         try:
             out = compiled(*args, **kwargs)
         except Exception as e:
-            reason = (str(e).strip().splitlines() or [""])[0][:200]
-            print(f"llmlab: warning: torch.compile failed ({type(e).__name__}: {reason}); training continues "
-                  "without it", file=sys.stderr)  # fmt: skip
+            print(f"llmlab: warning: torch.compile failed ({reason(e)}); training continues without it",
+                  file=sys.stderr)  # fmt: skip
             state["fn"] = forward
             out = forward(*args, **kwargs)
         state["proven"] = True

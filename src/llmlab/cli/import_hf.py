@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from llmlab.cli.common import emit
-from llmlab.errors import UserError
+from llmlab.errors import UserError, reason
 
 
 def run(args: argparse.Namespace) -> None:
@@ -26,8 +26,6 @@ def run(args: argparse.Namespace) -> None:
 
 def _download(name: str) -> str:
     """Only on an explicit --hub NAME: fetch the files llmlab reads from the Hugging Face Hub."""
-    from llmlab.hf import reason
-
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
