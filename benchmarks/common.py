@@ -64,8 +64,9 @@ def machine_title(device: str) -> str:
     """What a section's heading calls the machine, from what it reports: "AMD EPYC (family 25,
     model 17), L3 32 MiB, AVX-512, 2 cores, torch 2.13" on a CPU, "NVIDIA H200, torch 2.11" on
     CUDA. A rerun on the same machine and torch replaces the section with this title (`with_section`)."""
+    torch_version = f"torch {'.'.join(torch.__version__.split('.')[:2])}"
     if device == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {'.'.join(torch.__version__.split('.')[:2])}"
+        return f"{torch.cuda.get_device_name()}, {torch_version}"
     name = re.sub(r"\((R|TM)\)", "", cpuinfo("model name") or platform.processor() or platform.machine()).strip()
     family, model = cpuinfo("cpu family"), cpuinfo("model")
     flags = set((cpuinfo("flags") or "").split())
@@ -73,7 +74,7 @@ def machine_title(device: str) -> str:
     isa = isa or (["AVX2"] if "avx2" in flags else [])
     llc = last_level_cache()
     parts = [name + (f" (family {family}, model {model})" if family and model else ""), *([llc] if llc != "-" else [])]
-    return ", ".join([*parts, *isa, f"{os.cpu_count()} cores", f"torch {'.'.join(torch.__version__.split('.')[:2])}"])
+    return ", ".join([*parts, *isa, f"{os.cpu_count()} cores", torch_version])
 
 
 def last_level_cache() -> str:
@@ -181,8 +182,9 @@ def with_section(old: str, section: str, first: bool = True) -> str:
     heading = undated(section.splitlines()[0])
     section = section.rstrip("\n")
     same = [i for i, p in enumerate(parts) if undated(p.splitlines()[0]) == heading]
-    if same:  # the first in place; any later one with that heading goes
-        parts = [section if i == same[0] else p for i, p in enumerate(parts) if i == same[0] or i not in same]
+    if same:
+        parts[same[0]] = section  # in place of the first; any later one with that heading goes
+        parts = [p for i, p in enumerate(parts) if i not in same[1:]]
     else:
         parts = [section, *parts] if first else [*parts, section]
     return "\n\n".join(parts) + "\n"
@@ -210,6 +212,12 @@ def commit() -> str | None:
     if not top or not head or Path(top).resolve() != root:  # not a checkout, or a copy inside another one
         return None
     return head + ("+" if git("status", "--porcelain", "--", "src", "benchmarks") else "")
+
+
+def at_commit() -> str:
+    """ " at <commit>" for a section's "Produced by" line, or "" outside a checkout (`commit`)."""
+    c = commit()
+    return f" at {c}" if c else ""
 
 
 def at_least_one(text: str) -> int:
@@ -264,10 +272,9 @@ def ablation_main(script: str, doc: str, heading: str, method: str, rows_of: Cal
     p.add_argument("--out", type=markdown_file, help="also write this section into a Markdown file (BENCHMARKS.md)")
     args = p.parse_args(argv)
     facts = ", ".join(f"{k} {v}" for k, v in machine().items())
-    at = f" at {c}" if (c := commit()) else ""
     text = f"""{heading}, on cpu: {machine_title("cpu")} ({datetime.date.today().isoformat()})
 
-Produced by `python -m {script} --reps {args.reps}`{at}: {method.format(reps=args.reps)}. {facts}.
+Produced by `python -m {script} --reps {args.reps}`{at_commit()}: {method.format(reps=args.reps)}. {facts}.
 
 {markdown_table(rows_of(args.reps))}
 """

@@ -26,8 +26,8 @@ import torch
 from benchmarks import bench_adamw, bench_decode, bench_train
 from benchmarks.common import (
     Row,
+    at_commit,
     at_least_one,
-    commit,
     interleaved_medians,
     machine,
     machine_title,
@@ -393,10 +393,9 @@ class Section:
 def render(rows: list[Row], command: str, reps: int, device: str, seconds: float) -> str:
     facts = machine() | {"device": device if device == "cpu" else torch.cuda.get_device_name()}
     facts_md = "\n".join(f"- {k}: {v}" for k, v in facts.items())
-    at = f" at {c}" if (c := commit()) else ""  # "+": with changes not committed
     return f"""## Benchmarks on {device}: {machine_title(device)} ({datetime.date.today().isoformat()})
 
-Produced by `{command.strip()}`{at} in {seconds:.0f} s; each figure is the median of {reps} repetitions
+Produced by `{command.strip()}`{at_commit()} in {seconds:.0f} s; each figure is the median of {reps} repetitions
 ({reps * TINY_REPS} at the tiny shape, {reps * TRAIN_124M_REPS} of 124M training steps) after warm-up, llmlab and its
 peer taking turns in every repetition (A B A B …) in the same process.
 
