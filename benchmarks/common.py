@@ -215,7 +215,7 @@ def commit() -> str | None:
 
 
 def at_commit() -> str:
-    """ " at <commit>" for a section's "Produced by" line, or "" outside a checkout (`commit`)."""
+    """The words " at <commit>" for a section's "Produced by" line; "" outside a checkout (`commit`)."""
     c = commit()
     return f" at {c}" if c else ""
 
