@@ -3,10 +3,9 @@
 # CPU and transformers), then the benchmarks, whose fp32, bf16 autocast and torch.compile rows go
 # into BENCHMARKS.md as its last section, "Benchmarks on cuda: GPU, torch X.Y (date)" (a rerun
 # on the same GPU and torch replaces it), then profiles of a 124M training step (bf16) and of
-# decoding, each printing how long the GPU ran kernels against the wall time (tee the output to keep
-# them). Each part runs even
-# if one before it failed; the exit status is non-zero if any did. Run from anywhere on a machine
-# with a GPU; extra arguments go to benchmarks.run (e.g. --reps 5):
+# decoding, each printing how long the GPU ran kernels against the wall time (tee the output to
+# keep them). Each part runs even if one before it failed; the exit status is non-zero if any did.
+# Run from anywhere on a machine with a GPU; extra arguments go to benchmarks.run (e.g. --reps 5):
 #   bash benchmarks/gpu.sh [--help]
 # It runs .venv/bin/python where `make install` made one, else python3 (or $PY) with llmlab read
 # from src/: an offline GPU machine needs no install, only PyTorch, numpy, tokenizers, safetensors,

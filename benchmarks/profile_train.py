@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=at_least_one, default=5, help="timed and profiled steps per side")
     p.add_argument("--top", type=at_least_one, default=15, help="operators to list")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--bf16", action="store_true", help="under bf16 autocast, as `llmlab train --bf16` runs")
+    p.add_argument("--bf16", action="store_true", help="under bf16 autocast, as `llmlab train --dtype bfloat16` runs")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this machine has no CUDA device")
